@@ -1,0 +1,51 @@
+"""Checks and loads diffusers pipeline folders from models/diffusers, with a precision choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import FlenUserError
+
+PRECISIONS = ("bf16", "fp32", "fp8", "nf4")
+
+
+def read_model_index(folder: str | Path, expected_classes: tuple[str, ...]) -> dict[str, object]:
+    """Validates that ``folder`` is a diffusers pipeline folder of one of ``expected_classes``."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise FlenUserError(
+            f"Model folder '{p}' does not exist. Put a diffusers folder (with model_index.json) "
+            "under ComfyUI's models/diffusers/ and pick it in the loader."
+        )
+    index_file = p / "model_index.json"
+    if not index_file.is_file():
+        raise FlenUserError(
+            f"'{p.name}' is not a diffusers pipeline folder: it has no model_index.json. "
+            "Single-file checkpoints belong in models/diffusion_models and load with ComfyUI's "
+            "own loaders; this loader needs the diffusers folder layout."
+        )
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FlenUserError(f"'{index_file}' is not valid JSON ({exc}); re-download the model folder.") from exc
+    cls = index.get("_class_name")
+    if cls not in expected_classes:
+        raise FlenUserError(
+            f"'{p.name}' is a {cls} folder, but this loader needs one of: {', '.join(expected_classes)}."
+        )
+    return index
+
+
+def torch_dtype_for(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for a precision choice; quantised choices need CUDA."""
+    if precision not in PRECISIONS:
+        raise FlenUserError(f"Unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    if precision in ("fp8", "nf4") and device.type != "cuda":
+        raise FlenUserError(
+            f"Precision '{precision}' needs an NVIDIA GPU (CUDA), but ComfyUI runs on '{device.type}'. "
+            "Choose bf16 (or fp32) on this machine."
+        )
+    return torch.float32 if precision == "fp32" else torch.bfloat16

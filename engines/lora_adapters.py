@@ -1,0 +1,127 @@
+"""Applies a LoRA stack to a diffusers pipeline as named adapters, loading each file once.
+
+Changing a strength or switching an entry off only calls ``set_adapters``; a file is read
+again only when it changed on disk.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FlenUserError
+from .lora_stack import LoraEntry, LoraStack
+
+_ARCH_LABEL = {"flux": "FLUX.1", "qwen_image": "Qwen-Image(-Edit)"}
+
+
+def guess_architecture(keys: list[str]) -> str:
+    """A human label for what a LoRA was trained on, from its key names (for error messages)."""
+    joined = " ".join(keys[:2000])
+    if "img_mlp" in joined or "txt_mlp" in joined or "img_mod" in joined:
+        return "Qwen-Image(-Edit)"
+    if "single_transformer_blocks" in joined or "single_blocks" in joined:
+        return "FLUX.1"
+    if "down_blocks" in joined or "lora_unet_down" in joined or "input_blocks" in joined:
+        return "Stable Diffusion (UNet)"
+    return "an unknown architecture"
+
+
+def _module_targets(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Maps each transformer module a LoRA patches to (in_features, out_features)."""
+    targets: dict[str, list[int]] = {}
+    for key, tensor in state_dict.items():
+        if not key.startswith("transformer."):
+            continue
+        for marker, slot in ((".lora_A.", 0), (".lora_B.", 1)):
+            if marker in key:
+                module = key[len("transformer."):key.index(marker)]
+                dims = targets.setdefault(module, [-1, -1])
+                dims[slot] = int(tensor.shape[1] if slot == 0 else tensor.shape[0])
+    return {k: (v[0], v[1]) for k, v in targets.items()}
+
+
+def check_fits(entry_name: str, state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module,
+               architecture: str) -> None:
+    """Raises FlenUserError naming the LoRA and the mismatch when it does not fit ``transformer``."""
+    targets = _module_targets(state_dict)
+    label = _ARCH_LABEL.get(architecture, architecture)
+    if not targets:
+        raise FlenUserError(
+            f"LoRA '{entry_name}' has no transformer weights that {label} can use "
+            f"(it looks like a LoRA for {guess_architecture(list(state_dict))}). Pick a {label} LoRA."
+        )
+    modules = dict(transformer.named_modules())
+    missing = [m for m in targets if m not in modules]
+    wrong_shape = []
+    for name, (fan_in, fan_out) in targets.items():
+        mod = modules.get(name)
+        base = getattr(mod, "base_layer", mod)
+        if isinstance(base, torch.nn.Linear) and (base.in_features, base.out_features) != (fan_in, fan_out):
+            wrong_shape.append(f"{name} expects {base.in_features}→{base.out_features}, LoRA has {fan_in}→{fan_out}")
+    if missing or wrong_shape:
+        detail = (f"{len(missing)} of its {len(targets)} modules do not exist in this model "
+                  f"(e.g. '{missing[0]}')" if missing else f"shapes differ: {wrong_shape[0]}")
+        raise FlenUserError(
+            f"LoRA '{entry_name}' does not fit this {label} model: {detail}. It looks like a LoRA for "
+            f"{guess_architecture(list(state_dict))}; remove it from the stack or pick a {label} LoRA."
+        )
+
+
+@dataclass
+class _Loaded:
+    adapter: str
+    stamp: tuple[int, int]
+
+
+class AdapterCache:
+    def __init__(self, pipe: object, architecture: str) -> None:
+        self.pipe = pipe
+        self.architecture = architecture
+        self._loaded: dict[str, _Loaded] = {}  # by absolute path
+        self.file_reads = 0  # how many LoRA files were read from disk (tests watch this)
+
+    def _ensure_loaded(self, entry: LoraEntry) -> str:
+        try:
+            st = os.stat(entry.path)
+        except OSError as exc:
+            raise FlenUserError(f"LoRA '{entry.name}' is missing from models/loras ({exc}).") from exc
+        stamp = (st.st_size, st.st_mtime_ns)
+        known = self._loaded.get(entry.path)
+        if known is not None and known.stamp == stamp:
+            return known.adapter
+        if known is not None:
+            self.pipe.delete_adapters(known.adapter)
+        state_dict = self._read(entry)
+        check_fits(entry.name, state_dict, self.pipe.transformer, self.architecture)
+        adapter = entry.adapter_name
+        self.pipe.load_lora_weights(state_dict, adapter_name=adapter)
+        self._loaded[entry.path] = _Loaded(adapter, stamp)
+        return adapter
+
+    def _read(self, entry: LoraEntry) -> dict[str, torch.Tensor]:
+        from .lora_stack import read_safetensors_header
+
+        read_safetensors_header(entry.path)  # clear message for corrupt files before diffusers sees them
+        self.file_reads += 1
+        try:
+            result = self.pipe.lora_state_dict(entry.path)
+        except Exception as exc:  # diffusers raises many types for foreign formats
+            raise FlenUserError(f"LoRA '{entry.name}' could not be read as a LoRA: {exc}") from exc
+        state_dict = result[0] if isinstance(result, tuple) else result
+        return dict(state_dict)
+
+    def apply(self, stack: LoraStack) -> None:
+        active = stack.active()
+        if not active:
+            if self._loaded:
+                self.pipe.disable_lora()
+            return
+        names = [self._ensure_loaded(e) for e in active]
+        weights = [float(e.strength) for e in active]
+        if len(set(names)) != len(names):
+            raise FlenUserError("The same LoRA is in the stack twice; keep one entry and set its strength.")
+        self.pipe.enable_lora()
+        self.pipe.set_adapters(names, adapter_weights=weights)

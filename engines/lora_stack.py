@@ -1,0 +1,70 @@
+"""The LoRA stack: an ordered list of (LoRA file, strength, on/off) shared by every pipeline.
+
+A stack is immutable so a node can extend an upstream stack without changing what other
+branches of the graph see.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FlenUserError
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    name: str  # as listed by ComfyUI's models/loras (relative, forward slashes)
+    path: str  # absolute path, resolved by the node through folder_paths
+    strength: float
+    enabled: bool = True
+
+    @property
+    def adapter_name(self) -> str:
+        # diffusers adapter names must be valid module-attribute-like names.
+        safe = "".join(c if c.isalnum() else "_" for c in Path(self.name).with_suffix("").as_posix())
+        return f"flen_{safe}"
+
+
+@dataclass(frozen=True)
+class LoraStack:
+    entries: tuple[LoraEntry, ...] = ()
+
+    def extended(self, entry: LoraEntry) -> LoraStack:
+        return LoraStack(self.entries + (entry,))
+
+    def active(self) -> tuple[LoraEntry, ...]:
+        """Entries that are on. Entries at strength 0 stay: they are cached, not re-read."""
+        return tuple(e for e in self.entries if e.enabled)
+
+    def describe(self) -> list[dict[str, object]]:
+        """What goes into FLEN_META and provenance: names and strengths, never paths."""
+        return [{"name": e.name, "strength": e.strength, "enabled": e.enabled} for e in self.entries]
+
+
+def read_safetensors_header(path: str | Path) -> dict[str, object]:
+    """Reads only the JSON header of a .safetensors file (tensor names, shapes, metadata).
+
+    Raises FlenUserError for a file that is not safetensors, so a corrupt or truncated LoRA is
+    reported by name instead of failing deep inside diffusers.
+    """
+    p = Path(path)
+    try:
+        with p.open("rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) != 8:
+                raise ValueError("file shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw_len)
+            if n <= 0 or n > 100_000_000:
+                raise ValueError(f"implausible header length {n}")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise FlenUserError(
+            f"LoRA file '{p.name}' is not a readable .safetensors file ({exc}). "
+            "Re-download or re-export it; FLENwheel loads safetensors only."
+        ) from exc
+    if not isinstance(header, dict):
+        raise FlenUserError(f"LoRA file '{p.name}' has a malformed safetensors header.")
+    return header

@@ -1,0 +1,15 @@
+"""ComfyUI nodes of FLENwheel: thin wrappers that validate inputs and call the engines."""
+
+from comfy_api.v0_0_2 import ComfyExtension, io
+
+from . import flux_nodes, lora_stack_nodes
+from .routes import register_routes
+
+NODES: list[type[io.ComfyNode]] = [*lora_stack_nodes.NODES, *flux_nodes.NODES]
+
+
+class FlenwheelExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        # ComfyUI 0.3.64 never calls on_load; this runs once, after PromptServer exists.
+        register_routes()
+        return NODES

@@ -1,0 +1,184 @@
+"""The one place where FLENwheel talks to ComfyUI internals.
+
+VRAM: the pack builds its own torch modules (diffusers models). Each is wrapped once in a
+ComfyUI ``ModelPatcher`` and handed to ``load_models_gpu`` before every use, so ComfyUI's
+manager can evict them for other models (and evict others for them). The manager keeps only
+weak references, so the bridge holds the patchers. Also here: folder_paths look-ups, progress
+bars with previews, interrupts, and the PromptServer for routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+
+from ..engines.errors import FlenUserError
+
+log = logging.getLogger("FLENwheel")
+
+_patchers_lock = threading.Lock()
+# id(module) -> (weakref to module, patcher, label). The patcher holds the module strongly, so
+# an entry lives as long as the pipeline that owns the module is cached by a loader node.
+_patchers: dict[int, tuple[weakref.ref, comfy.model_patcher.ModelPatcher, str]] = {}
+
+
+def compute_device() -> torch.device:
+    return mm.get_torch_device()
+
+
+def _patcher_for(module: torch.nn.Module, label: str | None = None) -> comfy.model_patcher.ModelPatcher:
+    with _patchers_lock:
+        entry = _patchers.get(id(module))
+        if entry is not None and entry[0]() is module:
+            return entry[1]
+        patcher = comfy.model_patcher.ModelPatcher(
+            module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+        _patchers[id(module)] = (weakref.ref(module), patcher, label or type(module).__name__)
+        return patcher
+
+
+def register(module: torch.nn.Module, label: str) -> None:
+    """Makes a pack module known to ComfyUI's model management (idempotent)."""
+    _patcher_for(module, label)
+
+
+def release(module: torch.nn.Module) -> None:
+    """Forgets a module (its pipeline is being replaced); ComfyUI may then free it."""
+    with _patchers_lock:
+        entry = _patchers.pop(id(module), None)
+    if entry is not None:
+        mm.current_loaded_models[:] = [lm for lm in mm.current_loaded_models if lm.model is not entry[1]]
+
+
+class ComfyModelHost:
+    """engines.model_host.ModelHost backed by ComfyUI's VRAM manager."""
+
+    def prepare(self, *modules: torch.nn.Module) -> torch.device:
+        patchers = [_patcher_for(m) for m in modules]
+        # Plain nn.Linear layers cannot be partially loaded: ask for the whole module.
+        mm.load_models_gpu(patchers, force_full_load=True)
+        return mm.get_torch_device()
+
+    def check_interrupt(self) -> None:
+        mm.throw_exception_if_processing_interrupted()
+
+
+def managed_models() -> list[dict[str, object]]:
+    """The pack's modules and whether ComfyUI currently has each loaded (for /flenwheel/models)."""
+    loaded = {id(lm.model) for lm in mm.current_loaded_models if lm.model is not None}
+    with _patchers_lock:
+        items = list(_patchers.values())
+    out = []
+    for ref, patcher, label in items:
+        module = ref()
+        if module is None:
+            continue
+        out.append({"label": label, "loaded": id(patcher) in loaded,
+                    "device": str(next(module.parameters()).device) if any(True for _ in module.parameters()) else "-",
+                    "bytes": int(patcher.model_size())})
+    return out
+
+
+# ---- folder_paths -----------------------------------------------------------------------------
+
+def diffusers_folders() -> list[str]:
+    """Names of sub-folders of models/diffusers that hold a model_index.json."""
+    names: set[str] = set()
+    for root in folder_paths.get_folder_paths("diffusers"):
+        base = Path(root)
+        if not base.is_dir():
+            continue
+        for index in base.glob("*/model_index.json"):
+            names.add(index.parent.name)
+        for index in base.glob("*/*/model_index.json"):
+            names.add(index.parent.relative_to(base).as_posix())
+    return sorted(names)
+
+
+def diffusers_folder_path(name: str) -> str:
+    for root in folder_paths.get_folder_paths("diffusers"):
+        candidate = Path(root) / name
+        if candidate.is_dir():
+            return str(candidate)
+    roots = ", ".join(folder_paths.get_folder_paths("diffusers"))
+    raise FlenUserError(f"Model folder '{name}' not found under models/diffusers ({roots}). "
+                        "Put the diffusers folder there and refresh the node list (press R).")
+
+
+def lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> str:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths("loras"))
+        raise FlenUserError(f"LoRA '{name}' not found in models/loras ({roots}). "
+                            "Copy it there and refresh the node list (press R).")
+    return path
+
+
+def output_directory() -> str:
+    return folder_paths.get_output_directory()
+
+
+# ---- progress ---------------------------------------------------------------------------------
+
+class Progress:
+    """ComfyUI progress bar; previews are JPEGs made from latents (cheap, no VAE)."""
+
+    def __init__(self, total: int, latent_format: str | None = None) -> None:
+        self.bar = comfy.utils.ProgressBar(total)
+        self.rgb = _latent_rgb_factors(latent_format) if latent_format else None
+
+    def __call__(self, value: int, total: int, latents: torch.Tensor | None = None) -> None:
+        preview = None
+        if latents is not None and self.rgb is not None:
+            preview = ("JPEG", _latent_preview(latents, *self.rgb), 512)
+        self.bar.update_absolute(value, total, preview)
+
+
+def _latent_rgb_factors(name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    import comfy.latent_formats as lf
+
+    fmt = {"flux": lf.Flux, "qwen_image": lf.Wan21}.get(name)
+    if fmt is None:
+        return None
+    f = fmt()
+    factors = torch.tensor(f.latent_rgb_factors, dtype=torch.float32)
+    bias = torch.tensor(f.latent_rgb_factors_bias, dtype=torch.float32) if f.latent_rgb_factors_bias else None
+    return factors, bias
+
+
+def _latent_preview(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Tensor | None):
+    from PIL import Image
+
+    x = latents[0].float().cpu()
+    if x.ndim == 4:  # video-style latents [C, T, H, W]: first frame
+        x = x[:, 0]
+    n = min(x.shape[0], factors.shape[0])  # tiny test VAEs have fewer latent channels
+    rgb = torch.einsum("chw,cr->hwr", x[:n], factors[:n])
+    if bias is not None:
+        rgb = rgb + bias
+    rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
+    return Image.fromarray(rgb)
+
+
+# ---- server -----------------------------------------------------------------------------------
+
+def prompt_server_routes():
+    """aiohttp RouteTableDef of ComfyUI's running server (None outside a server)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    instance = getattr(PromptServer, "instance", None)
+    return None if instance is None else instance.routes

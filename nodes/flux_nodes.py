@@ -1,0 +1,106 @@
+"""FLENFluxLoader and FLENFluxGenerate: FLUX.1 text-to-image for synthetic data."""
+
+from __future__ import annotations
+
+import threading
+
+from comfy_api.v0_0_2 import io
+
+from ..engines import flux_pipeline
+from ..engines.errors import FlenUserError
+from ..engines.lora_stack import LoraStack
+from . import comfy_bridge as bridge
+from .flen_types import CATEGORY, FluxPipeType, LoraStackType, MetaType
+
+_cache_lock = threading.Lock()
+_cached: dict[tuple[str, str], flux_pipeline.FluxHandle] = {}
+
+
+def _load_cached(name: str, precision: str) -> flux_pipeline.FluxHandle:
+    folder = bridge.diffusers_folder_path(name)
+    key = (folder, precision)
+    with _cache_lock:
+        handle = _cached.get(key)
+        if handle is None:
+            # One FLUX pipeline at a time: a 24 GB card holds one, so drop the previous one.
+            for old in _cached.values():
+                for module in old.modules.values():
+                    bridge.release(module)
+            _cached.clear()
+            handle = flux_pipeline.load_flux(folder, name, precision, bridge.compute_device())
+            for label, module in handle.modules.items():
+                bridge.register(module, f"{name}/{label}")
+            _cached[key] = handle
+        return handle
+
+
+class FLENFluxLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENFluxLoader",
+            display_name="FLEN FLUX Loader",
+            category=f"{CATEGORY}/synthesis",
+            description="Loads a diffusers FLUX.1 folder from models/diffusers, managed by ComfyUI's VRAM "
+                        "manager. Loaded once and reused across runs.",
+            inputs=[
+                io.Combo.Input("model", options=bridge.diffusers_folders(),
+                               tooltip="A diffusers FLUX.1 folder (with model_index.json) in models/diffusers, "
+                                       "e.g. black-forest-labs/FLUX.1-dev."),
+                io.Combo.Input("precision", options=["bf16", "fp32", "fp8", "nf4"], default="bf16",
+                               tooltip="bf16: full quality. fp8: e4m3 transformer weights (half the memory). "
+                                       "nf4: 4-bit bitsandbytes transformer. fp8 and nf4 need an NVIDIA GPU."),
+            ],
+            outputs=[FluxPipeType.Output(display_name="flux_pipe", tooltip="The loaded FLUX pipeline.")],
+        )
+
+    @classmethod
+    def execute(cls, model: str, precision: str) -> io.NodeOutput:
+        return io.NodeOutput(_load_cached(model, precision))
+
+
+class FLENFluxGenerate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENFluxGenerate",
+            display_name="FLEN FLUX Generate",
+            category=f"{CATEGORY}/synthesis",
+            description="FLUX text-to-image under a LoRA stack: one image per prompt line × batch, "
+                        "with step previews. Returns the images and one FLEN_META record per image.",
+            inputs=[
+                FluxPipeType.Input("flux_pipe", tooltip="From FLEN FLUX Loader."),
+                io.String.Input("prompts", multiline=True, default="a photo of ohwx_char person, neutral expression",
+                                tooltip="One prompt per line; empty lines are ignored."),
+                io.Int.Input("width", default=1024, min=64, max=4096, step=16,
+                             tooltip="Image width in pixels (a multiple of 16)."),
+                io.Int.Input("height", default=1024, min=64, max=4096, step=16,
+                             tooltip="Image height in pixels (a multiple of 16)."),
+                io.Int.Input("steps", default=28, min=1, max=200, tooltip="Denoising steps."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=30.0, step=0.1,
+                               tooltip="FLUX distilled guidance (3–4 for FLUX.1-dev)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the first image; image k of the run uses seed + k."),
+                io.Int.Input("batch", default=1, min=1, max=64, tooltip="Images per prompt line."),
+                LoraStackType.Input("lora_stack", optional=True,
+                                    tooltip="LoRAs to apply (from FLEN LoRA Stack); none runs the base model."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="The generated images."),
+                     MetaType.Output(display_name="meta", tooltip="One record per image: prompt, seed, LoRAs, model.")],
+        )
+
+    @classmethod
+    def execute(cls, flux_pipe: flux_pipeline.FluxHandle, prompts: str, width: int, height: int, steps: int,
+                guidance: float, seed: int, batch: int, lora_stack: LoraStack | None = None) -> io.NodeOutput:
+        lines = tuple(line.strip() for line in prompts.splitlines() if line.strip())
+        if not lines:
+            raise FlenUserError("FLEN FLUX Generate: the prompt box is empty; write at least one prompt line.")
+        request = flux_pipeline.FluxRequest(prompts=lines, width=width, height=height, steps=steps,
+                                            guidance=guidance, seed=seed, batch=batch)
+        progress = bridge.Progress(len(lines) * batch * steps, latent_format="flux")
+        images, metas = flux_pipeline.generate(flux_pipe, request, lora_stack or LoraStack(),
+                                               bridge.ComfyModelHost(), on_step=progress)
+        return io.NodeOutput(images, metas)
+
+
+NODES = [FLENFluxLoader, FLENFluxGenerate]

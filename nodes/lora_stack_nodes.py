@@ -1,0 +1,45 @@
+"""FLENLoraStack: a chainable list of LoRAs with a strength and an on/off each."""
+
+from __future__ import annotations
+
+from comfy_api.v0_0_2 import io
+
+from ..engines.lora_stack import LoraEntry, LoraStack
+from . import comfy_bridge as bridge
+from .flen_types import CATEGORY, LoraStackType
+
+
+class FLENLoraStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENLoraStack",
+            display_name="FLEN LoRA Stack",
+            category=f"{CATEGORY}/loras",
+            description="Adds one LoRA to a stack. Chain several; the same stack drives FLENwheel's "
+                        "Qwen edit and FLUX nodes, and FLENApplyLoraStack for ComfyUI's native models.",
+            inputs=[
+                io.Combo.Input("lora_name", options=bridge.lora_names(),
+                               tooltip="A LoRA file from ComfyUI's models/loras folder (safetensors)."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05,
+                               tooltip="How strongly the LoRA applies. 0 keeps it loaded but without effect; "
+                                       "negative values push away from what it learned."),
+                io.Boolean.Input("enabled", default=True,
+                                 tooltip="Off leaves the entry in the stack but skips it, without rewiring."),
+                LoraStackType.Input("lora_stack", optional=True,
+                                    tooltip="An upstream stack to extend; leave empty to start a new one."),
+            ],
+            outputs=[LoraStackType.Output(display_name="lora_stack",
+                                          tooltip="The upstream stack plus this LoRA.")],
+        )
+
+    @classmethod
+    def execute(cls, lora_name: str, strength: float, enabled: bool,
+                lora_stack: LoraStack | None = None) -> io.NodeOutput:
+        base = lora_stack if lora_stack is not None else LoraStack()
+        entry = LoraEntry(name=lora_name, path=bridge.lora_path(lora_name),
+                          strength=float(strength), enabled=bool(enabled))
+        return io.NodeOutput(base.extended(entry))
+
+
+NODES = [FLENLoraStack]

@@ -1,0 +1,3 @@
+def test_placeholder():
+    import engines.lora_stack as ls
+    assert ls.LoraStack().active() == ()
