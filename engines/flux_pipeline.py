@@ -52,12 +52,12 @@ def load_flux(folder: str | Path, name: str, precision: str, device: torch.devic
         from diffusers import BitsAndBytesConfig
 
         transformer = FluxTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", torch_dtype=dtype,
+            folder, subfolder="transformer", dtype=dtype,
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
         )
     kwargs = {"transformer": transformer} if transformer is not None else {}
-    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=dtype, **kwargs)
+    pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
     if precision == "fp8":
         # e4m3 storage, bf16 compute: half the weight memory of bf16.
         pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)

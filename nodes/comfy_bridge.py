@@ -34,13 +34,24 @@ def compute_device() -> torch.device:
     return mm.get_torch_device()
 
 
+class _Hosted(torch.nn.Module):
+    """Container the ModelPatcher manages. ModelPatcher writes bookkeeping attributes (``device``,
+    ``model_loaded_weight_memory``…) onto its model; diffusers models expose ``device`` as a
+    read-only property, so the patcher gets this plain wrapper instead."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.device = next((p.device for p in inner.parameters()), torch.device("cpu"))
+
+
 def _patcher_for(module: torch.nn.Module, label: str | None = None) -> comfy.model_patcher.ModelPatcher:
     with _patchers_lock:
         entry = _patchers.get(id(module))
         if entry is not None and entry[0]() is module:
             return entry[1]
         patcher = comfy.model_patcher.ModelPatcher(
-            module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+            _Hosted(module), load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
         _patchers[id(module)] = (weakref.ref(module), patcher, label or type(module).__name__)
         return patcher
 

@@ -1,6 +1,6 @@
 // FLENwheel front-end entry. Marks itself loaded so tests (and users, in the console) can tell
 // the pack's web folder was served and executed.
-import { app } from "../../scripts/app.js";
+import { app } from "../../../scripts/app.js";
 
 const FLENWHEEL_VERSION = "0.1.0";
 

@@ -1,4 +1,9 @@
-"""Test bed: a real ComfyUI server with the pack in custom_nodes, and a small API client."""
+"""Runs ComfyUI headless with the pack and drives it through its API queue (POST /prompt).
+
+Used by the demo and by the tests; plain HTTP, so it imports nothing from ComfyUI. The server
+is ComfyUI's own main.py started with --base-directory: custom_nodes/, models/, input/,
+output/ and user/ all live in one folder that the caller owns.
+"""
 
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ PACK_DIR_NAME = "FLENwheel"
 def comfyui_path() -> Path:
     path = Path(os.environ.get("COMFYUI_PATH", Path.home() / "comfy" / "ComfyUI"))
     if not (path / "main.py").is_file():
-        raise RuntimeError(f"No ComfyUI checkout at {path}: set COMFYUI_PATH or run `bash .ci/test`, "
-                           "which fetches ComfyUI v0.3.64.")
+        raise RuntimeError(f"No ComfyUI checkout at {path}: set COMFYUI_PATH, or run `bash .ci/demo` "
+                           "or `bash .ci/test`, which fetch ComfyUI v0.3.64.")
     return path
 
 
@@ -116,7 +121,7 @@ class ComfyServer:
             self.proc.wait(timeout=15)
 
 
-class PromptFailed(AssertionError):
+class PromptFailed(RuntimeError):
     pass
 
 
@@ -166,9 +171,9 @@ class ComfyClient:
                 for kind, data in entry["status"].get("messages", []):
                     if kind == "execution_error":
                         return data
-                raise AssertionError(f"prompt {pid} was expected to fail but finished: {entry['status']}")
+                raise PromptFailed(f"prompt {pid} was expected to fail but finished: {entry['status']}")
             time.sleep(0.2)
-        raise AssertionError(f"prompt {pid} did not finish within {timeout:.0f} s")
+        raise PromptFailed(f"prompt {pid} did not finish within {timeout:.0f} s")
 
     def free(self, unload_models: bool = False, free_memory: bool = False) -> None:
         r = self.post("/free", {"unload_models": unload_models, "free_memory": free_memory})

@@ -1,0 +1,44 @@
+"""The VRAM bridge: pack models live in ComfyUI's model management, unload and reload with it."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from training.demo import load_api_workflow
+
+pytestmark = pytest.mark.server
+
+
+def _models(comfy) -> dict[str, bool]:
+    return {m["label"]: m["loaded"] for m in comfy.get("/flenwheel/models").json()["models"]}
+
+
+def _wait_for(predicate, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("condition not reached in time")
+
+
+def test_pack_model_is_loaded_unloaded_and_reloaded_by_comfyui(comfy):
+    prompt = load_api_workflow("flen_synthetic_flux")
+    prompt["4"]["inputs"]["seed"] = 1001
+    comfy.run(prompt)
+    models = _models(comfy)
+    expected = {f"flen-tiny-flux/{c}" for c in ("text_encoder", "text_encoder_2", "transformer", "vae")}
+    assert expected <= set(models)
+    assert models["flen-tiny-flux/transformer"] is True
+
+    comfy.free(unload_models=True)
+    _wait_for(lambda: not any(_models(comfy).values()))
+
+    prompt["4"]["inputs"]["seed"] = 1002  # a changed input, so ComfyUI does not serve the cache
+    comfy.run(prompt)
+    models = _models(comfy)
+    assert models["flen-tiny-flux/transformer"] is True
+    assert models["flen-tiny-flux/vae"] is True
