@@ -1,0 +1,574 @@
+"""The review store: candidates waiting for a human, and every decision taken on them.
+
+One SQLite database (WAL, synchronous=FULL) per character workspace
+``<output>/flenwheel/<character>/review.sqlite``, image files beside it:
+
+    candidates/<uuid>.png        the candidate (written atomically: temp file + os.replace)
+    candidates/<uuid>.thumb.jpg  ~256 px thumbnail for the gallery grid
+    sources/<sha256>.png         source/reference images (content-addressed, shared by candidates)
+    corrections/<uuid>.png       fixed images uploaded by the reviewer
+
+Every decision (approve, reject, correct, undo) is one transaction, committed before the call
+returns, and appended to the ``decisions`` table (who, when, what, previous status), so nothing
+is ever lost and everything can be undone. Plain Python: no ComfyUI imports. The file names in
+the database are the store's own; nothing ever takes a path from a client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import sqlite3
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .errors import FlenUserError
+
+STATUSES = ("pending", "approved", "rejected", "corrected")
+ACTIONS = ("approve", "reject", "correct", "undo")
+# Order matters: the gallery's reason digits 1–6 map onto this tuple.
+REASONS = ("identity_drift", "artefacts", "wrong_angle", "wrong_expression", "pixel_shift", "other")
+THUMB_SIZE = 256
+DB_NAME = "review.sqlite"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_MAX_TEXT = 4000
+
+
+def validate_character(name: object) -> str:
+    """A character name is also a folder name: letters, digits, '_' and '-', at most 64."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise FlenUserError(f"Character name {str(name)[:80]!r} is not allowed: use 1–64 letters, digits, "
+                            "'_' or '-' (it becomes a folder name under output/flenwheel/).")
+    return name
+
+
+def workspace_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "flenwheel"
+
+
+# ---- schema -----------------------------------------------------------------------------------
+# Each entry moves the database from version i to i+1 (PRAGMA user_version). Never edit a
+# released entry: append a new one.
+
+MIGRATIONS: list[str] = [
+    # v1: candidates and the decision log
+    """
+    CREATE TABLE candidates (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        character TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        version TEXT NOT NULL DEFAULT '',
+        image TEXT NOT NULL,
+        thumb TEXT NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        sources TEXT NOT NULL DEFAULT '[]',
+        prompt TEXT NOT NULL DEFAULT '',
+        loras TEXT NOT NULL DEFAULT '[]',
+        seed INTEGER,
+        model TEXT NOT NULL DEFAULT '',
+        score REAL,
+        label TEXT NOT NULL DEFAULT '',
+        meta TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+    );
+    CREATE INDEX candidates_status ON candidates(status, id);
+    CREATE INDEX candidates_run ON candidates(run_id, id);
+    CREATE TABLE decisions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        candidate_id INTEGER NOT NULL REFERENCES candidates(id),
+        action TEXT NOT NULL,
+        prev_status TEXT NOT NULL,
+        new_status TEXT NOT NULL,
+        reasons TEXT NOT NULL DEFAULT '[]',
+        note TEXT NOT NULL DEFAULT '',
+        who TEXT NOT NULL DEFAULT '',
+        at REAL NOT NULL,
+        undone_by INTEGER
+    );
+    CREATE INDEX decisions_candidate ON decisions(candidate_id, id);
+    """,
+    # v2: pose per candidate; corrections (instruction, better target, fixed image); undo links
+    """
+    ALTER TABLE candidates ADD COLUMN pose TEXT NOT NULL DEFAULT '';
+    ALTER TABLE decisions ADD COLUMN instruction TEXT NOT NULL DEFAULT '';
+    ALTER TABLE decisions ADD COLUMN better_id INTEGER;
+    ALTER TABLE decisions ADD COLUMN fixed_image TEXT NOT NULL DEFAULT '';
+    ALTER TABLE decisions ADD COLUMN undoes INTEGER;
+    CREATE INDEX candidates_label ON candidates(label, id);
+    CREATE INDEX candidates_score ON candidates(score);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Applies the missing migrations, each in its own transaction; returns the new version."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise FlenUserError(f"The review store was written by a newer FLENwheel (schema {version}, this one "
+                            f"knows {SCHEMA_VERSION}); update the pack.")
+    while version < target:
+        statements = [s.strip() for s in MIGRATIONS[version].split(";") if s.strip()]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        version += 1
+    return version
+
+
+# ---- files ------------------------------------------------------------------------------------
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", compress_level=4)
+    return buf.getvalue()
+
+
+def _thumb_bytes(img: Image.Image) -> bytes:
+    thumb = img.convert("RGB")
+    thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def to_pil(image: Any) -> Image.Image:
+    """HWC float array/tensor in 0..1 (or uint8), or a PIL image → RGB PIL image."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    return Image.fromarray(arr[:, :, :3], "RGB")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def _clip_text(value: Any, what: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise FlenUserError(f"{what} must be text.")
+    if len(value) > _MAX_TEXT:
+        raise FlenUserError(f"{what} is longer than {_MAX_TEXT} characters.")
+    return value
+
+
+# ---- the store --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    total: int
+    offset: int
+    limit: int
+
+
+_COLUMNS = ("id, character, run_id, version, image, thumb, width, height, sources, prompt, loras, seed, model, "
+            "score, label, pose, meta, created_at, status")
+
+
+class ReviewStore:
+    """One character's workspace. Thread-safe (one connection behind a lock)."""
+
+    def __init__(self, output_dir: str | os.PathLike, character: str) -> None:
+        self.character = validate_character(character)
+        self.root = workspace_root(output_dir) / character
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / DB_NAME
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        with self._lock:
+            migrate(self._conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- writing candidates --
+
+    def add_candidates(self, images: list[Any], metas: list[dict[str, Any]] | None = None, *, run_id: str,
+                       version: str = "", sources: list[Any] | None = None) -> list[int]:
+        """Stores images (HWC 0..1 arrays or PIL) as pending candidates; returns their ids.
+
+        ``sources``: reference images shown beside the candidates — one per candidate, or a few
+        shared by all. Files are written before the rows that name them, so a crash leaves at
+        worst an unreferenced file, never a row without its image."""
+        run_id = _clip_text(run_id, "run_id") or time.strftime("run-%Y%m%d-%H%M%S")
+        metas = list(metas or [])
+        source_names = [self._store_source(s) for s in (sources or [])]
+        rows = []
+        for k, image in enumerate(images):
+            meta = dict(metas[k]) if k < len(metas) and isinstance(metas[k], dict) else {}
+            pil = to_pil(image)
+            stem = uuid.uuid4().hex
+            image_name, thumb_name = f"candidates/{stem}.png", f"candidates/{stem}.thumb.jpg"
+            _atomic_write(self.root / image_name, _png_bytes(pil))
+            _atomic_write(self.root / thumb_name, _thumb_bytes(pil))
+            if len(source_names) == len(images) and len(images) > 1:
+                mine = [source_names[k]]
+            else:
+                mine = list(source_names)
+            rows.append(self._candidate_row(meta, run_id, version, image_name, thumb_name, pil.size, mine))
+        ids = []
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for row in rows:
+                    cur = self._conn.execute(
+                        "INSERT INTO candidates (character, run_id, version, image, thumb, width, height, sources, "
+                        "prompt, loras, seed, model, score, label, pose, meta, created_at, status) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')", row)
+                    ids.append(cur.lastrowid)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return ids
+
+    def _store_source(self, image: Any) -> str:
+        data = _png_bytes(to_pil(image))
+        name = f"sources/{hashlib.sha256(data).hexdigest()[:32]}.png"
+        if not (self.root / name).exists():
+            _atomic_write(self.root / name, data)
+        return name
+
+    def _candidate_row(self, meta: dict[str, Any], run_id: str, version: str, image: str, thumb: str,
+                       size: tuple[int, int], sources: list[str]) -> tuple:
+        def first(*keys: str) -> Any:
+            for key in keys:
+                if meta.get(key) not in (None, ""):
+                    return meta[key]
+            return None
+
+        score = first("identity_score", "score")
+        try:
+            score = None if score is None else float(score)
+        except (TypeError, ValueError):
+            score = None
+        seed = first("seed")
+        try:
+            seed = None if seed is None else int(seed)
+        except (TypeError, ValueError):
+            seed = None
+        label = first("label", "angle", "expression") or ""
+        pose = first("pose")
+        return (self.character, run_id, str(version or meta.get("version") or ""), image, thumb, size[0], size[1],
+                _json(sources), str(first("instruction", "prompt") or ""), _json(meta.get("loras") or []), seed,
+                str(first("model") or ""), score, str(label), _json(pose) if pose is not None else "", _json(meta),
+                time.time())
+
+    # -- reading --
+
+    def _row_dict(self, row: sqlite3.Row) -> dict[str, Any]:
+        d = dict(row)
+        d["sources"] = json.loads(d["sources"])
+        d["loras"] = json.loads(d["loras"])
+        d["meta"] = json.loads(d["meta"])
+        d["pose"] = json.loads(d["pose"]) if d.get("pose") else None
+        return d
+
+    def get(self, candidate_id: int) -> dict[str, Any]:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates WHERE id=?", (candidate_id,)).fetchone()
+        if row is None:
+            raise KeyError(candidate_id)
+        return self._row_dict(row)
+
+    def exists(self, candidate_id: int) -> bool:
+        with self._lock:
+            return self._conn.execute("SELECT 1 FROM candidates WHERE id=?", (candidate_id,)).fetchone() is not None
+
+    @staticmethod
+    def _where(run_id: str | None = None, status: str | None = None, score_min: float | None = None,
+               score_max: float | None = None, label: str | None = None, version: str | None = None,
+               ids: list[int] | None = None) -> tuple[str, list[Any]]:
+        clauses, args = [], []
+        if run_id:
+            clauses.append("run_id=?")
+            args.append(run_id)
+        if status:
+            if status not in STATUSES:
+                raise FlenUserError(f"Unknown status {status!r}; one of {', '.join(STATUSES)}.")
+            clauses.append("status=?")
+            args.append(status)
+        if score_min is not None:
+            clauses.append("score>=?")
+            args.append(float(score_min))
+        if score_max is not None:
+            clauses.append("score<=?")
+            args.append(float(score_max))
+        if label:
+            clauses.append("label=?")
+            args.append(label)
+        if version:
+            clauses.append("version=?")
+            args.append(version)
+        if ids is not None:
+            clauses.append(f"id IN ({','.join('?' * len(ids))})")
+            args.extend(int(i) for i in ids)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+    def list(self, offset: int = 0, limit: int = 60, **filters: Any) -> Page:
+        offset, limit = max(0, int(offset)), max(1, min(500, int(limit)))
+        where, args = self._where(**filters)
+        with self._lock:
+            total = self._conn.execute(f"SELECT COUNT(*) FROM candidates{where}", args).fetchone()[0]
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY id LIMIT ? OFFSET ?",
+                                      [*args, limit, offset]).fetchall()
+        return Page([self._row_dict(r) for r in rows], total, offset, limit)
+
+    def counts(self, **filters: Any) -> dict[str, int]:
+        filters.pop("status", None)
+        where, args = self._where(**filters)
+        out = dict.fromkeys(STATUSES, 0)
+        with self._lock:
+            for status, n in self._conn.execute(f"SELECT status, COUNT(*) FROM candidates{where} GROUP BY status",
+                                                args):
+                out[status] = n
+        out["total"] = sum(out[s] for s in STATUSES)
+        return out
+
+    def runs(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT run_id, COUNT(*) AS n, SUM(status='pending') AS pending, MIN(created_at) AS created_at "
+                "FROM candidates GROUP BY run_id ORDER BY created_at").fetchall()
+        return [dict(r) for r in rows]
+
+    def labels(self) -> list[str]:
+        with self._lock:
+            return [r[0] for r in self._conn.execute(
+                "SELECT DISTINCT label FROM candidates WHERE label<>'' ORDER BY label")]
+
+    def history(self, candidate_id: int) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM decisions WHERE candidate_id=? ORDER BY id",
+                                      (candidate_id,)).fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["reasons"] = json.loads(d["reasons"])
+            out.append(d)
+        return out
+
+    def file_path(self, candidate_id: int, kind: str, index: int = 0) -> Path:
+        """The store's own file for a candidate: kind is image, thumb, source (index) or fixed."""
+        item = self.get(candidate_id)
+        if kind == "image":
+            name = item["image"]
+        elif kind == "thumb":
+            name = item["thumb"]
+        elif kind == "source":
+            if not 0 <= index < len(item["sources"]):
+                raise KeyError(index)
+            name = item["sources"][index]
+        elif kind == "fixed":
+            corr = self.correction(candidate_id)
+            if not corr or not corr["fixed_image"]:
+                raise KeyError("fixed")
+            name = corr["fixed_image"]
+        else:
+            raise KeyError(kind)
+        path = (self.root / name).resolve()
+        if self.root.resolve() not in path.parents:  # names are the store's own; belt and braces
+            raise KeyError(name)
+        return path
+
+    def load_image(self, candidate_id: int) -> np.ndarray:
+        """HWC float32 array in 0..1."""
+        with Image.open(self.file_path(candidate_id, "image")) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+
+    # -- decisions --
+
+    def decide(self, candidate_id: int, action: str, *, reasons: list[str] | None = None, note: str = "",
+               instruction: str = "", better_id: int | None = None, fixed_image: bytes | None = None,
+               who: str = "") -> dict[str, Any]:
+        """Records one decision and commits it before returning the updated candidate."""
+        if action not in ACTIONS:
+            raise FlenUserError(f"Unknown action {action!r}; one of {', '.join(ACTIONS)}.")
+        note, instruction, who = _clip_text(note, "note"), _clip_text(instruction, "instruction"), _clip_text(
+            who, "who")[:120]
+        reasons = list(reasons or [])
+        bad = [r for r in reasons if r not in REASONS]
+        if bad:
+            raise FlenUserError(f"Unknown reason {bad[0]!r}; one of {', '.join(REASONS)}.")
+        if action == "reject" and not reasons:
+            reasons = ["other"]
+        if action == "correct" and not (instruction or better_id is not None or fixed_image):
+            raise FlenUserError("A correction needs a corrected instruction, a better candidate, or a fixed image.")
+        fixed_name = ""
+        if fixed_image:
+            try:
+                with Image.open(io.BytesIO(fixed_image)) as im:
+                    im.load()
+                    pil = im.convert("RGB")
+            except Exception as exc:
+                raise FlenUserError("The uploaded fixed image is not a readable image.") from exc
+            fixed_name = f"corrections/{uuid.uuid4().hex}.png"
+            _atomic_write(self.root / fixed_name, _png_bytes(pil))
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute("SELECT status FROM candidates WHERE id=?", (candidate_id,)).fetchone()
+                if row is None:
+                    raise KeyError(candidate_id)
+                prev = row["status"]
+                if better_id is not None:
+                    if int(better_id) == int(candidate_id) or self._conn.execute(
+                            "SELECT 1 FROM candidates WHERE id=?", (int(better_id),)).fetchone() is None:
+                        raise FlenUserError(f"Better target {better_id} is not another candidate of this character.")
+                if action == "undo":
+                    last = self._conn.execute(
+                        "SELECT id, prev_status FROM decisions WHERE candidate_id=? AND action<>'undo' "
+                        "AND undone_by IS NULL ORDER BY id DESC LIMIT 1", (candidate_id,)).fetchone()
+                    if last is None:
+                        self._conn.execute("ROLLBACK")
+                        return {**self.get(candidate_id), "undone": None}
+                    new = last["prev_status"]
+                else:
+                    last = None
+                    new = {"approve": "approved", "reject": "rejected", "correct": "corrected"}[action]
+                cur = self._conn.execute(
+                    "INSERT INTO decisions (candidate_id, action, prev_status, new_status, reasons, note, who, at, "
+                    "instruction, better_id, fixed_image, undoes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (candidate_id, action, prev, new, _json(reasons), note, who, time.time(), instruction,
+                     None if better_id is None else int(better_id), fixed_name,
+                     None if last is None else last["id"]))
+                if last is not None:
+                    self._conn.execute("UPDATE decisions SET undone_by=? WHERE id=?", (cur.lastrowid, last["id"]))
+                self._conn.execute("UPDATE candidates SET status=? WHERE id=?", (new, candidate_id))
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+        return {**self.get(candidate_id), "decision_id": cur.lastrowid}
+
+    def approve(self, candidate_id: int, who: str = "") -> dict[str, Any]:
+        return self.decide(candidate_id, "approve", who=who)
+
+    def reject(self, candidate_id: int, reasons: list[str] | None = None, note: str = "", who: str = "") -> dict:
+        return self.decide(candidate_id, "reject", reasons=reasons, note=note, who=who)
+
+    def correct(self, candidate_id: int, instruction: str = "", better_id: int | None = None,
+                fixed_image: bytes | None = None, note: str = "", who: str = "") -> dict[str, Any]:
+        return self.decide(candidate_id, "correct", instruction=instruction, better_id=better_id,
+                           fixed_image=fixed_image, note=note, who=who)
+
+    def undo(self, candidate_id: int, who: str = "") -> dict[str, Any]:
+        return self.decide(candidate_id, "undo", who=who)
+
+    def correction(self, candidate_id: int) -> dict[str, Any] | None:
+        """The correction in force for a candidate (its latest 'correct' decision not undone)."""
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT * FROM decisions WHERE candidate_id=? AND action='correct' AND undone_by IS NULL "
+                "ORDER BY id DESC LIMIT 1", (candidate_id,)).fetchone()
+        if row is None:
+            return None
+        d = dict(row)
+        d["reasons"] = json.loads(d["reasons"])
+        return d
+
+    def approved(self, run_id: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+        where, args = self._where(run_id=run_id, version=version, status="approved")
+        with self._lock:
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY id", args).fetchall()
+        return [self._row_dict(r) for r in rows]
+
+    def corrections(self, run_id: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+        """Corrected candidates with their correction: the raw material of edit pairs. File names
+        are relative to the workspace folder (``root``)."""
+        where, args = self._where(run_id=run_id, version=version, status="corrected")
+        with self._lock:
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY id", args).fetchall()
+        out = []
+        for r in rows:
+            item = self._row_dict(r)
+            corr = self.correction(item["id"]) or {}
+            out.append({"candidate_id": item["id"], "run_id": item["run_id"], "version": item["version"],
+                        "image": item["image"], "sources": item["sources"], "prompt": item["prompt"],
+                        "label": item["label"], "corrected_instruction": corr.get("instruction", ""),
+                        "better_id": corr.get("better_id"),
+                        "better_image": self.get(corr["better_id"])["image"] if corr.get("better_id") else None,
+                        "fixed_image": corr.get("fixed_image") or None, "note": corr.get("note", ""),
+                        "who": corr.get("who", ""), "at": corr.get("at")})
+        return out
+
+
+# ---- one store per workspace, shared by the nodes and the routes of a process -----------------
+
+_stores_lock = threading.Lock()
+_stores: dict[tuple[str, str], ReviewStore] = {}
+
+
+def open_store(output_dir: str | os.PathLike, character: str) -> ReviewStore:
+    key = (str(Path(output_dir).resolve()), validate_character(character))
+    with _stores_lock:
+        store = _stores.get(key)
+        if store is None:
+            store = _stores[key] = ReviewStore(output_dir, character)
+        return store
+
+
+def existing_store(output_dir: str | os.PathLike, character: str) -> ReviewStore | None:
+    """The store if its workspace already has a database, else None (never creates one)."""
+    validate_character(character)
+    if not (workspace_root(output_dir) / character / DB_NAME).is_file():
+        return None
+    return open_store(output_dir, character)
+
+
+def list_characters(output_dir: str | os.PathLike) -> list[str]:
+    root = workspace_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.parent.name for p in root.glob(f"*/{DB_NAME}") if _NAME_RE.fullmatch(p.parent.name))
