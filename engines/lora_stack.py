@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import FlenUserError
@@ -34,6 +34,12 @@ class LoraStack:
 
     def extended(self, entry: LoraEntry) -> LoraStack:
         return LoraStack(self.entries + (entry,))
+
+    def scaled(self, factor: float) -> LoraStack:
+        """The same entries with every strength multiplied by ``factor`` (per-sweep weights)."""
+        if factor == 1.0:
+            return self
+        return LoraStack(tuple(replace(e, strength=e.strength * factor) for e in self.entries))
 
     def active(self) -> tuple[LoraEntry, ...]:
         """Entries that are on. Entries at strength 0 stay: they are cached, not re-read."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 from comfy_api.v0_0_2 import io
 
 from ..engines import flux_pipeline
@@ -11,27 +9,9 @@ from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, FluxPipeType, LoraStackType, MetaType
+from .pipeline_cache import PipelineCache
 
-_cache_lock = threading.Lock()
-_cached: dict[tuple[str, str], flux_pipeline.FluxHandle] = {}
-
-
-def _load_cached(name: str, precision: str) -> flux_pipeline.FluxHandle:
-    folder = bridge.diffusers_folder_path(name)
-    key = (folder, precision)
-    with _cache_lock:
-        handle = _cached.get(key)
-        if handle is None:
-            # One FLUX pipeline at a time: a 24 GB card holds one, so drop the previous one.
-            for old in _cached.values():
-                for module in old.modules.values():
-                    bridge.release(module)
-            _cached.clear()
-            handle = flux_pipeline.load_flux(folder, name, precision, bridge.compute_device())
-            for label, module in handle.modules.items():
-                bridge.register(module, f"{name}/{label}")
-            _cached[key] = handle
-        return handle
+_flux_cache = PipelineCache(flux_pipeline.load_flux)
 
 
 class FLENFluxLoader(io.ComfyNode):
@@ -56,7 +36,7 @@ class FLENFluxLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model: str, precision: str) -> io.NodeOutput:
-        return io.NodeOutput(_load_cached(model, precision))
+        return io.NodeOutput(_flux_cache.get(model, precision))
 
 
 class FLENFluxGenerate(io.ComfyNode):

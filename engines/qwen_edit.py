@@ -1,0 +1,219 @@
+"""Qwen-Image-Edit-2509 (QwenImageEditPlusPipeline) edits of 1–3 images under a LoRA stack.
+
+Two hosted stages: the Qwen2.5-VL encoder turns instruction + condition images into
+embeddings, then the transformer and VAE denoise and decode. Only one stage needs the GPU.
+
+diffusers resizes the reference images to module-level constants (1024² for the VAE
+reference, 384² for the VL condition), whatever output size is asked for. A reference larger
+or smaller than the output is a known cause of pixel shift/zoom, and 1024² costs the same
+as the output again on the GPU, so the edit sets the reference area to the output's area.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .diffusers_folder import read_model_index, torch_dtype_for
+from .errors import FlenUserError
+from .lora_adapters import AdapterCache
+from .lora_stack import LoraStack
+from .model_host import ModelHost
+
+QWEN_EDIT_CLASSES = ("QwenImageEditPlusPipeline",)
+DEFAULT_CONDITION_PIXELS = 384 * 384
+MIN_SIDE = 64
+MAX_PIXELS = 4096 * 4096
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+_size_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def reference_sizes(vae_pixels: int, condition_pixels: int) -> Iterator[None]:
+    """Temporarily sets diffusers' reference-resize constants (they are module globals)."""
+    from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as mod
+
+    with _size_lock:
+        saved = (mod.VAE_IMAGE_SIZE, mod.CONDITION_IMAGE_SIZE)
+        mod.VAE_IMAGE_SIZE, mod.CONDITION_IMAGE_SIZE = vae_pixels, condition_pixels
+        try:
+            yield
+        finally:
+            mod.VAE_IMAGE_SIZE, mod.CONDITION_IMAGE_SIZE = saved
+
+
+@dataclass
+class QwenEditHandle:
+    name: str
+    folder: str
+    precision: str
+    pipe: object  # diffusers.QwenImageEditPlusPipeline
+    adapters: AdapterCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapters = AdapterCache(self.pipe, architecture="qwen_image")
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        p = self.pipe
+        return {"text_encoder": p.text_encoder, "transformer": p.transformer, "vae": p.vae}
+
+    @property
+    def size_multiple(self) -> int:
+        return int(self.pipe.vae_scale_factor) * 2
+
+
+def load_qwen_edit(folder: str | Path, name: str, precision: str, device: torch.device) -> QwenEditHandle:
+    from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
+
+    read_model_index(folder, QWEN_EDIT_CLASSES)
+    dtype = torch_dtype_for(precision, device)
+    kwargs = {}
+    if precision == "nf4":
+        from diffusers import BitsAndBytesConfig
+
+        kwargs["transformer"] = QwenImageTransformer2DModel.from_pretrained(
+            folder, subfolder="transformer", dtype=dtype,
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    pipe = QwenImageEditPlusPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
+    if precision == "fp8":
+        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    for m in (pipe.text_encoder, pipe.transformer, pipe.vae):
+        m.eval().requires_grad_(False)
+    return QwenEditHandle(name=name, folder=str(folder), precision=precision, pipe=pipe)
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    instruction: str
+    negative_prompt: str = ""
+    steps: int = 8
+    true_cfg: float = 1.0
+    seed: int = 0
+    batch: int = 1
+    width: int = 0  # 0: from megapixels and the first image's aspect ratio
+    height: int = 0
+    megapixels: float = 1.0
+    condition_pixels: int = DEFAULT_CONDITION_PIXELS
+
+
+def output_size(handle: QwenEditHandle, request: EditRequest, first: Image.Image) -> tuple[int, int]:
+    """Explicit width/height if given, else the pixel budget at the first image's aspect ratio."""
+    m = handle.size_multiple
+    if request.width or request.height:
+        w, h = request.width, request.height
+        if not (w and h):
+            raise FlenUserError("Give both width and height, or set both to 0 to use the megapixel budget.")
+        if w % m or h % m:
+            raise FlenUserError(f"This model needs width and height divisible by {m}; got {w}×{h}. "
+                                f"Try {w // m * m}×{h // m * m}.")
+    else:
+        if request.megapixels <= 0:
+            raise FlenUserError("megapixels must be above 0 (1.0 is Qwen-Image-Edit's native budget).")
+        ratio = first.width / first.height
+        area = request.megapixels * 1024 * 1024
+        w = max(m, round(math.sqrt(area * ratio) / m) * m)
+        h = max(m, round(math.sqrt(area / ratio) / m) * m)
+    if min(w, h) < MIN_SIDE or w * h > MAX_PIXELS:
+        raise FlenUserError(f"Output size {w}×{h} is outside what the model can take "
+                            f"(each side ≥ {MIN_SIDE}, at most {MAX_PIXELS // 1024 // 1024} MP).")
+    return w, h
+
+
+def edit(handle: QwenEditHandle, images: list[Image.Image], request: EditRequest, stack: LoraStack,
+         host: ModelHost, on_step: StepCallback | None = None, progress_offset: int = 0,
+         progress_total: int | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
+    """Edits one set of 1–3 input images ``request.batch`` times (seeds seed, seed+1, …).
+
+    Returns [batch, H, W, 3] images in 0..1 and one meta record per image.
+    """
+    if not 1 <= len(images) <= 3:
+        raise FlenUserError(f"Qwen-Image-Edit-2509 takes 1 to 3 input images; got {len(images)}.")
+    if not request.instruction.strip():
+        raise FlenUserError("The edit instruction is empty: say what to change, e.g. 'Rotate the camera "
+                            "45 degrees to the left'.")
+    pipe = handle.pipe
+    width, height = output_size(handle, request, images[0])
+    handle.adapters.apply(stack)
+    do_cfg = request.true_cfg > 1.0
+    total = progress_total or request.batch * request.steps
+
+    with reference_sizes(width * height, request.condition_pixels):
+        device = host.prepare(pipe.text_encoder)
+        cond_images = []
+        for img in images:
+            cw, ch = _dims(request.condition_pixels, img.width / img.height)
+            cond_images.append(pipe.image_processor.resize(img, ch, cw))
+        with torch.no_grad():
+            embeds, mask = pipe.encode_prompt(prompt=request.instruction, image=cond_images, device=device)
+            neg_embeds = neg_mask = None
+            if do_cfg:
+                # diffusers needs a negative prompt for true CFG; a blank one is its documented default.
+                neg_embeds, neg_mask = pipe.encode_prompt(prompt=request.negative_prompt or " ",
+                                                          image=cond_images, device=device)
+        out: list[torch.Tensor] = []
+        metas: list[dict[str, object]] = []
+        for b in range(request.batch):
+            seed = request.seed + b
+            device = host.prepare(pipe.transformer, pipe.vae)
+            done = progress_offset + b * request.steps
+
+            def _step(_pipe, i, _t, kwargs, _done=done):
+                host.check_interrupt()
+                if on_step is not None:
+                    latents = _pipe._unpack_latents(kwargs["latents"], height, width, _pipe.vae_scale_factor)
+                    on_step(_done + i + 1, total, latents)
+                return {}
+
+            with torch.no_grad():
+                result = pipe(
+                    image=list(images), prompt_embeds=embeds.to(device),
+                    prompt_embeds_mask=None if mask is None else mask.to(device),
+                    negative_prompt_embeds=None if neg_embeds is None else neg_embeds.to(device),
+                    negative_prompt_embeds_mask=None if neg_mask is None else neg_mask.to(device),
+                    true_cfg_scale=request.true_cfg, width=width, height=height,
+                    num_inference_steps=request.steps, generator=torch.Generator("cpu").manual_seed(seed),
+                    output_type="pt", callback_on_step_end=_step,
+                ).images
+            out.append(result.float().clamp(0, 1).permute(0, 2, 3, 1).cpu())
+            metas.append({
+                "kind": "enriched", "instruction": request.instruction,
+                "negative_prompt": request.negative_prompt, "seed": seed, "model": handle.name,
+                "precision": handle.precision, "loras": stack.describe(), "width": width, "height": height,
+                "steps": request.steps, "true_cfg": request.true_cfg, "inputs": len(images),
+            })
+    return torch.cat(out, dim=0), metas
+
+
+def _dims(target_area: int, ratio: float) -> tuple[int, int]:
+    # Same rounding as diffusers' calculate_dimensions (multiples of 32).
+    w = math.sqrt(target_area * ratio)
+    h = w / ratio
+    return max(32, round(w / 32) * 32), max(32, round(h / 32) * 32)
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """One ComfyUI IMAGE item [H, W, 3] in 0..1 → PIL RGB."""
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def check_image_batch(name: str, images: torch.Tensor) -> None:
+    """Validates a ComfyUI IMAGE tensor for the editor, with messages that say what to do."""
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise FlenUserError(f"'{name}' is an empty batch: connect at least one image.")
+    channels = images.shape[-1]
+    if channels == 4:
+        raise FlenUserError(f"'{name}' has an alpha channel (RGBA). Flatten it onto a background first "
+                            "(e.g. ComfyUI's 'Join Image with Alpha' / 'Split Image with Alpha').")
+    if channels != 3:
+        raise FlenUserError(f"'{name}' has {channels} channels; the editor needs RGB images.")
