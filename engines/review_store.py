@@ -387,6 +387,13 @@ class ReviewStore:
             return [r[0] for r in self._conn.execute(
                 "SELECT DISTINCT label FROM candidates WHERE label<>'' ORDER BY label")]
 
+    def state_token(self) -> str:
+        """Changes whenever a candidate or a decision is added (for node cache invalidation)."""
+        with self._lock:
+            c = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM candidates").fetchone()[0]
+            d = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0]
+        return f"{c}:{d}"
+
     def history(self, candidate_id: int) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._conn.execute("SELECT * FROM decisions WHERE candidate_id=? ORDER BY id",

@@ -193,3 +193,18 @@ def prompt_server_routes():
         return None
     instance = getattr(PromptServer, "instance", None)
     return None if instance is None else instance.routes
+
+
+def current_prompt_id() -> str | None:
+    """Id of the prompt whose node is executing in this thread (None outside execution)."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None
+    ctx = get_executing_context()
+    return None if ctx is None else ctx.prompt_id
+
+
+def check_interrupt() -> None:
+    """Raises ComfyUI's interrupt exception if the user pressed Cancel or POSTed /interrupt."""
+    mm.throw_exception_if_processing_interrupted()

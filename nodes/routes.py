@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from . import comfy_bridge as bridge
+from . import review_routes
 
 PACK_VERSION = "0.1.0"
 _registered = False
@@ -25,3 +26,5 @@ def register_routes() -> None:
     async def models(_request: web.Request) -> web.Response:
         """The pack's own torch modules and whether ComfyUI's VRAM manager has them loaded."""
         return web.json_response({"models": bridge.managed_models()})
+
+    review_routes.register(routes)  # /flenwheel/review/… (review gallery, issue 5)

@@ -1,0 +1,171 @@
+"""FLENReviewQueue and FLENLoadApproved: candidates into the review store, judged items back out."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+from comfy_api.v0_0_2 import io
+from PIL import Image
+
+from ..engines import review_store
+from ..engines.errors import FlenUserError
+from . import comfy_bridge as bridge
+from .flen_types import CATEGORY, MetaType
+
+CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
+                     "'_' or '-'.")
+
+
+def _store(character: str) -> review_store.ReviewStore:
+    return review_store.open_store(bridge.output_directory(), character.strip())
+
+
+def _default_run_id() -> str:
+    return bridge.current_prompt_id() or time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def queue_candidates(images: torch.Tensor, meta: list | None, character: str, run_id: str, version: str,
+                     source_images: torch.Tensor | None) -> tuple[review_store.ReviewStore, str, list[int]]:
+    """Shared by FLENReviewQueue and FLENReviewGate: stores the batch as pending candidates."""
+    store = _store(character)
+    if images is None or images.shape[0] == 0:
+        raise FlenUserError("The image batch is empty: nothing to review.")
+    if meta is not None and not isinstance(meta, list):
+        raise FlenUserError("meta must be a FLEN_META list (one record per image).")
+    run_id = run_id.strip() or _default_run_id()
+    sources = [] if source_images is None else [source_images[k] for k in range(source_images.shape[0])]
+    ids = store.add_candidates([images[k] for k in range(images.shape[0])], meta, run_id=run_id,
+                               version=version.strip(), sources=sources)
+    return store, run_id, ids
+
+
+def _inputs_common() -> list:
+    return [
+        io.String.Input("character", default="my_character", tooltip=CHARACTER_TOOLTIP),
+        io.String.Input("run_id", default="", optional=True,
+                        tooltip="Groups this batch in the gallery; empty uses the prompt id."),
+        io.String.Input("version", default="", optional=True,
+                        tooltip="Flywheel version the candidates belong to (e.g. v1); free text, may be empty."),
+        MetaType.Input("meta", optional=True,
+                       tooltip="One FLEN_META record per image (prompt, seed, LoRAs, score, angle label…)."),
+        io.Image.Input("source_images", optional=True,
+                       tooltip="Reference/source images shown beside each candidate: one per candidate, "
+                               "or a few shared by all."),
+    ]
+
+
+class FLENReviewQueue(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENReviewQueue",
+            display_name="FLEN Review Queue",
+            category=f"{CATEGORY}/review",
+            description="Stores an image batch as pending candidates in the character's review store and "
+                        "returns at once (for batch runs). Judge them later in the FLENwheel review gallery.",
+            inputs=[io.Image.Input("images", tooltip="The candidates to review."), *_inputs_common()],
+            outputs=[io.String.Output(display_name="summary", tooltip="What was stored, in words."),
+                     io.String.Output(display_name="run_id", tooltip="The run id the candidates were stored under."),
+                     io.Int.Output(display_name="count", tooltip="How many candidates were stored.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, character: str, run_id: str = "", version: str = "",
+                meta: list | None = None, source_images: torch.Tensor | None = None) -> io.NodeOutput:
+        store, run_id, ids = queue_candidates(images, meta, character, run_id, version, source_images)
+        counts = store.counts()
+        summary = (f"Queued {len(ids)} candidates for review ({character}, run {run_id}); "
+                   f"{counts['pending']} pending in total.")
+        return io.NodeOutput(summary, run_id, len(ids))
+
+
+def _to_batch(paths: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
+    """Stacks HWC images; images of another size than the first are resized to it."""
+    h, w = paths[0].shape[:2]
+    resized = False
+    out = []
+    for arr in paths:
+        if arr.shape[:2] != (h, w):
+            img = Image.fromarray((arr * 255).round().astype(np.uint8)).resize((w, h), Image.Resampling.LANCZOS)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            resized = True
+        out.append(torch.from_numpy(np.ascontiguousarray(arr)))
+    return torch.stack(out), resized
+
+
+def approved_outputs(store: review_store.ReviewStore, items: list[dict]) -> tuple[torch.Tensor, list[dict], bool]:
+    if not items:
+        return torch.zeros((0, 64, 64, 3), dtype=torch.float32), [], False
+    batch, resized = _to_batch([store.load_image(item["id"]) for item in items])
+    metas = [{**item["meta"], "candidate_id": item["id"], "character": item["character"], "run_id": item["run_id"],
+              "version": item["version"], "status": item["status"], "identity_score": item["score"],
+              "label": item["label"], "review_image": str(store.root / item["image"])} for item in items]
+    return batch, metas, resized
+
+
+class FLENLoadApproved(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENLoadApproved",
+            display_name="FLEN Load Approved",
+            category=f"{CATEGORY}/review",
+            description="Pulls the approved candidates of a character (optionally one run and/or version) out of "
+                        "the review store as an IMAGE batch with FLEN_META, and the corrections as JSON "
+                        "(for edit pairs). Nothing approved yet gives an empty batch and a message.",
+            inputs=[
+                io.String.Input("character", default="my_character", tooltip=CHARACTER_TOOLTIP),
+                io.String.Input("run_id", default="", optional=True, tooltip="Only this run; empty: all runs."),
+                io.String.Input("version", default="", optional=True,
+                                tooltip="Only this flywheel version; empty: all versions."),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="Approved images (resized to the first's size "
+                                                                    "if sizes differ)."),
+                     MetaType.Output(display_name="meta", tooltip="One record per approved image."),
+                     io.String.Output(display_name="corrections",
+                                      tooltip="JSON list of corrections: candidate, corrected instruction, better "
+                                              "target or fixed image (absolute paths in the workspace)."),
+                     io.String.Output(display_name="summary", tooltip="What was loaded, in words.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, character: str, run_id: str = "", version: str = "") -> str:
+        # Re-run whenever the store changed (decisions are taken outside the graph).
+        try:
+            store = review_store.existing_store(bridge.output_directory(), character.strip())
+        except FlenUserError:
+            return "invalid"
+        return "none" if store is None else store.state_token()
+
+    @classmethod
+    def execute(cls, character: str, run_id: str = "", version: str = "") -> io.NodeOutput:
+        character = character.strip()
+        store = review_store.existing_store(bridge.output_directory(), character)
+        if store is None:
+            msg = f"No review store for '{character}' yet: queue candidates with FLEN Review Queue first."
+            return io.NodeOutput(torch.zeros((0, 64, 64, 3)), [], "[]", msg)
+        items = store.approved(run_id=run_id.strip() or None, version=version.strip() or None)
+        batch, metas, resized = approved_outputs(store, items)
+        corrections = store.corrections(run_id=run_id.strip() or None, version=version.strip() or None)
+        for c in corrections:
+            c["workspace"] = str(store.root)
+            for key in ("image", "better_image", "fixed_image"):
+                if c.get(key):
+                    c[key] = str(store.root / c[key])
+            c["sources"] = [str(store.root / s) for s in c["sources"]]
+        scope = f"{character}" + (f", run {run_id.strip()}" if run_id.strip() else "") + (
+            f", version {version.strip()}" if version.strip() else "")
+        if items:
+            msg = f"Loaded {len(items)} approved images ({scope}); {len(corrections)} corrections."
+            if resized:
+                msg += " Some images were resized to the first image's size."
+        else:
+            msg = f"Nothing approved yet ({scope}): judge candidates in the FLENwheel review gallery."
+        return io.NodeOutput(batch, metas, json.dumps(corrections, ensure_ascii=False), msg)
+
+
+NODES = [FLENReviewQueue, FLENLoadApproved]

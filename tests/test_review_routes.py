@@ -1,0 +1,223 @@
+"""Review nodes and routes in a real ComfyUI: queue, judge over HTTP, load approved; security."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.server
+
+COLORS = [0xFF0000, 0x00FF00, 0x0000FF, 0xFFFF00]
+
+
+def review_prompt(character: str, colors=COLORS, run_id: str = "", size: int = 32) -> dict:
+    """EmptyImage per color → ImageBatch chain → FLENReviewQueue (with the first as source)."""
+    prompt: dict = {}
+    for k, color in enumerate(colors):
+        prompt[f"img{k}"] = {"class_type": "EmptyImage",
+                             "inputs": {"width": size, "height": size, "batch_size": 1, "color": color}}
+    last = ["img0", 0]
+    for k in range(1, len(colors)):
+        prompt[f"batch{k}"] = {"class_type": "ImageBatch", "inputs": {"image1": last, "image2": [f"img{k}", 0]}}
+        last = [f"batch{k}", 0]
+    prompt["queue"] = {"class_type": "FLENReviewQueue",
+                       "inputs": {"images": last, "character": character, "run_id": run_id, "version": "v1",
+                                  "source_images": ["img0", 0]}}
+    return prompt
+
+
+def load_prompt(character: str, run_id: str = "", tag: str = "") -> dict:
+    return {"load": {"class_type": "FLENLoadApproved", "inputs": {"character": character, "run_id": run_id,
+                                                                 "version": ""}},
+            "save": {"class_type": "SaveImage", "inputs": {"images": ["load", 0],
+                                                           "filename_prefix": f"approved_{tag or character}"}}}
+
+
+def saved_colors(comfy_server, outputs: dict) -> list[tuple[int, int, int]]:
+    out = []
+    for node in outputs.values():
+        for img in node.get("images", []):
+            path = comfy_server.base / "output" / img["subfolder"] / img["filename"]
+            with Image.open(path) as im:
+                out.append(im.convert("RGB").getpixel((0, 0)))
+    return out
+
+
+def rgb(c: int) -> tuple[int, int, int]:
+    return (c >> 16 & 255, c >> 8 & 255, c & 255)
+
+
+@pytest.fixture
+def queued(comfy):
+    character = "t_" + uuid.uuid4().hex[:10]
+    comfy.run(review_prompt(character, run_id="night1"))
+    items = comfy.get(f"/flenwheel/review/{character}/items").json()["items"]
+    return character, items
+
+
+def test_queue_stores_candidates_and_routes_list_them(comfy, comfy_server, queued):
+    character, items = queued
+    assert len(items) == 4 and {i["status"] for i in items} == {"pending"}
+    assert {i["run_id"] for i in items} == {"night1"} and all(i["n_sources"] == 1 for i in items)
+    assert "image" not in items[0] and "thumb" not in items[0]  # no file names leave the server
+    chars = {c["name"]: c["counts"] for c in comfy.get("/flenwheel/review/characters").json()["characters"]}
+    assert chars[character]["pending"] == 4
+    assert (comfy_server.base / "output" / "flenwheel" / character / "review.sqlite").is_file()
+    thumb = comfy.get(f"/flenwheel/review/{character}/thumb/{items[0]['id']}")
+    assert thumb.status_code == 200 and thumb.headers["Content-Type"] == "image/jpeg"
+    full = comfy.get(f"/flenwheel/review/{character}/image/{items[1]['id']}")
+    assert Image.open(io.BytesIO(full.content)).convert("RGB").getpixel((3, 3)) == rgb(COLORS[1])
+    src = comfy.get(f"/flenwheel/review/{character}/source/{items[1]['id']}/0")
+    assert Image.open(io.BytesIO(src.content)).convert("RGB").getpixel((0, 0)) == rgb(COLORS[0])
+    facets = comfy.get(f"/flenwheel/review/{character}/facets").json()
+    assert [r["run_id"] for r in facets["runs"]] == ["night1"] and facets["reasons"][0] == "identity_drift"
+
+
+def test_decide_over_http_then_load_approved_returns_exactly_those(comfy, comfy_server, queued):
+    character, items = queued
+    ids = [i["id"] for i in items]
+    before = {"load": {"class_type": "FLENLoadApproved", "inputs": {"character": character}},
+              "show": {"class_type": "PreviewAny", "inputs": {"source": ["load", 3]}}}
+    assert "Nothing approved yet" in json.dumps(comfy.run(before))  # an empty batch, not an error
+    r = comfy.post(f"/flenwheel/review/{character}/decide", {"ids": [ids[0], ids[2]], "action": "approve"})
+    assert r.status_code == 200 and r.json()["saved"] and r.json()["counts"]["approved"] == 2
+    r = comfy.post(f"/flenwheel/review/{character}/decide",
+                   {"ids": [ids[1]], "action": "reject", "reasons": ["identity_drift"], "note": "nose"})
+    assert r.json()["items"][0]["status"] == "rejected"
+    comfy.post(f"/flenwheel/review/{character}/decide", {"ids": [ids[3]], "action": "approve"})
+    comfy.post(f"/flenwheel/review/{character}/decide", {"ids": [ids[3]], "action": "undo"})
+    comfy.post(f"/flenwheel/review/{character}/decide", {"ids": [ids[1]], "action": "correct",
+                                                         "instruction": "keep the nose"})
+    detail = comfy.get(f"/flenwheel/review/{character}/items/{ids[3]}").json()
+    assert [h["action"] for h in detail["history"]] == ["approve", "undo"] and detail["item"]["status"] == "pending"
+    outputs = comfy.run(load_prompt(character, tag="after"))
+    assert saved_colors(comfy_server, outputs) == [rgb(COLORS[0]), rgb(COLORS[2])]
+    assert comfy.get(f"/flenwheel/review/{character}/counts").json() == {
+        "pending": 1, "approved": 2, "rejected": 0, "corrected": 1, "total": 4}
+
+
+def test_load_approved_without_store_is_empty_not_an_error(comfy):
+    prompt = {"load": {"class_type": "FLENLoadApproved", "inputs": {"character": "never_" + uuid.uuid4().hex[:8]}},
+              "show": {"class_type": "PreviewAny", "inputs": {"source": ["load", 3]}}}
+    outputs = comfy.run(prompt)
+    assert "No review store" in json.dumps(outputs)
+
+
+def test_upload_fixed_image_is_a_correction(comfy, queued):
+    character, items = queued
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (7, 8, 9)).save(buf, "PNG")
+    url = f"/flenwheel/review/{character}/items/{items[0]['id']}/fixed"
+    r = comfy.post(url, None, data=buf.getvalue(), headers={"Content-Type": "image/png"})
+    assert r.status_code == 200 and r.json()["items"][0]["status"] == "corrected"
+    fixed = comfy.get(f"/flenwheel/review/{character}/fixed/{items[0]['id']}")
+    assert Image.open(io.BytesIO(fixed.content)).getpixel((0, 0)) == (7, 8, 9)
+    bad = comfy.post(url, None, data=b"no image", headers={"Content-Type": "image/png"})
+    assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
+
+
+# ---- security ----------------------------------------------------------------------------------
+
+def raw_request(base_url: str, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, bytes]:
+    """Sends the path byte for byte (no client-side normalisation of ../ or %2e)."""
+    u = urlsplit(base_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        if body is not None:
+            conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        if body is not None:
+            conn.send(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+SECRET = b"FLEN-SECRET-OUTSIDE-STORE"
+
+
+@pytest.fixture
+def secret(comfy_server):
+    for where in (comfy_server.base / "secret.txt", comfy_server.base / "output" / "flenwheel" / "secret.txt"):
+        where.write_bytes(SECRET)
+    return SECRET
+
+
+TRAVERSALS = [
+    "/flenwheel/review/{c}/image/../../../secret.txt",
+    "/flenwheel/review/{c}/image/..%2f..%2f..%2fsecret.txt",
+    "/flenwheel/review/{c}/image/%2e%2e%2f%2e%2e%2fsecret.txt",
+    "/flenwheel/review/%2e%2e/image/1",
+    "/flenwheel/review/..%2f..%2f/image/1",
+    "/flenwheel/review/%2e%2e%2f%2e%2e%2f/thumb/1",
+    "/flenwheel/review/{c}/image//etc/passwd",
+    "/flenwheel/review/{c}/image/%2fetc%2fpasswd",
+    "/flenwheel/review/{c}/source/1/..%2f..%2fsecret.txt",
+    "/flenwheel/review/{c}/image/1%2f..%2f..%2fsecret.txt",
+    "/flenwheel/review/{c}/image/99999999",
+    "/flenwheel/review/{c}/source/1/7",
+    "/flenwheel/review/{c}/fixed/2",
+    "/flenwheel/review/nobody_here/image/1",
+    "/flenwheel/review/{c}/items?offset=-1",
+    "/flenwheel/review/{c}/items?limit=abc",
+    "/flenwheel/review/{c}/items?status=..%2f",
+    "/flenwheel/review/{c}/items?score_min=nan",
+    "/flenwheel/review/secret.txt/items",
+    "/flenwheel/review/" + "a" * 65 + "/items",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_traversal_unknown_ids_and_bad_queries_get_4xx_and_nothing_outside(comfy_server, queued, secret, path):
+    character, _items = queued
+    status, body = raw_request(comfy_server.url, "GET", path.format(c=character))
+    assert 400 <= status < 500, (path, status, body[:200])
+    assert secret not in body and b"root:" not in body
+
+
+BAD_BODIES = [
+    (b"not json", 400), (b"[1, 2]", 400), (b'{"action": "approve"}', 400),
+    (b'{"action": "approve", "ids": []}', 400), (b'{"action": "approve", "ids": ["../x"]}', 400),
+    (b'{"action": "approve", "ids": [99999999]}', 404), (b'{"action": "delete", "ids": [1]}', 400),
+    (b'{"action": "reject", "ids": [1], "reasons": ["nope"]}', 400),
+    (b'{"action": "reject", "ids": [1], "reasons": "identity_drift"}', 400),
+    (b'{"action": "approve", "ids": [true]}', 400), (b'{"action": "correct", "ids": [1]}', 400),
+    (b'{"action": "approve", "ids": [1], "path": "/etc/passwd", "note": 5}', 400),
+    (b"\xff\xfe", 400),
+]
+
+
+@pytest.mark.parametrize("body,expected", BAD_BODIES)
+def test_malformed_decisions_get_4xx_with_a_message(comfy_server, queued, body, expected):
+    character, items = queued
+    body = body.replace(b"[1]", f"[{items[0]['id']}]".encode())
+    status, answer = raw_request(comfy_server.url, "POST", f"/flenwheel/review/{character}/decide", body,
+                                 {"Content-Type": "application/json"})
+    assert status == expected, answer
+    assert json.loads(answer)["error"]
+
+
+def test_oversized_bodies_are_refused_with_413(comfy_server, queued):
+    character, items = queued
+    big = json.dumps({"action": "approve", "ids": [items[0]["id"]], "note": "x" * 200_000}).encode()
+    status, answer = raw_request(comfy_server.url, "POST", f"/flenwheel/review/{character}/decide", big,
+                                 {"Content-Type": "application/json"})
+    assert status == 413 and b"too large" in answer
+    huge = b"\x89PNG" + b"0" * (17 * 1024 * 1024)
+    status, answer = raw_request(comfy_server.url, "POST",
+                                 f"/flenwheel/review/{character}/items/{items[0]['id']}/fixed", huge,
+                                 {"Content-Type": "image/png"})
+    assert status == 413
+    after = json.loads(raw_request(comfy_server.url, "GET", f"/flenwheel/review/{character}/counts")[1])
+    assert after["pending"] == 4  # nothing was decided by the refused requests
