@@ -208,3 +208,25 @@ def current_prompt_id() -> str | None:
 def check_interrupt() -> None:
     """Raises ComfyUI's interrupt exception if the user pressed Cancel or POSTed /interrupt."""
     mm.throw_exception_if_processing_interrupted()
+
+
+# ---- insightface packs ------------------------------------------------------------------------
+
+def insightface_root() -> str:
+    """models/insightface: the ``root`` of FaceAnalysis, packs in ``models/<name>`` below it (the folder
+    IPAdapter, InstantID and ReActor use)."""
+    return str(Path(folder_paths.models_dir) / "insightface")
+
+
+def insightface_packs() -> list[str]:
+    """Pack folders under models/insightface/models that hold .onnx files."""
+    from ..engines.identity import list_packs
+
+    return list_packs(insightface_root())
+
+
+def skip_downstream():
+    """An output value that makes ComfyUI skip the nodes fed by it, silently (no error)."""
+    from comfy_execution.graph_utils import ExecutionBlocker
+
+    return ExecutionBlocker(None)
