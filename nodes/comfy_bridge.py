@@ -195,6 +195,21 @@ def prompt_server_routes():
     return None if instance is None else instance.routes
 
 
+# ---- insightface packs ------------------------------------------------------------------------
+
+def insightface_root() -> str:
+    """models/insightface: the ``root`` of FaceAnalysis, packs in ``models/<name>`` below it (the folder
+    IPAdapter, InstantID and ReActor use)."""
+    return str(Path(folder_paths.models_dir) / "insightface")
+
+
+def insightface_packs() -> list[str]:
+    """Pack folders under models/insightface/models that hold .onnx files."""
+    from ..engines.identity import list_packs
+
+    return list_packs(insightface_root())
+
+
 def current_prompt_id() -> str | None:
     """Id of the prompt whose node is executing in this thread (None outside execution)."""
     try:
@@ -210,19 +225,24 @@ def check_interrupt() -> None:
     mm.throw_exception_if_processing_interrupted()
 
 
-# ---- insightface packs ------------------------------------------------------------------------
+# ---- native ComfyUI models --------------------------------------------------------------------
 
-def insightface_root() -> str:
-    """models/insightface: the ``root`` of FaceAnalysis, packs in ``models/<name>`` below it (the folder
-    IPAdapter, InstantID and ReActor use)."""
-    return str(Path(folder_paths.models_dir) / "insightface")
+def apply_lora_to_native_model(model, lora_path: str, lora_name: str, strength: float):
+    """Patches a ComfyUI MODEL exactly as ComfyUI's LoraLoaderModelOnly does; refuses a LoRA none of
+    whose weights map onto the model (ComfyUI itself would only log and do nothing)."""
+    import comfy.sd
 
-
-def insightface_packs() -> list[str]:
-    """Pack folders under models/insightface/models that hold .onnx files."""
-    from ..engines.identity import list_packs
-
-    return list_packs(insightface_root())
+    if strength == 0:
+        return model  # LoraLoaderModelOnly's own shortcut
+    lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
+    before = sum(len(v) for v in model.patches.values())
+    after = sum(len(v) for v in patched.patches.values())
+    if after == before:
+        arch = type(model.model.model_config).__name__ if hasattr(model.model, "model_config") else "this model"
+        raise FlenUserError(f"LoRA '{lora_name}' does not fit {arch}: none of its {len(lora)} tensors map onto "
+                            "the model's weights. It was made for another architecture; remove it from the stack.")
+    return patched
 
 
 def skip_downstream():

@@ -42,4 +42,28 @@ class FLENLoraStack(io.ComfyNode):
         return io.NodeOutput(base.extended(entry))
 
 
-NODES = [FLENLoraStack]
+class FLENApplyLoraStack(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENApplyLoraStack",
+            display_name="FLEN Apply LoRA Stack",
+            category=f"{CATEGORY}/loras",
+            description="Applies a FLEN LoRA stack to ComfyUI's native MODEL through ComfyUI's own LoRA loading "
+                        "(the same result as chaining LoraLoaderModelOnly nodes), for ComfyUI-format checkpoints.",
+            inputs=[
+                io.Model.Input("model", tooltip="A ComfyUI MODEL (e.g. from Load Diffusion Model)."),
+                LoraStackType.Input("lora_stack", tooltip="The stack from FLEN LoRA Stack nodes; entries that "
+                                                          "are off are skipped."),
+            ],
+            outputs=[io.Model.Output(display_name="model", tooltip="The model with the stack's LoRAs patched in.")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_stack: LoraStack) -> io.NodeOutput:
+        for entry in lora_stack.active():
+            model = bridge.apply_lora_to_native_model(model, entry.path, entry.name, entry.strength)
+        return io.NodeOutput(model)
+
+
+NODES = [FLENLoraStack, FLENApplyLoraStack]

@@ -31,7 +31,16 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "4": {"width": 64, "height": 64, "steps": 4},
         "5": {"filename_prefix": "flenwheel/demo/synthetic"},
     },
+    "flen_angle_sweep": {
+        "1": {"image": "flen_demo_face.png"},
+        "2": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
+        "3": {"lora_name": "flen-tiny/qwen_edit_lora_a.safetensors"},
+        "4": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
+        "5": {"width": 64, "height": 64, "steps": 2},
+        "6": {"filename_prefix": "flenwheel/demo/sweep"},
+    },
 }
+DEMO_INPUTS = {"flen_demo_face.png": 1}  # input file → identity drawn by the tiny-model kit
 
 
 def load_api_workflow(name: str, tiny: bool = True) -> dict:
@@ -42,6 +51,15 @@ def load_api_workflow(name: str, tiny: bool = True) -> dict:
         for node_id, values in TINY_SUBSTITUTIONS.get(name, {}).items():
             prompt[node_id]["inputs"].update(values)
     return prompt
+
+
+def write_demo_inputs(input_dir: Path) -> None:
+    """Synthetic faces the tiny detector finds, as the demo's 'photos'."""
+    from .tiny_models import draw_test_face
+
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for name, identity in DEMO_INPUTS.items():
+        draw_test_face(identity, size=256).save(input_dir / name)
 
 
 def output_files(base: Path, outputs: dict) -> list[Path]:
@@ -64,15 +82,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] writing tiny models to {base / 'models'}", flush=True)
     write_tiny_models(base / "models", seed=0)
     prepare_base_directory(base, None)
+    write_demo_inputs(base / "input")
     server = ComfyServer(base, python=sys.executable)
     print("[demo] starting ComfyUI headless with FLENwheel", flush=True)
     server.start()
     try:
         client = ComfyClient(server.url)
-        name = "flen_synthetic_flux"
-        print(f"[demo] queueing workflows/{name}.json through POST /prompt", flush=True)
-        outputs = client.run(load_api_workflow(name), timeout=600)
-        files = output_files(base, outputs)
+        files = []
+        for name in ("flen_synthetic_flux", "flen_angle_sweep"):
+            print(f"[demo] queueing workflows/{name}.json through POST /prompt", flush=True)
+            files += output_files(base, client.run(load_api_workflow(name), timeout=600))
     finally:
         server.stop()
     if not files:

@@ -1,0 +1,64 @@
+"""Qwen edit nodes in a real ComfyUI: the shipped angle-sweep workflow and bad-input messages."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from training.demo import load_api_workflow, output_files, write_demo_inputs
+
+pytestmark = pytest.mark.server
+
+HEAD_ANGLES = ["front", "yaw_left_45", "yaw_right_45", "yaw_left_90", "yaw_right_90"]
+
+
+@pytest.fixture
+def sweep_prompt(comfy_server):
+    write_demo_inputs(comfy_server.base / "input")
+    return load_api_workflow("flen_angle_sweep")
+
+
+def test_angle_sweep_workflow_saves_one_image_per_angle(comfy, comfy_server, sweep_prompt):
+    outputs = comfy.run(sweep_prompt)
+    files = output_files(comfy_server.base, outputs)
+    assert len(files) == len(HEAD_ANGLES)
+    pixels = set()
+    for f in files:
+        with Image.open(f) as im:
+            assert im.size == (64, 64)
+            saved = json.loads(im.info["prompt"])
+            pixels.add(im.convert("RGB").tobytes())
+        sweep = next(n for n in saved.values() if n["class_type"] == "FLENAngleSweep")
+        assert sweep["inputs"]["preset"] == "model-card head angles"
+    assert len(pixels) == len(HEAD_ANGLES)  # every angle got its own seed and instruction
+
+
+def test_single_edit_node_runs(comfy, comfy_server, sweep_prompt):
+    prompt = {k: v for k, v in sweep_prompt.items() if k in ("1", "2", "3", "4")}
+    prompt["5"] = {"class_type": "FLENQwenEdit", "inputs": {
+        "qwen_pipe": ["2", 0], "image1": ["1", 0], "lora_stack": ["4", 0], "instruction": "让人物微笑",
+        "negative_prompt": "", "steps": 2, "true_cfg": 2.0, "seed": 3, "megapixels": 0.004, "width": 0,
+        "height": 0, "batch": 2}}
+    prompt["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "t/edit"}}
+    files = output_files(comfy_server.base, comfy.run(prompt))
+    assert len(files) == 2
+    with Image.open(files[0]) as im:
+        assert im.size == (64, 64)  # 0.004 MP at 1:1 → 64×64
+
+
+@pytest.mark.parametrize("change, node_type, message", [
+    ({"5": {"preset": "custom lines only", "custom_lines": ""}}, "FLENAngleSweep", "angle list is empty"),
+    ({"5": {"width": 70, "height": 64}}, "FLENAngleSweep", "divisible by"),
+    ({"3": {"lora_name": "flen-tiny/flux_lora_a.safetensors"}}, "FLENAngleSweep",
+     "'flen-tiny/flux_lora_a.safetensors' does not fit this Qwen-Image(-Edit) model"),
+    ({"2": {"model": "flen-tiny-flux"}}, "FLENQwenEditLoader", "is a FluxPipeline folder"),
+    ({"2": {"precision": "nf4"}}, "FLENQwenEditLoader", "needs an NVIDIA GPU"),
+])
+def test_bad_input_is_reported_clearly(comfy, sweep_prompt, change, node_type, message):
+    for node_id, values in change.items():
+        sweep_prompt[node_id]["inputs"].update(values)
+    error = comfy.run_error(sweep_prompt)
+    assert error["node_type"] == node_type
+    assert message in error["exception_message"]
