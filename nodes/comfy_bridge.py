@@ -250,3 +250,15 @@ def skip_downstream():
     from comfy_execution.graph_utils import ExecutionBlocker
 
     return ExecutionBlocker(None)
+
+
+def save_image_path(filename_prefix: str, width: int, height: int) -> tuple[str, str, int, str]:
+    """(folder, file stem, next counter, subfolder) in the output folder, as SaveImage computes them;
+    a prefix that leaves the output folder is refused."""
+    try:
+        folder, stem, counter, subfolder, _ = folder_paths.get_save_image_path(
+            filename_prefix, folder_paths.get_output_directory(), width, height)
+    except Exception as exc:  # ComfyUI raises a bare Exception for paths outside the output folder
+        raise FlenUserError(f"filename_prefix '{filename_prefix}' points outside ComfyUI's output folder; "
+                            "use a relative prefix such as 'flenwheel/images'.") from exc
+    return folder, stem, counter, subfolder

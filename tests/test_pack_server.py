@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 EXPECTED_NODES = {"FLENLoraStack", "FLENFluxLoader", "FLENFluxGenerate"}
 EXPECTED_NODES |= {"FLENIdentityReference", "FLENIdentityFilter"}  # identity (issue 4)
 EXPECTED_NODES |= {"FLENReviewQueue", "FLENLoadApproved"}  # review (issue 5)
-EXPECTED_NODES |= {"FLENApplyLoraStack", "FLENQwenEditLoader", "FLENQwenEdit", "FLENAngleSweep"}  # issue 3
+EXPECTED_NODES |= {"FLENApplyLoraStack", "FLENQwenEditLoader", "FLENQwenEdit", "FLENAngleSweep",
+                   "FLENSaveImages"}  # issue 3
 
 
 def test_object_info_lists_pack_nodes_with_categories_tooltips_and_docs(comfy):

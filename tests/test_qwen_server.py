@@ -20,19 +20,44 @@ def sweep_prompt(comfy_server):
     return load_api_workflow("flen_angle_sweep")
 
 
-def test_angle_sweep_workflow_saves_one_image_per_angle(comfy, comfy_server, sweep_prompt):
+def test_angle_sweep_workflow_saves_one_labelled_image_per_angle(comfy, comfy_server, sweep_prompt):
     outputs = comfy.run(sweep_prompt)
     files = output_files(comfy_server.base, outputs)
     assert len(files) == len(HEAD_ANGLES)
-    pixels = set()
+    pixels, labels = set(), []
     for f in files:
         with Image.open(f) as im:
             assert im.size == (64, 64)
             saved = json.loads(im.info["prompt"])
+            meta = json.loads(im.info["flen_meta"])
             pixels.add(im.convert("RGB").tobytes())
         sweep = next(n for n in saved.values() if n["class_type"] == "FLENAngleSweep")
         assert sweep["inputs"]["preset"] == "model-card head angles"
+        assert f.name.endswith(f"_{meta['label']}.png")
+        assert meta["instruction"].startswith("将镜头") or meta["label"] == "front"
+        assert [e["name"] for e in meta["loras"]] == ["flen-tiny/qwen_edit_lora_a.safetensors",
+                                                     "flen-tiny/qwen_edit_lora_b.safetensors"]
+        labels.append(meta["label"])
+    assert labels == HEAD_ANGLES
     assert len(pixels) == len(HEAD_ANGLES)  # every angle got its own seed and instruction
+
+
+def test_angle_sweep_into_stock_save_image(comfy, comfy_server, sweep_prompt):
+    sweep_prompt["6"] = {"class_type": "SaveImage",
+                         "inputs": {"images": ["5", 0], "filename_prefix": "t/stock_sweep"}}
+    files = output_files(comfy_server.base, comfy.run(sweep_prompt))
+    assert len(files) == len(HEAD_ANGLES)
+
+
+def test_save_images_never_overwrites_and_counts_on(comfy, comfy_server, sweep_prompt):
+    sweep_prompt["5"]["inputs"].update(preset="custom lines only", custom_lines="smile: 让人物微笑")
+    sweep_prompt["6"]["inputs"]["filename_prefix"] = "t/no_overwrite"
+    first = output_files(comfy_server.base, comfy.run(sweep_prompt))
+    sweep_prompt["5"]["inputs"]["seed"] = 99  # a changed input, so the node runs again
+    second = output_files(comfy_server.base, comfy.run(sweep_prompt))
+    assert [f.name for f in first] == ["no_overwrite_00001_smile.png"]
+    assert [f.name for f in second] == ["no_overwrite_00002_smile.png"]
+    assert first[0].exists() and second[0].exists()
 
 
 def test_single_edit_node_runs(comfy, comfy_server, sweep_prompt):
@@ -55,6 +80,7 @@ def test_single_edit_node_runs(comfy, comfy_server, sweep_prompt):
      "'flen-tiny/flux_lora_a.safetensors' does not fit this Qwen-Image(-Edit) model"),
     ({"2": {"model": "flen-tiny-flux"}}, "FLENQwenEditLoader", "is a FluxPipeline folder"),
     ({"2": {"precision": "nf4"}}, "FLENQwenEditLoader", "needs an NVIDIA GPU"),
+    ({"6": {"filename_prefix": "../../outside"}}, "FLENSaveImages", "points outside ComfyUI's output folder"),
 ])
 def test_bad_input_is_reported_clearly(comfy, sweep_prompt, change, node_type, message):
     for node_id, values in change.items():
