@@ -2,12 +2,12 @@
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from . import flux_nodes, identity_nodes, lora_stack_nodes, qwen_nodes, review_nodes, save_nodes
+from . import flux_nodes, identity_nodes, lora_stack_nodes, qwen_nodes, review_gate, review_nodes, save_nodes
 from .routes import register_routes
 
 NODES: list[type[io.ComfyNode]] = [*lora_stack_nodes.NODES, *flux_nodes.NODES, *identity_nodes.NODES,
                                    *qwen_nodes.NODES, *review_nodes.NODES,
-                                   *save_nodes.NODES]
+                                   *save_nodes.NODES, *review_gate.NODES]
 
 
 class FlenwheelExtension(ComfyExtension):

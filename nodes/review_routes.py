@@ -18,6 +18,7 @@ from aiohttp import web
 from ..engines import review_store
 from ..engines.errors import FlenUserError
 from . import comfy_bridge as bridge
+from . import review_gate
 
 log = logging.getLogger("FLENwheel")
 
@@ -28,13 +29,14 @@ PREFIX = "/flenwheel/review"
 
 PAGE_HTML = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>FLENwheel review</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="viewport" content="width=device-width, initial-scale=1"><link rel="icon" href="data:,">
 <link rel="stylesheet" href="/extensions/FLENwheel/css/review_gallery.css">
 </head><body class="flen-review-page">
 <div id="flen-review-root"></div>
 <script type="module">
 import { mountGallery } from "/extensions/FLENwheel/js/review_gallery.js";
-mountGallery(document.getElementById("flen-review-root"), { fullPage: true });
+const character = new URLSearchParams(location.search).get("character") || undefined;
+mountGallery(document.getElementById("flen-review-root"), { fullPage: true, character });
 </script>
 </body></html>
 """
@@ -164,6 +166,23 @@ def register(routes: web.RouteTableDef) -> None:
     async def page(_request: web.Request) -> web.Response:
         return web.Response(text=PAGE_HTML, content_type="text/html")
 
+    @routes.get(f"{PREFIX}/waiting")
+    @_guarded
+    async def waiting(_request: web.Request) -> web.Response:
+        """Review gates now pausing a graph (any number, keyed by prompt id and node id)."""
+        return web.json_response({"waiting": await asyncio.to_thread(review_gate.waiting)})
+
+    @routes.post(f"{PREFIX}/release")
+    @_guarded
+    async def release(request: web.Request) -> web.Response:
+        body = await _read_json(request)
+        key = body.get("key")
+        if not isinstance(key, str) or not key or len(key) > 200:
+            raise HttpError(400, "key must be the id of a waiting gate (from /flenwheel/review/waiting).")
+        if not review_gate.release(key):
+            raise HttpError(404, "No gate with this key is waiting.")
+        return web.json_response({"released": key})
+
     @routes.get(f"{PREFIX}/characters")
     @_guarded
     async def characters(_request: web.Request) -> web.Response:
@@ -250,6 +269,7 @@ def register(routes: web.RouteTableDef) -> None:
             return [store.decide(i, action, **kwargs) for i in ids]
 
         done = await asyncio.to_thread(work)
+        review_gate.notify(store.character)
         # Every decision above is committed (WAL, synchronous=FULL) before this answer is sent.
         return web.json_response({"saved": True, "items": [public_item(i) for i in done],
                                   "counts": await asyncio.to_thread(store.counts)})
@@ -264,6 +284,7 @@ def register(routes: web.RouteTableDef) -> None:
             raise HttpError(400, "Send the fixed image (PNG or JPEG bytes) as the request body.")
         note = request.query.get("note", "")
         item = await asyncio.to_thread(store.correct, cid, fixed_image=data, note=note, who=_who(request))
+        review_gate.notify(store.character)
         return web.json_response({"saved": True, "items": [public_item(item)]})
 
     def _file_route(kind: str):

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_NODES = {"FLENLoraStack", "FLENFluxLoader", "FLENFluxGenerate"}
+EXPECTED_NODES |= {"FLENReviewQueue", "FLENLoadApproved", "FLENReviewGate"}  # review (issue 5)
 EXPECTED_NODES |= {"FLENIdentityReference", "FLENIdentityFilter"}  # identity (issue 4)
-EXPECTED_NODES |= {"FLENReviewQueue", "FLENLoadApproved"}  # review (issue 5)
 EXPECTED_NODES |= {"FLENApplyLoraStack", "FLENQwenEditLoader", "FLENQwenEdit", "FLENAngleSweep",
                    "FLENSaveImages"}  # issue 3
 
