@@ -70,6 +70,17 @@ def check_fits(entry_name: str, state_dict: dict[str, torch.Tensor], transformer
         )
 
 
+_FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
+
+
+def _lift_fp8_lora_weights(transformer: torch.nn.Module) -> None:
+    """peft gives new LoRA layers the dtype of the layer they wrap; on an fp8-stored transformer that is
+    fp8, which has no matmul. LoRA weights are small: keep them in bf16."""
+    for name, param in transformer.named_parameters():
+        if "lora_" in name and param.dtype in _FP8:
+            param.data = param.data.to(torch.bfloat16)
+
+
 @dataclass
 class _Loaded:
     adapter: str
@@ -98,6 +109,7 @@ class AdapterCache:
         check_fits(entry.name, state_dict, self.pipe.transformer, self.architecture)
         adapter = entry.adapter_name
         self.pipe.load_lora_weights(state_dict, adapter_name=adapter)
+        _lift_fp8_lora_weights(self.pipe.transformer)
         self._loaded[entry.path] = _Loaded(adapter, stamp)
         return adapter
 

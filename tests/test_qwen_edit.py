@@ -136,3 +136,17 @@ def test_angle_catalogue_presets_and_custom_lines():
         sweep_lines("custom lines only", "  \n# nothing\n")
     with pytest.raises(FlenUserError, match="appears twice"):
         sweep_lines("model-card head angles", "front: again")
+
+
+def test_loras_on_an_fp8_stored_transformer_run_in_bf16(tiny_models, face):
+    """fp8 precision stores transformer weights in e4m3; LoRA layers added by peft must not inherit it."""
+    handle = _load(tiny_models)
+    handle.pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    stack = LoraStack().extended(_entry(tiny_models, "qwen_edit_lora_a.safetensors", 0.8))
+    images, _ = _edit(handle, face, stack)
+    assert torch.isfinite(images).all()
+    lora_dtypes = {p.dtype for n, p in handle.pipe.transformer.named_parameters() if "lora_" in n}
+    assert lora_dtypes == {torch.bfloat16}
+    params = handle.pipe.transformer.named_parameters()
+    base_dtypes = {p.dtype for n, p in params if n.endswith("to_q.base_layer.weight")}
+    assert base_dtypes == {torch.float8_e4m3fn}
