@@ -18,6 +18,7 @@ EXPECTED_NODES |= {"FLENReviewQueue", "FLENLoadApproved", "FLENReviewGate"}  # r
 EXPECTED_NODES |= {"FLENIdentityReference", "FLENIdentityFilter"}  # identity (issue 4)
 EXPECTED_NODES |= {"FLENApplyLoraStack", "FLENQwenEditLoader", "FLENQwenEdit", "FLENAngleSweep",
                    "FLENSaveImages"}  # issue 3
+EXPECTED_NODES |= {"FLENDatasetWriter", "FLENEditPairWriter"}  # issue 6
 
 
 def test_object_info_lists_pack_nodes_with_categories_tooltips_and_docs(comfy):
