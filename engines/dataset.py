@@ -93,7 +93,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Writes ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    # ".part", not the real suffix: a trainer scanning the folder for *.png never sees a half file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
