@@ -4,12 +4,14 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import flux_nodes, identity_nodes, lora_stack_nodes, qwen_nodes, review_gate, review_nodes, save_nodes
 from .dataset_nodes import NODES as DATASET_NODES  # issue 6
+from .model_card_nodes import NODES as MODEL_CARD_NODES  # issue 8
 from .routes import register_routes
 
 NODES: list[type[io.ComfyNode]] = [*lora_stack_nodes.NODES, *flux_nodes.NODES, *identity_nodes.NODES,
                                    *qwen_nodes.NODES, *review_nodes.NODES,
                                    *save_nodes.NODES, *review_gate.NODES]
 NODES += DATASET_NODES  # issue 6
+NODES += MODEL_CARD_NODES  # issue 8
 
 
 class FlenwheelExtension(ComfyExtension):

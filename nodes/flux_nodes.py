@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
-from ..engines import flux_pipeline
+from ..engines import flux_pipeline, prompt_templates
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
 from . import comfy_bridge as bridge
@@ -51,7 +51,9 @@ class FLENFluxGenerate(io.ComfyNode):
             inputs=[
                 FluxPipeType.Input("flux_pipe", tooltip="From FLEN FLUX Loader."),
                 io.String.Input("prompts", multiline=True, default="a photo of ohwx_char person, neutral expression",
-                                tooltip="One prompt per line; empty lines are ignored."),
+                                tooltip="One prompt per line; empty lines are ignored. {token} is replaced by "
+                                        "instance_token. With variations > 0 the lines are templates: {expression}, "
+                                        "{angle}, {pose} and {setting} are filled in."),
                 io.Int.Input("width", default=1024, min=64, max=4096, step=16,
                              tooltip="Image width in pixels (a multiple of 16)."),
                 io.Int.Input("height", default=1024, min=64, max=4096, step=16,
@@ -64,6 +66,16 @@ class FLENFluxGenerate(io.ComfyNode):
                 io.Int.Input("batch", default=1, min=1, max=64, tooltip="Images per prompt line."),
                 LoraStackType.Input("lora_stack", optional=True,
                                     tooltip="LoRAs to apply (from FLEN LoRA Stack); none runs the base model."),
+                io.String.Input("instance_token", default="", optional=True,
+                                tooltip="The character LoRA's trigger word (e.g. ohwx_char); replaces {token} in "
+                                        "the prompts."),
+                io.Int.Input("variations", default=0, min=0, max=prompt_templates.MAX_PROMPTS, optional=True,
+                             tooltip="0: each line is one prompt. N > 0: N prompts made from the lines as templates "
+                                     "(expressions × angles × poses × settings, seeded by seed), e.g. 200 varied "
+                                     "images of the character."),
+                io.String.Input("template_values", multiline=True, default="", optional=True,
+                                tooltip="Optional lists for the template slots, one per line, e.g. 'setting: beach, "
+                                        "office, forest'. Slots not listed use the built-in values."),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="The generated images."),
                      MetaType.Output(display_name="meta", tooltip="One record per image: prompt, seed, LoRAs, model.")],
@@ -71,10 +83,15 @@ class FLENFluxGenerate(io.ComfyNode):
 
     @classmethod
     def execute(cls, flux_pipe: flux_pipeline.FluxHandle, prompts: str, width: int, height: int, steps: int,
-                guidance: float, seed: int, batch: int, lora_stack: LoraStack | None = None) -> io.NodeOutput:
+                guidance: float, seed: int, batch: int, lora_stack: LoraStack | None = None,
+                instance_token: str = "", variations: int = 0, template_values: str = "") -> io.NodeOutput:
         lines = tuple(line.strip() for line in prompts.splitlines() if line.strip())
         if not lines:
             raise FlenUserError("FLEN FLUX Generate: the prompt box is empty; write at least one prompt line.")
+        if variations:
+            lines = tuple(prompt_templates.expand_templates(
+                lines, variations, seed, prompt_templates.parse_slot_values(template_values or "")))
+        lines = tuple(prompt_templates.substitute_token(line, instance_token or "") for line in lines)
         request = flux_pipeline.FluxRequest(prompts=lines, width=width, height=height, steps=steps,
                                             guidance=guidance, seed=seed, batch=batch)
         progress = bridge.Progress(len(lines) * batch * steps, latent_format="flux")

@@ -19,6 +19,7 @@ EXPECTED_NODES |= {"FLENIdentityReference", "FLENIdentityFilter"}  # identity (i
 EXPECTED_NODES |= {"FLENApplyLoraStack", "FLENQwenEditLoader", "FLENQwenEdit", "FLENAngleSweep",
                    "FLENSaveImages"}  # issue 3
 EXPECTED_NODES |= {"FLENDatasetWriter", "FLENEditPairWriter"}  # issue 6
+EXPECTED_NODES |= {"FLENModelCard", "FLENCompareVersions"}  # issue 8
 
 
 def test_object_info_lists_pack_nodes_with_categories_tooltips_and_docs(comfy):
