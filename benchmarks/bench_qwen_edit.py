@@ -96,7 +96,8 @@ def build_pipeline(kit: Path, device: torch.device, precision: str, small: bool)
                       fullatt_block_indexes=[1])
         tcfg = dict(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
                     axes_dims_rope=(4, 6, 6))
-    cfg["text_config"] = {**cfg["text_config"], **text}
+    # layer_types is per layer: drop the kit's so the config derives it for the new depth.
+    cfg["text_config"] = {k: v for k, v in {**cfg["text_config"], **text}.items() if k != "layer_types"}
     cfg["vision_config"] = {**cfg["vision_config"], **vision}
     cfg.pop("architectures", None)
     stats = {}

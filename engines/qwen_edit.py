@@ -175,15 +175,16 @@ def edit(handle: QwenEditHandle, images: list[Image.Image], request: EditRequest
                 return {}
 
             with torch.no_grad():
-                result = pipe(
+                packed = pipe(
                     image=list(images), prompt_embeds=embeds.to(device),
                     prompt_embeds_mask=None if mask is None else mask.to(device),
                     negative_prompt_embeds=None if neg_embeds is None else neg_embeds.to(device),
                     negative_prompt_embeds_mask=None if neg_mask is None else neg_mask.to(device),
                     true_cfg_scale=request.true_cfg, width=width, height=height,
                     num_inference_steps=request.steps, generator=torch.Generator("cpu").manual_seed(seed),
-                    output_type="pt", callback_on_step_end=_step,
+                    output_type="latent", callback_on_step_end=_step,
                 ).images
+                result = decode_latents(pipe, packed, height, width)
             out.append(result.float().clamp(0, 1).permute(0, 2, 3, 1).cpu())
             metas.append({
                 "kind": "enriched", "instruction": request.instruction,
@@ -192,6 +193,27 @@ def edit(handle: QwenEditHandle, images: list[Image.Image], request: EditRequest
                 "steps": request.steps, "true_cfg": request.true_cfg, "inputs": len(images),
             })
     return torch.cat(out, dim=0), metas
+
+
+def decode_latents(pipe, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """diffusers' own decode of packed Qwen-Image latents → [B, 3, H, W] in 0..1.
+
+    Done here rather than inside the pipeline call so that a decode that does not fit beside the
+    transformer (1024² on a 24 GB card) can retry tiled, as ComfyUI's VAE Decode does.
+    """
+    vae = pipe.vae
+    latents = pipe._unpack_latents(packed, height, width, pipe.vae_scale_factor).to(vae.dtype)
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(latents.device, latents.dtype)
+    latents = latents / inv_std + mean
+    try:
+        image = vae.decode(latents, return_dict=False)[0][:, :, 0]
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        vae.enable_tiling()
+        image = vae.decode(latents, return_dict=False)[0][:, :, 0]
+    return pipe.image_processor.postprocess(image, output_type="pt")
 
 
 def _dims(target_area: int, ratio: float) -> tuple[int, int]:

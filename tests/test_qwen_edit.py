@@ -150,3 +150,13 @@ def test_loras_on_an_fp8_stored_transformer_run_in_bf16(tiny_models, face):
     params = handle.pipe.transformer.named_parameters()
     base_dtypes = {p.dtype for n, p in params if n.endswith("to_q.base_layer.weight")}
     assert base_dtypes == {torch.float8_e4m3fn}
+
+
+def test_engine_output_equals_diffusers_own_pipeline_call(qwen, face):
+    """The staged edit (own encode, own decode) reproduces one plain QwenImageEditPlusPipeline call."""
+    ours, _ = _edit(qwen, face, seed=11)
+    with qwen_edit.reference_sizes(64 * 64, 64 * 64), torch.no_grad():
+        ref = qwen.pipe(image=[face], prompt="将镜头向左旋转45度", true_cfg_scale=1.0, width=64, height=64,
+                        num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(11),
+                        output_type="pt").images
+    assert torch.allclose(ours, ref.permute(0, 2, 3, 1).float(), atol=1e-5)
