@@ -10,7 +10,8 @@ random weights: no download. The memory cap plays a 24 GB card; the host plays C
 manager on such a card: only the running stage's modules stay on the GPU (the 7B text encoder and
 the fp8 transformer do not fit together), so each image pays the swaps, which are timed apart.
 Each configuration prints one JSON line: seconds per image at 8 steps (true CFG off, the Lightning
-set-up) and 40 steps (true CFG 4), seconds per denoising step, swap seconds, peak GiB.
+set-up) and 40 steps (true CFG 4), seconds per denoising step, swap seconds, peak GiB; then a
+5-angle sweep (one encoder stage for all five, as FLENAngleSweep runs) gives seconds per image.
 --small builds a few-layer model to check the script on a CPU.
 """
 
@@ -198,6 +199,24 @@ def main() -> int:
             if cuda:
                 row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
             print(json.dumps(row), flush=True)
+        # An angle sweep (FLENAngleSweep): 5 instructions, encoded together, then denoised together.
+        jobs = [qwen_edit.EditJob([source], qwen_edit.EditRequest(instruction=f"将镜头向左旋转{15 * k}度", steps=8,
+                                                                  seed=k, width=a.res, height=a.res))
+                for k in range(5)]
+        host.swap_s = 0.0
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        qwen_edit.edit_many(handle, jobs, stack, host)
+        if cuda:
+            torch.cuda.synchronize()
+        total_s = time.perf_counter() - t
+        row = dict(common, loras=n_loras, steps=8, true_cfg=1.0, sweep=len(jobs),
+                   s_per_image=round(total_s / len(jobs), 2), swap_s=round(host.swap_s, 2))
+        if cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+        print(json.dumps(row), flush=True)
     return 0
 
 

@@ -129,70 +129,116 @@ def output_size(handle: QwenEditHandle, request: EditRequest, first: Image.Image
     return w, h
 
 
-def edit(handle: QwenEditHandle, images: list[Image.Image], request: EditRequest, stack: LoraStack,
-         host: ModelHost, on_step: StepCallback | None = None, progress_offset: int = 0,
-         progress_total: int | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
-    """Edits one set of 1–3 input images ``request.batch`` times (seeds seed, seed+1, …).
+@dataclass
+class EditJob:
+    """One set of 1–3 input images with its request; ``extra`` is merged into each meta record."""
 
-    Returns [batch, H, W, 3] images in 0..1 and one meta record per image.
-    """
-    if not 1 <= len(images) <= 3:
-        raise FlenUserError(f"Qwen-Image-Edit-2509 takes 1 to 3 input images; got {len(images)}.")
-    if not request.instruction.strip():
+    images: list[Image.Image]
+    request: EditRequest
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class _Encoded:
+    width: int
+    height: int
+    embeds: torch.Tensor
+    mask: torch.Tensor | None
+    neg_embeds: torch.Tensor | None
+    neg_mask: torch.Tensor | None
+
+
+def _check_job(handle: QwenEditHandle, job: EditJob) -> tuple[int, int]:
+    if not 1 <= len(job.images) <= 3:
+        raise FlenUserError(f"Qwen-Image-Edit-2509 takes 1 to 3 input images; got {len(job.images)}.")
+    if not job.request.instruction.strip():
         raise FlenUserError("The edit instruction is empty: say what to change, e.g. 'Rotate the camera "
                             "45 degrees to the left'.")
+    return output_size(handle, job.request, job.images[0])
+
+
+def _encode(pipe, job: EditJob, size: tuple[int, int], device: torch.device) -> _Encoded:
+    request = job.request
+    cond_images = []
+    for img in job.images:
+        cw, ch = _dims(request.condition_pixels, img.width / img.height)
+        cond_images.append(pipe.image_processor.resize(img, ch, cw))
+    with torch.no_grad():
+        embeds, mask = pipe.encode_prompt(prompt=request.instruction, image=cond_images, device=device)
+        neg_embeds = neg_mask = None
+        if request.true_cfg > 1.0:
+            # diffusers needs a negative prompt for true CFG; a blank one is its documented default.
+            neg_embeds, neg_mask = pipe.encode_prompt(prompt=request.negative_prompt or " ",
+                                                      image=cond_images, device=device)
+
+    def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to("cpu")
+
+    return _Encoded(size[0], size[1], cpu(embeds), cpu(mask), cpu(neg_embeds), cpu(neg_mask))
+
+
+def edit_many(handle: QwenEditHandle, jobs: list[EditJob], stack: LoraStack, host: ModelHost,
+              on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
+    """Runs every job ``request.batch`` times (seeds seed, seed+1, …), in job order.
+
+    All instructions are encoded first, then all images are denoised: the text encoder (7B) and the
+    transformer do not fit a 24 GB card together, so this pays one swap per call instead of two per
+    image. Returns [N, H, W, 3] images in 0..1 and one meta record per image.
+    """
+    if not jobs:
+        raise FlenUserError("Nothing to edit: the batch of input images is empty.")
+    sizes = [_check_job(handle, job) for job in jobs]
     pipe = handle.pipe
-    width, height = output_size(handle, request, images[0])
     handle.adapters.apply(stack)
-    do_cfg = request.true_cfg > 1.0
-    total = progress_total or request.batch * request.steps
+    total = sum(job.request.batch * job.request.steps for job in jobs)
 
-    with reference_sizes(width * height, request.condition_pixels):
-        device = host.prepare(pipe.text_encoder)
-        cond_images = []
-        for img in images:
-            cw, ch = _dims(request.condition_pixels, img.width / img.height)
-            cond_images.append(pipe.image_processor.resize(img, ch, cw))
-        with torch.no_grad():
-            embeds, mask = pipe.encode_prompt(prompt=request.instruction, image=cond_images, device=device)
-            neg_embeds = neg_mask = None
-            if do_cfg:
-                # diffusers needs a negative prompt for true CFG; a blank one is its documented default.
-                neg_embeds, neg_mask = pipe.encode_prompt(prompt=request.negative_prompt or " ",
-                                                          image=cond_images, device=device)
-        out: list[torch.Tensor] = []
-        metas: list[dict[str, object]] = []
-        for b in range(request.batch):
-            seed = request.seed + b
-            device = host.prepare(pipe.transformer, pipe.vae)
-            done = progress_offset + b * request.steps
+    device = host.prepare(pipe.text_encoder)
+    encoded = [_encode(pipe, job, size, device) for job, size in zip(jobs, sizes, strict=True)]
 
-            def _step(_pipe, i, _t, kwargs, _done=done):
-                host.check_interrupt()
-                if on_step is not None:
-                    latents = _pipe._unpack_latents(kwargs["latents"], height, width, _pipe.vae_scale_factor)
-                    on_step(_done + i + 1, total, latents)
-                return {}
+    out: list[torch.Tensor] = []
+    metas: list[dict[str, object]] = []
+    done = 0
+    for job, enc in zip(jobs, encoded, strict=True):
+        request, width, height = job.request, enc.width, enc.height
+        with reference_sizes(width * height, request.condition_pixels):
+            for b in range(request.batch):
+                seed = request.seed + b
+                device = host.prepare(pipe.transformer, pipe.vae)
 
-            with torch.no_grad():
-                packed = pipe(
-                    image=list(images), prompt_embeds=embeds.to(device),
-                    prompt_embeds_mask=None if mask is None else mask.to(device),
-                    negative_prompt_embeds=None if neg_embeds is None else neg_embeds.to(device),
-                    negative_prompt_embeds_mask=None if neg_mask is None else neg_mask.to(device),
-                    true_cfg_scale=request.true_cfg, width=width, height=height,
-                    num_inference_steps=request.steps, generator=torch.Generator("cpu").manual_seed(seed),
-                    output_type="latent", callback_on_step_end=_step,
-                ).images
-                result = decode_latents(pipe, packed, height, width)
-            out.append(result.float().clamp(0, 1).permute(0, 2, 3, 1).cpu())
-            metas.append({
-                "kind": "enriched", "instruction": request.instruction,
-                "negative_prompt": request.negative_prompt, "seed": seed, "model": handle.name,
-                "precision": handle.precision, "loras": stack.describe(), "width": width, "height": height,
-                "steps": request.steps, "true_cfg": request.true_cfg, "inputs": len(images),
-            })
+                def _step(_pipe, i, _t, kwargs, _done=done, _w=width, _h=height):
+                    host.check_interrupt()
+                    if on_step is not None:
+                        latents = _pipe._unpack_latents(kwargs["latents"], _h, _w, _pipe.vae_scale_factor)
+                        on_step(_done + i + 1, total, latents)
+                    return {}
+
+                def dev(t: torch.Tensor | None, _d=device) -> torch.Tensor | None:
+                    return None if t is None else t.to(_d)
+
+                with torch.no_grad():
+                    packed = pipe(
+                        image=list(job.images), prompt_embeds=dev(enc.embeds), prompt_embeds_mask=dev(enc.mask),
+                        negative_prompt_embeds=dev(enc.neg_embeds), negative_prompt_embeds_mask=dev(enc.neg_mask),
+                        true_cfg_scale=request.true_cfg, width=width, height=height,
+                        num_inference_steps=request.steps, generator=torch.Generator("cpu").manual_seed(seed),
+                        output_type="latent", callback_on_step_end=_step,
+                    ).images
+                    result = decode_latents(pipe, packed, height, width)
+                done += request.steps
+                out.append(result.float().clamp(0, 1).permute(0, 2, 3, 1).cpu())
+                metas.append({
+                    "kind": "enriched", "instruction": request.instruction,
+                    "negative_prompt": request.negative_prompt, "seed": seed, "model": handle.name,
+                    "precision": handle.precision, "loras": stack.describe(), "width": width, "height": height,
+                    "steps": request.steps, "true_cfg": request.true_cfg, "inputs": len(job.images), **job.extra,
+                })
     return torch.cat(out, dim=0), metas
+
+
+def edit(handle: QwenEditHandle, images: list[Image.Image], request: EditRequest, stack: LoraStack,
+         host: ModelHost, on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
+    """Edits one set of 1–3 input images ``request.batch`` times (see edit_many)."""
+    return edit_many(handle, [EditJob(list(images), request)], stack, host, on_step)
 
 
 def decode_latents(pipe, packed: torch.Tensor, height: int, width: int) -> torch.Tensor:

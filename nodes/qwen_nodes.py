@@ -118,19 +118,13 @@ class FLENQwenEdit(io.ComfyNode):
                 raise FlenUserError(f"'{n}' has {len(imgs)} images but image1 has {len(firsts)}: give {n} one "
                                     f"image (shared by all) or exactly {len(firsts)} (matched by index).")
         base = _request(instruction, negative_prompt, steps, true_cfg, seed, megapixels, width, height, batch)
+        jobs = [qwen_edit.EditJob([first] + [imgs[i if len(imgs) > 1 else 0] for imgs, _ in extras],
+                                  dataclasses.replace(base, seed=seed + i * batch), {"source_index": i})
+                for i, first in enumerate(firsts)]
         progress = bridge.Progress(len(firsts) * batch * steps, latent_format="qwen_image")
-        out, metas = [], []
-        for i, first in enumerate(firsts):
-            inputs = [first] + [imgs[i if len(imgs) > 1 else 0] for imgs, _ in extras]
-            req = dataclasses.replace(base, seed=seed + i * batch)
-            images, meta = qwen_edit.edit(qwen_pipe, inputs, req, lora_stack or LoraStack(),
-                                          bridge.ComfyModelHost(), on_step=progress,
-                                          progress_offset=i * batch * steps, progress_total=progress.bar.total)
-            for m in meta:
-                m["source_index"] = i
-            out.append(images)
-            metas.extend(meta)
-        return io.NodeOutput(torch.cat(out, dim=0), metas)
+        images, metas = qwen_edit.edit_many(qwen_pipe, jobs, lora_stack or LoraStack(), bridge.ComfyModelHost(),
+                                            on_step=progress)
+        return io.NodeOutput(images, metas)
 
 
 class FLENAngleSweep(io.ComfyNode):
@@ -176,19 +170,16 @@ class FLENAngleSweep(io.ComfyNode):
         sources = _sources(images, "images")
         stack = (lora_stack or LoraStack()).scaled(lora_strength_scale)
         prompts = [line.instruction(language) for line in lines]
-        progress = bridge.Progress(len(sources) * len(lines) * steps, latent_format="qwen_image")
-        out, metas = [], []
-        for i, source in enumerate(sources):
-            for j, (line, prompt) in enumerate(zip(lines, prompts, strict=True)):
-                k = i * len(lines) + j
-                req = _request(prompt, negative_prompt, steps, true_cfg, seed + k, megapixels, width, height)
-                result, meta = qwen_edit.edit(qwen_pipe, [source], req, stack, bridge.ComfyModelHost(),
-                                              on_step=progress, progress_offset=k * steps,
-                                              progress_total=progress.bar.total)
-                meta[0].update(source_index=i, label=line.label, label_kind=line.kind, preset=preset)
-                out.append(result)
-                metas.extend(meta)
-        return io.NodeOutput(torch.cat(out, dim=0), metas, prompts, [line.label for line in lines])
+        jobs = [
+            qwen_edit.EditJob([source], _request(prompt, negative_prompt, steps, true_cfg,
+                                                 seed + i * len(lines) + j, megapixels, width, height),
+                              {"source_index": i, "label": line.label, "label_kind": line.kind, "preset": preset})
+            for i, source in enumerate(sources)
+            for j, (line, prompt) in enumerate(zip(lines, prompts, strict=True))
+        ]
+        progress = bridge.Progress(len(jobs) * steps, latent_format="qwen_image")
+        images, metas = qwen_edit.edit_many(qwen_pipe, jobs, stack, bridge.ComfyModelHost(), on_step=progress)
+        return io.NodeOutput(images, metas, prompts, [line.label for line in lines])
 
 
 NODES = [FLENQwenEditLoader, FLENQwenEdit, FLENAngleSweep]

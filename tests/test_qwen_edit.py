@@ -160,3 +160,31 @@ def test_engine_output_equals_diffusers_own_pipeline_call(qwen, face):
                         num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(11),
                         output_type="pt").images
     assert torch.allclose(ours, ref.permute(0, 2, 3, 1).float(), atol=1e-5)
+
+
+class _CountingHost(LocalHost):
+    def __init__(self):
+        super().__init__()
+        self.encoder_loads = 0
+
+    def prepare(self, *modules):
+        if any(type(m).__name__.startswith("Qwen2_5_VL") for m in modules):
+            self.encoder_loads += 1
+        return super().prepare(*modules)
+
+
+def test_edit_many_encodes_once_and_equals_single_edits(qwen, face):
+    other = draw_test_face(2, size=64)
+    reqs = [qwen_edit.EditRequest(instruction=text, steps=2, seed=s, width=64, height=64, condition_pixels=64 * 64)
+            for text, s in (("将镜头向左旋转45度", 1), ("让人物微笑", 2))]
+    jobs = [qwen_edit.EditJob([face], reqs[0], {"label": "yaw_left_45"}),
+            qwen_edit.EditJob([other], reqs[1], {"label": "smiling"})]
+    host = _CountingHost()
+    many, metas = qwen_edit.edit_many(qwen, jobs, LoraStack(), host)
+    assert host.encoder_loads == 1  # one encoder stage for the whole batch
+    assert [m["label"] for m in metas] == ["yaw_left_45", "smiling"]
+    for k, job in enumerate(jobs):
+        single, _ = qwen_edit.edit(qwen, job.images, job.request, LoraStack(), LocalHost())
+        assert torch.equal(many[k:k + 1], single)
+    with pytest.raises(FlenUserError, match="empty"):
+        qwen_edit.edit_many(qwen, [], LoraStack(), LocalHost())
