@@ -124,6 +124,11 @@ def diffusers_folder_path(name: str) -> str:
                         "Put the diffusers folder there and refresh the node list (press R).")
 
 
+def loras_root() -> str:
+    """The first models/loras folder: where the pack writes new LoRAs."""
+    return folder_paths.get_folder_paths("loras")[0]
+
+
 def lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
@@ -155,6 +160,12 @@ class Progress:
         if latents is not None and self.rgb is not None:
             preview = ("JPEG", _latent_preview(latents, *self.rgb), 512)
         self.bar.update_absolute(value, total, preview)
+
+    def update(self, value: int, total: int, text: str | None = None, image=None) -> None:
+        """Progress with a text line (e.g. the loss) and an optional preview PIL image (e.g. a sample)."""
+        self.bar.update_absolute(value, total, ("JPEG", image, 512) if image is not None else None)
+        if text:
+            progress_text(text)
 
 
 def _latent_rgb_factors(name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -218,6 +229,24 @@ def current_prompt_id() -> str | None:
         return None
     ctx = get_executing_context()
     return None if ctx is None else ctx.prompt_id
+
+
+def free_vram() -> None:
+    """Unloads every model ComfyUI holds and empties the CUDA cache (before a child process trains)."""
+    mm.unload_all_models()
+    mm.soft_empty_cache(True)
+
+
+def progress_text(text: str) -> None:
+    """Shows a line of text on the executing node (ComfyUI's progress-text channel); no-op outside a server."""
+    try:
+        from comfy_execution.utils import get_executing_context
+        from server import PromptServer
+    except ImportError:
+        return
+    ctx, server = get_executing_context(), getattr(PromptServer, "instance", None)
+    if ctx is not None and server is not None:
+        server.send_progress_text(text, ctx.node_id, getattr(server, "client_id", None))
 
 
 def check_interrupt() -> None:

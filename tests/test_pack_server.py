@@ -20,6 +20,8 @@ EXPECTED_NODES |= {"FLENApplyLoraStack", "FLENQwenEditLoader", "FLENQwenEdit", "
                    "FLENSaveImages"}  # issue 3
 EXPECTED_NODES |= {"FLENDatasetWriter", "FLENEditPairWriter"}  # issue 6
 EXPECTED_NODES |= {"FLENModelCard", "FLENCompareVersions"}  # issue 8
+EXPECTED_NODES |= {"FLENTrainCharacterLoRA", "FLENTrainEditorLoRA"}  # issue 7
+EXPECTED_NODES |= {"FLENAIToolkitLauncher"}  # issue 7 ai-toolkit
 
 
 def test_object_info_lists_pack_nodes_with_categories_tooltips_and_docs(comfy):

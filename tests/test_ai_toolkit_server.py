@@ -1,0 +1,103 @@
+"""FLENAIToolkitLauncher in a real ComfyUI through POST /prompt, with a fake ai-toolkit checkout: a dataset
+written in the same prompt, the config run, the LoRA installed under its FLENwheel name; POST /interrupt
+ends the child; a missing checkout is a clear execution error."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+import yaml
+from fake_ai_toolkit import alive, make_checkout
+
+from engines import dataset as ds
+
+pytestmark = pytest.mark.server
+
+
+def launcher_prompt(character: str, checkout: str, base_model: str, steps: int = 4) -> dict:
+    return {
+        "img": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": 0x3366CC}},
+        "write": {"class_type": "FLENDatasetWriter",
+                  "inputs": {"images": ["img", 0], "character": character, "instance_token": "ohwx_char person",
+                             "caption_template": "{token}, {labels}", "version": "new", "phase": "head",
+                             "kind": "pristine", "near_duplicates": "keep", "phash_threshold": 6,
+                             "class_prompt": ""}},
+        "train": {"class_type": "FLENAIToolkitLauncher",
+                  "inputs": {"dataset": ["write", 0], "job_kind": "flux", "ai_toolkit_folder": checkout,
+                             "base_model": base_model, "steps": steps, "rank": 4, "learning_rate": 0.0002,
+                             "resolutions": "512", "sample_every": 0, "save_every": 2, "character": ""}},
+    }
+
+
+@pytest.fixture
+def base_model(comfy) -> str:
+    spec = comfy.get("/object_info/FLENAIToolkitLauncher").json()["FLENAIToolkitLauncher"]
+    options = spec["input"]["required"]["base_model"][1]["options"]
+    assert options, "no diffusers folder offered"
+    return next((o for o in options if "flux" in o.lower()), options[0])
+
+
+def test_launcher_trains_through_the_queue_and_installs_the_lora(comfy, comfy_server, tmp_path, base_model):
+    character = "at_" + uuid.uuid4().hex[:10]
+    checkout = make_checkout(tmp_path / "ai-toolkit")
+    outputs = comfy.run(launcher_prompt(character, str(checkout), base_model))
+    text = outputs["train"]["text"][0]
+    assert f"flenwheel/{character}/char_lora_v1.safetensors" in text and "after 4 steps" in text
+    lora = comfy_server.base / "models" / "loras" / "flenwheel" / character / "char_lora_v1.safetensors"
+    assert lora.is_file()
+    from safetensors import safe_open
+
+    with safe_open(str(lora), "np") as f:
+        prov = json.loads(f.metadata()["flenwheel.provenance"])
+    assert prov["dataset_version"] == "v1" and prov["trainer"] == "ai-toolkit"
+    assert prov["base_model"].endswith(base_model)
+    vdir = comfy_server.base / "output" / "flenwheel" / character / "datasets" / "v1"
+    assert ds.read_info(vdir)["status"] == "frozen"
+    (config_path,) = (comfy_server.base / "output" / "flenwheel" / character / "ai_toolkit_runs").glob("*/*.yaml")
+    config = yaml.safe_load(config_path.read_text())
+    assert config["config"]["process"][0]["datasets"][0]["folder_path"] == str(vdir / "head" / "pristine")
+    assert config["config"]["process"][0]["model"]["name_or_path"].endswith(base_model)
+    # a second run (another dataset version) never overwrites: v2
+    prompt = launcher_prompt(character, str(checkout), base_model, steps=3)
+    outputs = comfy.run(prompt)
+    assert f"flenwheel/{character}/char_lora_v2.safetensors" in outputs["train"]["text"][0]
+
+
+def test_missing_checkout_is_a_clear_execution_error(comfy, tmp_path, base_model):
+    character = "at_" + uuid.uuid4().hex[:10]
+    error = comfy.run_error(launcher_prompt(character, str(tmp_path / "no-such-checkout"), base_model))
+    assert error["node_type"] == "FLENAIToolkitLauncher"
+    assert "does not exist" in error["exception_message"] and "run.py" in error["exception_message"]
+    (tmp_path / "empty").mkdir()
+    error = comfy.run_error(launcher_prompt(character, str(tmp_path / "empty"), base_model))
+    assert "has no run.py" in error["exception_message"]
+
+
+def test_interrupt_ends_the_child(comfy, tmp_path, base_model):
+    character = "at_" + uuid.uuid4().hex[:10]
+    pid_file = tmp_path / "pids.json"
+    checkout = make_checkout(tmp_path / "ai-toolkit", step_sleep=0.2, spawn_worker=True, pid_file=str(pid_file))
+    prompt_id = comfy.queue(launcher_prompt(character, str(checkout), base_model, steps=5000))
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pid_file.exists(), "ai-toolkit child never started"
+    pids = json.loads(pid_file.read_text())
+    time.sleep(1.0)
+    assert alive(pids["child"])
+    t0 = time.monotonic()
+    assert comfy.post("/interrupt", {}).status_code == 200
+    while (alive(pids["child"]) or alive(pids["worker"])) and time.monotonic() - t0 < 15:
+        time.sleep(0.05)
+    assert not alive(pids["child"]) and not alive(pids["worker"]), "a process of the run was left behind"
+    assert time.monotonic() - t0 < 10
+    while time.monotonic() - t0 < 30:
+        entry = comfy.get(f"/history/{prompt_id}").json().get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.1)
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds
