@@ -1,0 +1,364 @@
+"""FLENTrainCharacterLoRA and FLENTrainEditorLoRA: train a LoRA in a child process from inside ComfyUI.
+
+The node frees ComfyUI's VRAM, writes the trainer's config (JSON) next to the character's training
+runs, and runs ``python -m training.train_char_lora|train_editor_lora --config FILE`` as a child
+process (an argument list, never a shell; its own process group). The child prints one JSON object per
+line; the node turns them into ComfyUI's progress bar, a text line with the loss and sample previews.
+Cancel / ``POST /interrupt`` terminates the child's process group (then kills it), so no training
+process is left holding the GPU. A failed child's error text becomes the node's error. The output is
+the new LoRA's name relative to models/loras, which plugs into FLEN LoRA Stack's ``lora_name``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from comfy_api.v0_0_2 import io
+from PIL import Image
+
+from ..engines.errors import FlenUserError
+from . import comfy_bridge as bridge
+from .flen_types import CATEGORY, DatasetType
+
+PACK_DIR = Path(__file__).resolve().parents[1]
+EVENT_KEY = "flen_event"  # training.lora_training.EVENT_KEY (the node imports nothing from training/)
+CHILD_FILE = "launcher_child.json"  # in <workspace>/training/: pid and command of the running trainer
+STOP_GRACE_S = 3.0
+STDERR_LINES = 60
+
+
+class _LoraNameType(str):
+    """The socket type of the LoRA-name output: a STRING that also connects to a LoRA combo input such as
+    FLEN LoRA Stack's ``lora_name`` (ComfyUI compares socket types with ``!=``; a combo's type is "COMBO"
+    or its list of options, which a new LoRA is not in yet)."""
+
+    def __ne__(self, other: object) -> bool:
+        if isinstance(other, list) or other in ("COMBO", "*"):
+            return False
+        if not isinstance(other, str):
+            return True
+        return "STRING" not in {t.strip() for t in other.split(",")}
+
+    __hash__ = str.__hash__
+
+
+LoraNameType = io.Custom("STRING")
+LoraNameType.io_type = _LoraNameType("STRING")  # io.Custom wraps the name in its own str type
+
+
+# ---- the child process ----------------------------------------------------------------------------------
+
+def _parse(line: str) -> dict | None:
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and EVENT_KEY in obj else None
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the child's process group, then SIGKILL after a grace period; reaps the child."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            if os.name == "posix":
+                os.killpg(proc.pid, sig)
+            else:  # pragma: no cover
+                proc.kill()
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple[str, dict]:
+    """Runs ``python -m <module> --config`` on ``config``; returns (path of the new LoRA, the done event)."""
+    train_dir = workspace / "training"
+    configs = train_dir / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    config_path = configs / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.time_ns() % 10**6}.json"
+    config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    bridge.free_vram()  # the trainer needs the GPU: ComfyUI's models go first
+    cmd = [sys.executable, "-m", module, "--config", str(config_path)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=str(PACK_DIR), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            bufsize=1, env=env, start_new_session=True)
+    child_file = train_dir / CHILD_FILE
+    child_file.write_text(json.dumps({"pid": proc.pid, "cmd": cmd, "config": str(config_path),
+                                      "prompt_id": bridge.current_prompt_id(), "started": time.time()}))
+    events: queue.Queue = queue.Queue()
+    stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            ev = _parse(line)
+            if ev is not None:
+                events.put(ev)
+        events.put(None)
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            if line.strip() and "it/s]" not in line:  # tqdm bars are noise
+                stderr_tail.append(line.rstrip())
+
+    readers = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=read_stderr, daemon=True)]
+    for t in readers:
+        t.start()
+    total = int(config.get("steps", 1))
+    progress = bridge.Progress(total)
+    progress.update(0, total, f"{label}: starting (pid {proc.pid})")
+    done: dict | None = None
+    error: str | None = None
+    step = 0
+    try:
+        finished = False
+        while not finished:
+            bridge.check_interrupt()
+            try:
+                ev = events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if ev is None:
+                finished = True
+                continue
+            kind = ev[EVENT_KEY]
+            if kind == "step":
+                step = int(ev["step"])
+                progress.update(step, total, f"{label} (pid {proc.pid}): step {step}/{total}, "
+                                             f"loss {float(ev['loss']):.4f}, {ev.get('s_per_step', 0):.2f} s/step")
+            elif kind == "sample" and ev.get("paths"):
+                image = None
+                with contextlib.suppress(OSError):
+                    with Image.open(ev["paths"][0]) as im:
+                        image = im.convert("RGB")
+                progress.update(int(ev["step"]), total, f"{label}: samples at step {ev['step']}", image)
+            elif kind == "resume":
+                progress.update(int(ev["step"]), total, f"{label} (pid {proc.pid}): resumed from step {ev['step']}")
+            elif kind == "start":
+                progress.update(step, total, f"{label} (pid {proc.pid}): encoding the dataset once, then training "
+                                             f"on {ev.get('device')}")
+            elif kind == "done":
+                done = ev
+            elif kind == "error":
+                error = str(ev.get("message", ""))
+        proc.wait()
+    except BaseException:
+        _stop(proc)  # interrupted (or anything else): no training process is left behind
+        raise
+    finally:
+        if proc.poll() is None:
+            _stop(proc)
+        for t in readers:
+            t.join(timeout=2)
+        with contextlib.suppress(OSError):
+            child_file.unlink()
+    if proc.returncode != 0 or done is None:
+        tail = "\n".join(list(stderr_tail)[-15:])
+        message = error or f"the trainer exited with code {proc.returncode}"
+        raise FlenUserError(f"{label} failed: {message}" + (f"\n--- trainer output (last lines) ---\n{tail}"
+                                                             if tail and not error else ""))
+    return str(done["lora"]), done
+
+
+def lora_name(path: str) -> str:
+    """The LoRA's name as models/loras lists it (relative, forward slashes)."""
+    root = Path(bridge.loras_root()).resolve()
+    try:
+        return Path(path).resolve().relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+# ---- settings --------------------------------------------------------------------------------------------
+
+def _advanced(text: str) -> dict:
+    if not text or not text.strip():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise FlenUserError(f"advanced settings are not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise FlenUserError("advanced settings must be 'key: value' lines (trainer config keys), e.g. "
+                            "'max_grad_norm: 1.0'.")
+    return data
+
+
+def _dataset(dataset: dict, kind: str, node: str) -> tuple[Path, str]:
+    if not isinstance(dataset, dict) or not dataset.get("path"):
+        raise FlenUserError(f"{node} needs a FLEN_DATASET (from FLEN Dataset Writer or FLEN Edit Pair Writer).")
+    if dataset.get("kind", "character") != kind:
+        other = "FLEN Train Editor LoRA" if kind == "character" else "FLEN Train Character LoRA"
+        raise FlenUserError(f"{node} trains on a '{kind}' set; this is a '{dataset.get('kind')}' set "
+                            f"(use {other} for it).")
+    path = Path(dataset["path"])
+    return path, str(dataset.get("character") or path.parent.parent.name)
+
+
+def _init_lora(name: str) -> str:
+    name = (name or "").strip()
+    return bridge.lora_path(name) if name and name.lower() != "none" else ""
+
+
+def _common_inputs(default_res: int) -> list:
+    return [
+        io.Combo.Input("precision", options=["bf16", "nf4", "fp32"], default="bf16",
+                       tooltip="Base weights: bf16, or nf4 (4-bit bitsandbytes QLoRA, NVIDIA GPU only: fits 24 GB). "
+                               "fp32 for CPU tests. LoRA weights always train in fp32."),
+        io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
+        io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (saved with alpha equal to rank)."),
+        io.Float.Input("alpha", default=0.0, min=0.0, max=1024.0, step=1.0,
+                       tooltip="LoRA alpha while training; 0 means equal to rank. Folded into the saved weights."),
+        io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-5, round=False,
+                       tooltip="AdamW learning rate (8-bit AdamW on CUDA)."),
+        io.Int.Input("resolution", default=default_res, min=16, max=2048, step=16,
+                     tooltip="Training area: images go into aspect-ratio buckets of about resolution² pixels."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                     tooltip="Seed of LoRA initialisation, data order, noise and timesteps."),
+        io.Int.Input("checkpoint_every", default=250, min=0, max=1_000_000,
+                     tooltip="Save a checkpoint every N steps (0: never). A re-queued run with the same settings "
+                             "resumes from the latest one."),
+        io.Int.Input("sample_every", default=250, min=0, max=1_000_000,
+                     tooltip="Render sample images every N steps (shown as previews; 0: never)."),
+        io.String.Input("init_lora", default="", optional=True,
+                        tooltip="Phased training: start from this earlier LoRA (name in models/loras, e.g. "
+                                "flenwheel/<character>/char_lora_v1.safetensors; same rank). Empty: from scratch."),
+        io.Boolean.Input("resume", default=True, optional=True,
+                         tooltip="Resume from the latest checkpoint of an earlier run with the same settings."),
+        io.String.Input("advanced", default="", multiline=True, optional=True,
+                        tooltip="More trainer settings as 'key: value' lines (YAML), e.g. 'batch_size: 2', "
+                                "'extra_target_modules: [proj_out]', 'sample_prompts: [...]'. Unknown keys are "
+                                "refused with the list of known ones."),
+    ]
+
+
+def _common_config(model: str, dataset_path: Path, precision: str, steps: int, rank: int, alpha: float,
+                   learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
+                   init_lora: str, resume: bool, advanced: str) -> dict:
+    config = {"model": bridge.diffusers_folder_path(model), "dataset": str(dataset_path),
+              "output_dir": bridge.loras_root(), "precision": precision, "steps": steps, "rank": rank,
+              "alpha": alpha, "learning_rate": learning_rate, "resolution": resolution, "seed": seed,
+              "checkpoint_every": checkpoint_every, "sample_every": sample_every, "init_lora": _init_lora(init_lora),
+              "resume": bool(resume)}
+    config.update(_advanced(advanced))
+    return config
+
+
+def _summary(label: str, name: str, done: dict) -> str:
+    start, end = (float(done.get(k, float("nan"))) for k in ("eval_loss_start", "eval_loss_end"))
+    return (f"{label}: wrote {name} after {done.get('steps')} steps; loss on the training set "
+            f"{start:.4f} → {end:.4f}.")
+
+
+_OUTPUTS = [LoraNameType.Output(display_name="lora_name",
+                                tooltip="The new LoRA's name in models/loras (e.g. flenwheel/<character>/"
+                                        "char_lora_v1.safetensors): connect it to FLEN LoRA Stack's lora_name."),
+            io.String.Output(display_name="summary", tooltip="What was trained, and the loss before → after.")]
+
+
+class FLENTrainCharacterLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENTrainCharacterLoRA",
+            display_name="FLEN Train Character LoRA",
+            category=f"{CATEGORY}/training",
+            description="Trains a FLUX.1 character LoRA on a dataset version (frozen first) in a child process: "
+                        "frees ComfyUI's VRAM, caches latents and text embeddings, NF4/bf16 base, gradient "
+                        "checkpointing, 8-bit AdamW, checkpoints + resume, sample previews. Writes "
+                        "models/loras/flenwheel/<character>/char_lora_vN.safetensors (never overwriting) with "
+                        "its provenance, and outputs its name. Cancel stops the trainer.",
+            inputs=[
+                DatasetType.Input("dataset", tooltip="A character dataset version (from FLEN Dataset Writer)."),
+                io.Combo.Input("model", options=bridge.diffusers_folders(),
+                               tooltip="The diffusers FLUX.1 folder in models/diffusers (e.g. FLUX.1-dev)."),
+                *_common_inputs(512),
+                io.Combo.Input("phase", options=["all", "head", "body"], default="all", optional=True,
+                               tooltip="Train on all of the dataset's images, or only its head or body phase."),
+                io.Boolean.Input("prior_preservation", default=False, optional=True,
+                                 tooltip="Also train on class images (captioned with class_prompt) so the class "
+                                         "does not drift."),
+                io.String.Input("class_images", default="", optional=True,
+                                tooltip="Folder of class images for prior preservation (absolute path)."),
+                io.String.Input("class_prompt", default="", optional=True,
+                                tooltip="Caption of the class images; empty: the dataset's class prompt."),
+            ],
+            outputs=_OUTPUTS,
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, dataset: dict, model: str, precision: str, steps: int, rank: int, alpha: float,
+                learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
+                init_lora: str = "", resume: bool = True, advanced: str = "", phase: str = "all",
+                prior_preservation: bool = False, class_images: str = "", class_prompt: str = "") -> io.NodeOutput:
+        path, character = _dataset(dataset, "character", "FLEN Train Character LoRA")
+        config = _common_config(model, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
+                                checkpoint_every, sample_every, init_lora, resume, "")
+        config.update(phase=phase, prior_preservation=bool(prior_preservation), class_images=class_images.strip(),
+                      class_prompt=class_prompt.strip(), character=character)
+        config.update(_advanced(advanced))
+        lora, done = run_trainer("training.train_char_lora", config, path.parent.parent, "char LoRA")
+        name = lora_name(lora)
+        summary = _summary("FLEN Train Character LoRA", name, done)
+        return io.NodeOutput(name, summary, ui={"text": [summary]})
+
+
+class FLENTrainEditorLoRA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENTrainEditorLoRA",
+            display_name="FLEN Train Editor LoRA",
+            category=f"{CATEGORY}/training",
+            description="Trains a Qwen-Image-Edit-2509 LoRA on an edit-pair set (control images + instruction → "
+                        "target) in a child process, with the same memory features, resume, previews and "
+                        "interrupt as FLEN Train Character LoRA. Writes models/loras/flenwheel/<character>/"
+                        "qwen_lora_vN.safetensors and outputs its name.",
+            inputs=[
+                DatasetType.Input("edit_pairs", tooltip="An edit-pair set (from FLEN Edit Pair Writer)."),
+                io.Combo.Input("model", options=bridge.diffusers_folders(),
+                               tooltip="The diffusers Qwen-Image-Edit-2509 folder in models/diffusers."),
+                *_common_inputs(512),
+                io.Int.Input("control_resolution", default=0, min=0, max=2048, step=16, optional=True,
+                             tooltip="Side of the (square-equivalent) area the control images are encoded at; "
+                                     "0: the training resolution."),
+            ],
+            outputs=_OUTPUTS,
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, edit_pairs: dict, model: str, precision: str, steps: int, rank: int, alpha: float,
+                learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
+                init_lora: str = "", resume: bool = True, advanced: str = "",
+                control_resolution: int = 0) -> io.NodeOutput:
+        path, character = _dataset(edit_pairs, "edit_pairs", "FLEN Train Editor LoRA")
+        config = _common_config(model, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
+                                checkpoint_every, sample_every, init_lora, resume, "")
+        config.update(control_resolution=int(control_resolution), character=character)
+        config.update(_advanced(advanced))
+        lora, done = run_trainer("training.train_editor_lora", config, path.parent.parent, "editor LoRA")
+        name = lora_name(lora)
+        summary = _summary("FLEN Train Editor LoRA", name, done)
+        return io.NodeOutput(name, summary, ui={"text": [summary]})
+
+
+NODES = [FLENTrainCharacterLoRA, FLENTrainEditorLoRA]

@@ -1,0 +1,112 @@
+"""The training launchers in a real ComfyUI: dataset → FLENTrainCharacterLoRA → FLENLoraStack → FLENFluxGenerate
+→ SaveImage in one POST /prompt; POST /interrupt ends the trainer process."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+from safetensors import safe_open
+
+pytestmark = pytest.mark.server
+
+COLORS = [0xC08040, 0x4080C0, 0x40C080]
+TINY = ("bucket_multiple: 16\nmax_sequence_length: 16\nsample_steps: 2\n"
+        "sample_prompts: ['a photo of {token}']\n")
+
+
+def dataset_nodes(character: str) -> dict:
+    prompt: dict = {}
+    for k, color in enumerate(COLORS):
+        prompt[f"img{k}"] = {"class_type": "EmptyImage",
+                             "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": color}}
+    prompt["b1"] = {"class_type": "ImageBatch", "inputs": {"image1": ["img0", 0], "image2": ["img1", 0]}}
+    prompt["b2"] = {"class_type": "ImageBatch", "inputs": {"image1": ["b1", 0], "image2": ["img2", 0]}}
+    prompt["write"] = {"class_type": "FLENDatasetWriter",
+                       "inputs": {"images": ["b2", 0], "character": character, "instance_token": "ohwx_char person",
+                                  "caption_template": "{token}, {labels}", "version": "new", "phase": "head",
+                                  "kind": "auto", "near_duplicates": "keep", "phash_threshold": 6,
+                                  "class_prompt": ""}}
+    return prompt
+
+
+def train_node(steps: int, sample_every: int, seed: int = 0) -> dict:
+    return {"class_type": "FLENTrainCharacterLoRA",
+            "inputs": {"dataset": ["write", 0], "model": "flen-tiny-flux", "precision": "fp32", "steps": steps,
+                       "rank": 4, "alpha": 0.0, "learning_rate": 0.01, "resolution": 32, "seed": seed,
+                       "checkpoint_every": 0, "sample_every": sample_every, "init_lora": "", "resume": True,
+                       "advanced": TINY, "phase": "all", "prior_preservation": False, "class_images": "",
+                       "class_prompt": ""}}
+
+
+def test_trained_lora_name_drives_a_lora_stack_in_the_same_prompt(comfy, comfy_server):
+    character = "tr_" + uuid.uuid4().hex[:8]
+    prompt = dataset_nodes(character)
+    prompt["train"] = train_node(steps=4, sample_every=2)
+    prompt["stack"] = {"class_type": "FLENLoraStack",
+                       "inputs": {"lora_name": ["train", 0], "strength": 1.0, "enabled": True}}
+    prompt["loader"] = {"class_type": "FLENFluxLoader", "inputs": {"model": "flen-tiny-flux", "precision": "fp32"}}
+    prompt["gen"] = {"class_type": "FLENFluxGenerate",
+                     "inputs": {"flux_pipe": ["loader", 0], "prompts": "a photo of ohwx_char person", "width": 64,
+                                "height": 64, "steps": 1, "guidance": 3.5, "seed": 1, "batch": 1,
+                                "lora_stack": ["stack", 0]}}
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["gen", 0], "filename_prefix": character}}
+    outputs = comfy.run(prompt)
+    name = f"flenwheel/{character}/char_lora_v1.safetensors"
+    assert name in outputs["train"]["text"][0], outputs
+    assert outputs["save"]["images"][0]["filename"].startswith(character), outputs
+    path = comfy_server.base / "models" / "loras" / name
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata()
+    prov = json.loads(meta["flenwheel"])
+    assert prov["dataset"]["character"] == character and prov["steps_done"] == 4
+    training = comfy_server.base / "output" / "flenwheel" / character / "training"
+    (run,) = [p for p in training.iterdir() if p.name.startswith("char_lora-v1-")]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000002_00.png", "step_00000004_00.png"]
+    assert not (training / "launcher_child.json").exists()  # the child is gone
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not reaped) is gone for our purposes
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_interrupt_ends_the_trainer_process(comfy, comfy_server):
+    character = "ti_" + uuid.uuid4().hex[:8]
+    prompt = dataset_nodes(character)
+    prompt["train"] = train_node(steps=100_000, sample_every=0)
+    prompt_id = comfy.queue(prompt)
+    training = comfy_server.base / "output" / "flenwheel" / character / "training"
+    deadline = time.time() + 120
+    pid = None
+    while time.time() < deadline:
+        child = training / "launcher_child.json"
+        logs = list(training.glob("*/loss.jsonl")) if training.is_dir() else []
+        if child.is_file() and logs and logs[0].stat().st_size > 0:
+            pid = json.loads(child.read_text())["pid"]
+            break
+        time.sleep(0.2)
+    assert pid is not None, "the trainer never started training"
+    assert _pid_alive(pid)
+    comfy.post("/interrupt", {})
+    t0 = time.time()
+    while _pid_alive(pid) and time.time() - t0 < 10:
+        time.sleep(0.1)
+    assert not _pid_alive(pid), "trainer still running 10 s after POST /interrupt"
+    assert time.time() - t0 < 6
+    deadline = time.time() + 30
+    while comfy.history_entry(prompt_id) is None and time.time() < deadline:
+        time.sleep(0.2)
+    messages = [m[0] for m in comfy.history_entry(prompt_id)["status"]["messages"]]
+    assert "execution_interrupted" in messages
+    assert not (comfy_server.base / "models" / "loras" / "flenwheel" / character).exists()  # no LoRA written

@@ -1,0 +1,264 @@
+"""FLUX.1 character LoRA trainer: a frozen dataset version in, ``char_lora_vN.safetensors`` out.
+
+    python -m training.train_char_lora --config char.yaml [--set steps=500]
+
+The dataset is a version folder written by FLENDatasetWriter (``engines.dataset``); it is frozen
+before training so the LoRA always names a version that can no longer change. Captions are the
+instance prompts; with ``prior_preservation`` the images of ``class_images`` (captioned with
+``class_prompt``) keep the class from drifting. Images go into aspect-ratio buckets of about
+``resolution``² pixels. Phased training: ``init_lora`` starts from an earlier LoRA
+(head phase ``char_lora_v1`` → body phase ``char_lora_v2``); ``phase`` picks the dataset's head or
+body images. The shared machinery (memory, resume, samples, output) is in ``training.lora_training``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from engines import dataset as ds
+from engines.diffusers_folder import read_model_index
+from training.lora_training import (
+    ConfigError,
+    Example,
+    TrainConfig,
+    TrainTask,
+    bucket_sizes,
+    config_dict,
+    fit_image,
+    image_to_tensor,
+    main_for,
+    pick_bucket,
+    release_memory,
+    tensor_to_image,
+)
+
+PHASES = ("all", "head", "body")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_SAMPLE_CELLS = ("neutral / front", "smiling / three-quarter", "angry / profile", "standing / front")
+# keys that change how a run is carried out but not what it learns (left out of the run folder's name)
+RUN_ONLY_KEYS = ("run_dir", "stop_at_step", "resume", "log_every", "checkpoint_every", "keep_checkpoints",
+                 "memory_cap_gb", "device", "sample_every", "sample_prompts", "sample_steps", "sample_size",
+                 "sample_seed", "sample_shift", "output_dir")
+
+
+@dataclass
+class CharLoraConfig(TrainConfig):
+    phase: str = "all"                 # all | head | body: which of the dataset's images
+    instance_token: str = ""           # default: the dataset's token (used in the default sample prompts)
+    prior_preservation: bool = False
+    class_images: str = ""             # folder of class images (prior preservation)
+    class_prompt: str = ""             # default: the dataset's class prompt
+    prior_loss_weight: float = 1.0
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"phase": PHASES}
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {"prior_loss_weight": (0.0, 100.0)}
+
+
+def run_name(prefix: str, version: str, cfg: TrainConfig) -> str:
+    data = {k: v for k, v in config_dict(cfg).items() if k not in RUN_ONLY_KEYS}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{prefix}-{version}-{digest}"
+
+
+def freeze_dataset(path: str, by: str, kind: str) -> ds.Dataset:
+    p = Path(path)
+    if not (p / ds.INFO_NAME).is_file():
+        raise ConfigError(f"dataset {p} is not a dataset version folder (no {ds.INFO_NAME}); point it at e.g. "
+                          "output/flenwheel/<character>/datasets/v1.")
+    info = ds.read_info(p)
+    if info.get("kind", "character") != kind:
+        raise ConfigError(f"dataset {p} is a '{info.get('kind')}' set; this trainer needs a '{kind}' set.")
+    ds.freeze(p, by=by)
+    d = ds.load_dataset(p, verify=True)
+    if d.problems:
+        raise ConfigError(f"dataset {p} is damaged: {'; '.join(d.problems[:3])}.")
+    return d
+
+
+class CharLoraTask(TrainTask):
+    """FLUX.1 character LoRA on a FLENwheel dataset version."""
+
+    prefix = "char_lora"
+    architecture = "flux"
+    trainer_name = "training.train_char_lora"
+
+    def __init__(self, cfg: CharLoraConfig) -> None:
+        super().__init__(cfg)
+        read_model_index(cfg.model, ("FluxPipeline",))
+        self.dataset = freeze_dataset(cfg.dataset, by="training.train_char_lora", kind="character")
+        self.character = cfg.character or str(self.dataset.info.get("character") or "character")
+        self.items = [it for it in self.dataset.items if cfg.phase == "all" or it.get("phase") == cfg.phase]
+        if not self.items:
+            raise ConfigError(f"dataset {self.dataset.version} has no '{cfg.phase}' images "
+                              f"(counts: {self.dataset.counts}).")
+        self.token = cfg.instance_token or str(self.dataset.info.get("instance_token") or "")
+        self.class_prompt = cfg.class_prompt or str(self.dataset.info.get("class_prompt") or "")
+        self.prior_loss_weight = cfg.prior_loss_weight
+        self.class_files: list[Path] = []
+        if cfg.prior_preservation:
+            folder = Path(cfg.class_images)
+            if not cfg.class_images or not folder.is_dir():
+                raise ConfigError("prior_preservation needs 'class_images': a folder of images of the class "
+                                  f"(e.g. other people), got '{cfg.class_images}'.")
+            self.class_files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not self.class_files:
+                raise ConfigError(f"class_images folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}).")
+            if not self.class_prompt:
+                raise ConfigError("prior_preservation needs 'class_prompt' (e.g. 'a photo of a person'); the "
+                                  "dataset has none.")
+        self.vae = None
+
+    def run_dir(self) -> Path:
+        if self.cfg.run_dir:
+            return Path(self.cfg.run_dir)
+        workspace = self.dataset.path.parent.parent
+        return workspace / "training" / run_name(self.prefix, self.dataset.version, self.cfg)
+
+    def sample_prompts(self) -> list[str]:
+        cfg = self.cfg
+        if cfg.sample_prompts:
+            return [p.replace("{token}", self.token) for p in cfg.sample_prompts]
+        from engines.model_card import DEFAULT_PROMPT_SET, parse_prompt_set
+
+        cells = {c.key: c for c in parse_prompt_set(DEFAULT_PROMPT_SET)}
+        return [cells[k].prompt.replace("{token}", self.token or "the person") for k in DEFAULT_SAMPLE_CELLS
+                if k in cells]
+
+    def cache_key(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"trainer": self.trainer_name, "model": str(Path(cfg.model).resolve()), "dataset": self.dataset.hash,
+                "items": [it["file"] for it in self.items], "resolution": cfg.resolution,
+                "multiple": cfg.bucket_multiple, "precision": cfg.precision, "msl": cfg.max_sequence_length,
+                "class": [str(p) for p in self.class_files], "class_prompt": self.class_prompt,
+                "samples": self.sample_prompts() if cfg.sample_every else [], "sample_size": cfg.sample_size}
+
+    # -- encoding (once)
+    def encode(self, device: torch.device, dtype: torch.dtype) -> tuple[list[Example], list[Example]]:
+        from diffusers import FluxPipeline
+
+        cfg = self.cfg
+        pipe = FluxPipeline.from_pretrained(cfg.model, transformer=None, dtype=dtype)
+        for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+            m.eval().requires_grad_(False).to(device)
+        buckets = bucket_sizes(cfg.resolution, cfg.bucket_multiple)
+        texts: dict[str, dict[str, torch.Tensor]] = {}
+
+        def text(prompt: str) -> dict[str, torch.Tensor]:
+            if prompt not in texts:
+                with torch.no_grad():
+                    pe, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                                       num_images_per_prompt=1,
+                                                       max_sequence_length=cfg.max_sequence_length)
+                texts[prompt] = {"prompt_embeds": pe[0].float().cpu(), "pooled": pooled[0].float().cpu()}
+            return texts[prompt]
+
+        def latents(path: Path) -> tuple[tuple[int, int], torch.Tensor]:
+            with Image.open(path) as im:
+                im.load()
+                bucket = pick_bucket(im.width, im.height, buckets)
+                x = image_to_tensor(fit_image(im, bucket)).to(device, dtype)
+            with torch.no_grad():
+                z = pipe.vae.encode(x).latent_dist.mode()
+            z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+            return bucket, z[0].float().cpu()
+
+        train = []
+        for it in self.items:
+            bucket, z = latents(Path(it["image_path"]))
+            train.append(Example(it["file"], bucket, z, text(str(it.get("caption") or self.token))))
+        for p in self.class_files:
+            bucket, z = latents(p)
+            train.append(Example(f"class:{p.name}", bucket, z, text(self.class_prompt), prior=True))
+        samples = []
+        if cfg.sample_every:
+            size = cfg.sample_size or cfg.resolution
+            f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+            shape = (pipe.vae.config.latent_channels, size // f, size // f)
+            samples = [Example(f"sample:{i}", (size, size), torch.zeros(shape), text(p))
+                       for i, p in enumerate(self.sample_prompts())]
+        pipe.text_encoder = pipe.text_encoder_2 = pipe.vae = None  # released: the peak is the transformer's
+        release_memory(device)
+        return train, samples
+
+    def load_transformer(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        from diffusers import FluxTransformer2DModel
+
+        from training.lora_training import quantization_config
+
+        q = quantization_config(self.cfg, dtype)
+        kwargs = {"quantization_config": q} if q is not None else {}
+        model = FluxTransformer2DModel.from_pretrained(self.cfg.model, subfolder="transformer", dtype=dtype,
+                                                       **kwargs)
+        if q is None:
+            model.to(device)
+        return model
+
+    def predict(self, transformer, noisy, t, cond):
+        return flux_predict(transformer, noisy, t, cond, self.cfg.guidance)
+
+    def decode(self, latents: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        from diffusers import AutoencoderKL
+
+        if self.vae is None:
+            self.vae = AutoencoderKL.from_pretrained(self.cfg.model, subfolder="vae", dtype=dtype).eval()
+        vae = self.vae.to(device)
+        z = latents / vae.config.scaling_factor + vae.config.shift_factor
+        with torch.no_grad():
+            x = vae.decode(z.to(device, vae.dtype), return_dict=False)[0]
+        self.vae.to("cpu")
+        return tensor_to_image(x[0])
+
+    def provenance(self) -> dict[str, Any]:
+        d = self.dataset
+        return {"dataset": {"path": str(d.path), "version": d.version, "hash": d.hash, "counts": d.counts,
+                            "character": self.character, "instance_token": self.token,
+                            "items_used": len(self.items), "phase": self.cfg.phase},
+                "prior_preservation": {"class_images": len(self.class_files), "class_prompt": self.class_prompt}
+                if self.class_files else None}
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(x: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
+    b = x.shape[0]
+    return x.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device, frame: int = 0) -> torch.Tensor:
+    ids = torch.zeros(h, w, 3, device=device)
+    ids[..., 0] = frame
+    ids[..., 1] = torch.arange(h, device=device)[:, None]
+    ids[..., 2] = torch.arange(w, device=device)[None, :]
+    return ids.reshape(h * w, 3)
+
+
+def flux_predict(transformer, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor],
+                 guidance: float) -> torch.Tensor:
+    b, c, h, w = noisy.shape
+    dtype = noisy.dtype
+    pe = cond["prompt_embeds"].to(dtype)
+    g = torch.full((b,), guidance, device=noisy.device, dtype=torch.float32) \
+        if transformer.config.guidance_embeds else None
+    out = transformer(hidden_states=pack(noisy), timestep=t, guidance=g,
+                      pooled_projections=cond["pooled"].to(dtype), encoder_hidden_states=pe,
+                      txt_ids=torch.zeros(pe.shape[1], 3, device=noisy.device),
+                      img_ids=image_ids(h // 2, w // 2, noisy.device), return_dict=False)[0]
+    return unpack(out, c, h, w)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_for(CharLoraConfig, CharLoraTask, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
