@@ -161,6 +161,12 @@ class Progress:
             preview = ("JPEG", _latent_preview(latents, *self.rgb), 512)
         self.bar.update_absolute(value, total, preview)
 
+    def update(self, value: int, total: int, text: str | None = None, image=None) -> None:
+        """Progress with a text line (e.g. the loss) and an optional preview PIL image (e.g. a sample)."""
+        self.bar.update_absolute(value, total, ("JPEG", image, 512) if image is not None else None)
+        if text:
+            progress_text(text)
+
 
 def _latent_rgb_factors(name: str) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     import comfy.latent_formats as lf

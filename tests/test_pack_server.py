@@ -20,6 +20,7 @@ EXPECTED_NODES |= {"FLENApplyLoraStack", "FLENQwenEditLoader", "FLENQwenEdit", "
                    "FLENSaveImages"}  # issue 3
 EXPECTED_NODES |= {"FLENDatasetWriter", "FLENEditPairWriter"}  # issue 6
 EXPECTED_NODES |= {"FLENModelCard", "FLENCompareVersions"}  # issue 8
+EXPECTED_NODES |= {"FLENTrainCharacterLoRA", "FLENTrainEditorLoRA"}  # issue 7
 EXPECTED_NODES |= {"FLENAIToolkitLauncher"}  # issue 7 ai-toolkit
 
 
