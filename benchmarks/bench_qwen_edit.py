@@ -30,6 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines import qwen_edit  # noqa: E402
+from engines.fp8_linear import E4M3, Fp8Linear, convert_linears_to_fp8  # noqa: E402
 from engines.lora_stack import LoraEntry, LoraStack  # noqa: E402
 
 QWEN_7B_TEXT = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -67,6 +68,11 @@ def materialise(model: nn.Module, device: torch.device) -> int:
     """Random weights for every meta parameter, created on ``device`` in the parameter's dtype."""
     n = 0
     for mod in model.modules():
+        if isinstance(mod, Fp8Linear) and mod.weight.device.type == "meta":
+            w = torch.randn(mod.weight.shape, device=device, dtype=torch.bfloat16).to(E4M3)
+            mod.weight = nn.Parameter(w, requires_grad=False)
+            mod.weight_scale = torch.full((), 0.02, device=device)
+            n += w.numel()
         for name, prm in list(mod._parameters.items()):
             if prm is None or prm.device.type != "meta":
                 continue
@@ -113,8 +119,8 @@ def build_pipeline(kit: Path, device: torch.device, precision: str, small: bool)
     with init_empty_weights(include_buffers=False):
         transformer = QwenImageTransformer2DModel(**tcfg)
     transformer.to(bf)
-    if precision == "fp8":  # exactly what engines.qwen_edit.load_qwen_edit does for fp8
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=bf)
+    if precision == "fp8":  # what engines.qwen_edit.load_qwen_edit does for fp8
+        convert_linears_to_fp8(transformer, bf)
     stats["transformer_b"] = round(materialise(transformer, device) / 1e9, 3)
     transformer.to(device).eval()
 

@@ -14,6 +14,7 @@ import torch
 
 from .diffusers_folder import read_model_index, torch_dtype_for
 from .errors import FlenUserError
+from .fp8_linear import convert_linears_to_fp8
 from .lora_adapters import AdapterCache
 from .lora_stack import LoraStack
 from .model_host import ModelHost
@@ -59,8 +60,8 @@ def load_flux(folder: str | Path, name: str, precision: str, device: torch.devic
     kwargs = {"transformer": transformer} if transformer is not None else {}
     pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
     if precision == "fp8":
-        # e4m3 storage, bf16 compute: half the weight memory of bf16.
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it (see engines/fp8_linear.py).
+        convert_linears_to_fp8(pipe.transformer, dtype)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae):
         m.eval().requires_grad_(False)
     return FluxHandle(name=name, folder=str(folder), precision=precision, pipe=pipe)

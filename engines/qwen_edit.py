@@ -23,6 +23,7 @@ from PIL import Image
 
 from .diffusers_folder import read_model_index, torch_dtype_for
 from .errors import FlenUserError
+from .fp8_linear import convert_linears_to_fp8
 from .lora_adapters import AdapterCache
 from .lora_stack import LoraStack
 from .model_host import ModelHost
@@ -86,7 +87,8 @@ def load_qwen_edit(folder: str | Path, name: str, precision: str, device: torch.
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
     pipe = QwenImageEditPlusPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
     if precision == "fp8":
-        pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it (see engines/fp8_linear.py).
+        convert_linears_to_fp8(pipe.transformer, dtype)
     for m in (pipe.text_encoder, pipe.transformer, pipe.vae):
         m.eval().requires_grad_(False)
     return QwenEditHandle(name=name, folder=str(folder), precision=precision, pipe=pipe)
