@@ -1,0 +1,153 @@
+"""GPU benchmark of the real LoRA trainer (training.lora_training.Trainer) on full-size random-weight
+FLUX.1-dev / Qwen-Image-Edit-2509 transformers under a VRAM cap: seconds per step and peak VRAM of
+everything the trainer holds. Mirrors ../shared/bench/baseline_lora_step.py (NF4 base on CUDA, rank 16,
+gradient checkpointing, 8-bit AdamW, batch 1, pre-cached latents and text embeddings) so that the two
+can be run side by side in the same session.
+
+usage: python -m benchmarks.bench_training --model flux|qwen --res 512|1024 [--cap 24] [--steps 5]
+       [--rank 16] [--tiny]
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.lora_training import Example, TrainConfig, Trainer, TrainTask  # noqa: E402
+from training.train_char_lora import flux_predict  # noqa: E402
+from training.train_editor_lora import qwen_edit_predict  # noqa: E402
+
+
+def build_transformer(model: str, tiny: bool, device: torch.device) -> torch.nn.Module:
+    """Random weights materialised directly on the device in bf16; every Linear NF4 on CUDA (as the baseline)."""
+    import torch.nn as nn
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+
+    cuda = device.type == "cuda"
+    if model == "flux":
+        cfg = dict(guidance_embeds=True)
+        if tiny:
+            cfg.update(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                       joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+        with init_empty_weights(include_buffers=False):
+            m = FluxTransformer2DModel(**cfg)
+    else:
+        cfg = {}
+        if tiny:
+            cfg.update(num_layers=2, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                       axes_dims_rope=(4, 6, 6))
+        with init_empty_weights(include_buffers=False):
+            m = QwenImageTransformer2DModel(**cfg)
+
+    def rand(shape):
+        return torch.randn(shape, device=device, dtype=torch.bfloat16) * 0.02
+
+    if cuda:
+        import bitsandbytes as bnb
+
+    def materialise(mod):
+        for name, child in list(mod.named_children()):
+            if isinstance(child, nn.Linear) and cuda:
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(rand(child.weight.shape), requires_grad=False, quant_type="nf4").to(device)
+                if child.bias is not None:
+                    q.bias = nn.Parameter(rand(child.bias.shape), requires_grad=False)
+                setattr(mod, name, q)
+            else:
+                materialise(child)
+        for pname, prm in list(mod._parameters.items()):
+            if prm is not None and prm.device.type == "meta":
+                mod._parameters[pname] = nn.Parameter(rand(prm.shape), requires_grad=False)
+
+    materialise(m)
+    return m.to(device)
+
+
+class BenchTask(TrainTask):
+    prefix = "bench_lora"
+    trainer_name = "benchmarks.bench_training"
+    character = "bench"
+
+    def __init__(self, cfg: TrainConfig, model: str, res: int, tiny: bool) -> None:
+        super().__init__(cfg)
+        self.model, self.res, self.tiny = model, res, tiny
+        self.architecture = model
+
+    def cache_key(self):
+        return {"bench": self.model, "res": self.res, "tiny": self.tiny}
+
+    def encode(self, device, dtype):  # pre-cached inputs, as in the baseline
+        lat = self.res // 8
+        g = torch.Generator().manual_seed(0)
+        if self.model == "flux":
+            txt, jd, pooled = (16, 32, 32) if self.tiny else (512, 4096, 768)
+            cond = {"prompt_embeds": torch.randn(txt, jd, generator=g), "pooled": torch.randn(pooled, generator=g)}
+            z = torch.randn(16, lat, lat, generator=g)
+        else:
+            txt, jd = (16, 32) if self.tiny else (256, 3584)
+            z = torch.randn(16, lat, lat, generator=g)
+            cond = {"prompt_embeds": torch.randn(txt, jd, generator=g), "prompt_mask": torch.ones(txt).long(),
+                    "control": torch.randn((lat // 2) ** 2, 64, generator=g),
+                    "control_shapes": torch.tensor([[1, lat // 2, lat // 2]])}
+        return [Example("bench", (self.res, self.res), z, cond)], []
+
+    def load_transformer(self, device, dtype):
+        return build_transformer(self.model, self.tiny, device)
+
+    def predict(self, transformer, noisy, t, cond):
+        if self.model == "flux":
+            return flux_predict(transformer, noisy, t, cond, 1.0)
+        return qwen_edit_predict(transformer, noisy, t, cond)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", choices=["flux", "qwen"], required=True)
+    p.add_argument("--res", type=int, required=True)
+    p.add_argument("--cap", type=float, default=24.0)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--tiny", action="store_true")
+    a = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    events: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(model="random-weights", dataset="random", output_dir=tmp, run_dir=tmp,
+                          precision="nf4" if cuda else "bf16", rank=a.rank, steps=a.steps + 2, resolution=a.res,
+                          checkpoint_every=0, sample_every=0, memory_cap_gb=a.cap if cuda else 0.0)
+        res = {"bench": "real_trainer", "model": a.model + ("-edit" if a.model == "qwen" else ""), "res": a.res,
+               "rank": a.rank, "cap_gb": a.cap, "tiny": a.tiny, "ckpt": True}
+        t0 = time.time()
+        try:
+            trainer = Trainer(BenchTask(cfg, a.model, a.res, a.tiny), Path(tmp),
+                              emit_fn=lambda ev, **d: events.append({"event": ev, "t": time.time(), **d}))
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            trainer.run()
+            steps = [e for e in events if e["event"] == "step"]
+            timed = steps[2:]  # two warm-up steps, as the baseline
+            res["s_per_step"] = round((timed[-1]["t"] - steps[1]["t"]) / len(timed), 3)
+            res["final_loss"] = steps[-1]["loss"]
+            if cuda:
+                res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+                res["gpu"] = torch.cuda.get_device_name(0)
+        except torch.OutOfMemoryError as e:
+            res["oom"] = str(e).splitlines()[0][:200]
+        res["total_s"] = round(time.time() - t0, 1)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

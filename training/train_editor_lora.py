@@ -1,0 +1,194 @@
+"""Qwen-Image-Edit-2509 editor LoRA trainer: an edit-pair set in, ``qwen_lora_vN.safetensors`` out.
+
+    python -m training.train_editor_lora --config editor.yaml [--set steps=500]
+
+Each pair of a set written by FLENEditPairWriter (``engines.edit_pairs``) is 1–3 control images, an
+instruction and a target. As in the pipeline, the instruction is encoded by Qwen2.5-VL together with the
+control images (at ``condition_resolution``² pixels), the controls are VAE-encoded (at
+``control_resolution``² pixels, keeping their aspect ratio) and their tokens are appended to the noisy
+target's; the loss is on the target's tokens only. All of it is encoded once and cached, then the text
+encoder and VAE are released. Shared machinery (memory, resume, samples, output): ``training.lora_training``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from engines.diffusers_folder import read_model_index
+from training.lora_training import (
+    ConfigError,
+    Example,
+    TrainConfig,
+    TrainTask,
+    bucket_sizes,
+    fit_image,
+    image_to_tensor,
+    main_for,
+    pick_bucket,
+    quantization_config,
+    release_memory,
+    tensor_to_image,
+)
+from training.train_char_lora import freeze_dataset, pack, run_name, unpack
+
+
+@dataclass
+class EditorLoraConfig(TrainConfig):
+    control_resolution: int = 0        # side of the square-equivalent area of the control latents; 0: resolution
+    condition_resolution: int = 384    # side of the area of the control images the VL encoder sees
+    sample_pairs: int = 2              # samples: edits of the first N pairs of the set
+
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "control_resolution": (0, 4096), "condition_resolution": (32, 2048), "sample_pairs": (1, 16)}
+
+
+def _dims(side: int, ratio: float) -> tuple[int, int]:
+    """diffusers' calculate_dimensions: (width, height) of about side² pixels, multiples of 32."""
+    w = math.sqrt(side * side * ratio)
+    return max(32, round(w / 32) * 32), max(32, round(w / ratio / 32) * 32)
+
+
+class EditorLoraTask(TrainTask):
+    """Qwen-Image-Edit-2509 editor LoRA on a FLENwheel edit-pair set."""
+
+    prefix = "qwen_lora"
+    architecture = "qwen_image_edit_plus"
+    trainer_name = "training.train_editor_lora"
+
+    def __init__(self, cfg: EditorLoraConfig) -> None:
+        super().__init__(cfg)
+        if cfg.batch_size != 1:
+            raise ConfigError("batch_size must be 1 for the editor trainer (pairs differ in control and "
+                              "instruction lengths); raise 'steps' instead.")
+        read_model_index(cfg.model, ("QwenImageEditPlusPipeline",))
+        self.dataset = freeze_dataset(cfg.dataset, by="training.train_editor_lora", kind="edit_pairs")
+        self.character = cfg.character or str(self.dataset.info.get("character") or "character")
+        self.items = list(self.dataset.items)
+        self.control_side = cfg.control_resolution or cfg.resolution
+        self.vae = None
+
+    def run_dir(self) -> Path:
+        if self.cfg.run_dir:
+            return Path(self.cfg.run_dir)
+        return self.dataset.path.parent.parent / "training" / run_name(self.prefix, self.dataset.version, self.cfg)
+
+    def cache_key(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {"trainer": self.trainer_name, "model": str(Path(cfg.model).resolve()), "dataset": self.dataset.hash,
+                "resolution": cfg.resolution, "multiple": cfg.bucket_multiple, "control": self.control_side,
+                "condition": cfg.condition_resolution, "precision": cfg.precision, "msl": cfg.max_sequence_length,
+                "samples": cfg.sample_pairs if cfg.sample_every else 0}
+
+    def encode(self, device: torch.device, dtype: torch.dtype) -> tuple[list[Example], list[Example]]:
+        from diffusers import QwenImageEditPlusPipeline
+
+        cfg = self.cfg
+        pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.model, transformer=None, dtype=dtype)
+        for m in (pipe.text_encoder, pipe.vae):
+            m.eval().requires_grad_(False).to(device)
+        buckets = bucket_sizes(cfg.resolution, cfg.bucket_multiple)
+        root = self.dataset.path
+
+        def vae_latents(image: Image.Image) -> torch.Tensor:
+            x = image_to_tensor(image).unsqueeze(2).to(device, dtype)  # [1, 3, 1, H, W]
+            with torch.no_grad():
+                return pipe._encode_vae_image(x, generator=None)[:, :, 0].float().cpu()  # [1, C, h, w]
+
+        train, samples = [], []
+        for n, it in enumerate(self.items):
+            with Image.open(root / it["file"]) as im:
+                target = im.convert("RGB")
+            bucket = pick_bucket(target.width, target.height, buckets)
+            z = vae_latents(fit_image(target, bucket))[0]
+            controls, shapes, conditions = [], [], []
+            for c in it.get("controls") or []:
+                with Image.open(root / c["file"]) as im:
+                    control = im.convert("RGB")
+                ratio = control.width / control.height
+                cw, ch = _dims(self.control_side, ratio)
+                cz = vae_latents(control.resize((cw, ch), Image.Resampling.LANCZOS))
+                controls.append(pack(cz)[0])
+                shapes.append([1, cz.shape[2] // 2, cz.shape[3] // 2])
+                qw, qh = _dims(cfg.condition_resolution, ratio)
+                conditions.append(pipe.image_processor.resize(control, qh, qw))
+            if not controls:
+                raise ConfigError(f"edit pair {it['file']} has no control image.")
+            with torch.no_grad():
+                pe, mask = pipe._get_qwen_prompt_embeds([str(it.get("instruction") or it.get("caption") or "")],
+                                                        conditions, device)
+            cond = {"prompt_embeds": pe[0].float().cpu(),
+                    "prompt_mask": (mask[0] if mask is not None else torch.ones(pe.shape[1])).long().cpu(),
+                    "control": torch.cat(controls).float(), "control_shapes": torch.tensor(shapes)}
+            ex = Example(it["file"], bucket, z, cond)
+            train.append(ex)
+            if cfg.sample_every and n < cfg.sample_pairs:
+                samples.append(Example(f"sample:{it['file']}", bucket, torch.zeros_like(z), cond))
+        pipe.text_encoder = pipe.vae = None  # released: the peak is the transformer's
+        release_memory(device)
+        return train, samples
+
+    def load_transformer(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+        from diffusers import QwenImageTransformer2DModel
+
+        q = quantization_config(self.cfg, dtype)
+        kwargs = {"quantization_config": q} if q is not None else {}
+        model = QwenImageTransformer2DModel.from_pretrained(self.cfg.model, subfolder="transformer", dtype=dtype,
+                                                            **kwargs)
+        if q is None:
+            model.to(device)
+        return model
+
+    def predict(self, transformer, noisy, t, cond):
+        return qwen_edit_predict(transformer, noisy, t, cond)
+
+    def decode(self, latents: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        from diffusers import AutoencoderKLQwenImage
+
+        if self.vae is None:
+            self.vae = AutoencoderKLQwenImage.from_pretrained(self.cfg.model, subfolder="vae", dtype=dtype).eval()
+        vae = self.vae.to(device)
+        z = latents.unsqueeze(2).to(device, vae.dtype)
+        c = vae.config.z_dim
+        mean = torch.tensor(vae.config.latents_mean).view(1, c, 1, 1, 1).to(z)
+        std = torch.tensor(vae.config.latents_std).view(1, c, 1, 1, 1).to(z)
+        with torch.no_grad():
+            x = vae.decode(z * std + mean, return_dict=False)[0][:, :, 0]
+        self.vae.to("cpu")
+        return tensor_to_image(x[0])
+
+    def provenance(self) -> dict[str, Any]:
+        d = self.dataset
+        return {"dataset": {"path": str(d.path), "version": d.version, "hash": d.hash, "counts": d.counts,
+                            "character": self.character, "kind": "edit_pairs",
+                            "n_controls": d.info.get("n_controls")},
+                "control_resolution": self.control_side, "condition_resolution": self.cfg.condition_resolution}
+
+
+def qwen_edit_predict(transformer, noisy: torch.Tensor, t: torch.Tensor, cond: dict[str, torch.Tensor]):
+    """The transformer call of QwenImageEditPlusPipeline: noisy target tokens + control tokens, loss on the
+    target's part of the output."""
+    b, c, h, w = noisy.shape
+    dtype = noisy.dtype
+    packed = pack(noisy)
+    hidden = torch.cat([packed, cond["control"].to(dtype)], dim=1)
+    shapes = [[(1, h // 2, w // 2), *[tuple(int(v) for v in s) for s in cond["control_shapes"][i]]] for i in range(b)]
+    mask = cond["prompt_mask"]
+    out = transformer(hidden_states=hidden, timestep=t, guidance=None,
+                      encoder_hidden_states_mask=None if bool(mask.all()) else mask,
+                      encoder_hidden_states=cond["prompt_embeds"].to(dtype), img_shapes=shapes,
+                      return_dict=False)[0]
+    return unpack(out[:, :packed.shape[1]], c, h, w)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return main_for(EditorLoraConfig, EditorLoraTask, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
