@@ -6,8 +6,8 @@ from . import flux_nodes, identity_nodes, lora_stack_nodes, qwen_nodes, review_g
 from .ai_toolkit_nodes import NODES as AI_TOOLKIT_NODES  # issue 7 ai-toolkit
 from .dataset_nodes import NODES as DATASET_NODES  # issue 6
 from .model_card_nodes import NODES as MODEL_CARD_NODES  # issue 8
-from .training_nodes import NODES as TRAINING_NODES  # issue 7
 from .routes import register_routes
+from .training_nodes import NODES as TRAINING_NODES  # issue 7
 
 NODES: list[type[io.ComfyNode]] = [*lora_stack_nodes.NODES, *flux_nodes.NODES, *identity_nodes.NODES,
                                    *qwen_nodes.NODES, *review_nodes.NODES,
