@@ -79,10 +79,24 @@ class FluxRequest:
     max_sequence_length: int = 512
 
 
-def generate(handle: FluxHandle, request: FluxRequest, stack: LoraStack, host: ModelHost,
-             on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
-    """Returns images as a [N, H, W, 3] float tensor in 0..1 and one meta record per image."""
-    if not request.prompts:
+@dataclass(frozen=True)
+class FluxJob:
+    """One image: its prompt and seed; ``extra`` is merged into its meta record."""
+
+    prompt: str
+    seed: int
+    extra: dict = field(default_factory=dict)
+
+
+def generate_many(handle: FluxHandle, jobs: list[FluxJob], request: FluxRequest, stack: LoraStack,
+                  host: ModelHost, on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
+    """One image per job at ``request``'s size, steps and guidance (its prompts, seed and batch are unused).
+
+    Three stages, each paid once per call: all prompts are encoded (CLIP + T5), then all images are
+    denoised (transformer), then all are decoded (VAE) — on a 24 GB card T5 and the transformer do not
+    both fit, so a model card of 18 cells swaps twice instead of 36 times.
+    """
+    if not jobs:
         raise FlenUserError("No prompt given: write at least one non-empty line.")
     multiple = handle.pipe.vae_scale_factor * 2
     if request.width % multiple or request.height % multiple:
@@ -90,47 +104,62 @@ def generate(handle: FluxHandle, request: FluxRequest, stack: LoraStack, host: M
                             f"{request.width}×{request.height}.")
     pipe = handle.pipe
     handle.adapters.apply(stack)
-    total = len(request.prompts) * request.batch * request.steps
+    total = len(jobs) * request.steps
+
+    device = host.prepare(pipe.text_encoder, pipe.text_encoder_2)
+    encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad():
+        for job in jobs:
+            if job.prompt not in encoded:
+                embeds, pooled, _ = pipe.encode_prompt(
+                    prompt=job.prompt, prompt_2=None, device=device, num_images_per_prompt=1,
+                    max_sequence_length=request.max_sequence_length)
+                encoded[job.prompt] = (embeds.cpu(), pooled.cpu())
+
+    latents_out: list[torch.Tensor] = []
+    for k, job in enumerate(jobs):
+        device = host.prepare(pipe.transformer)
+        embeds, pooled = encoded[job.prompt]
+
+        def _step(_pipe, i, _t, kwargs, _done=k * request.steps):
+            host.check_interrupt()
+            if on_step is not None:
+                latents = _pipe._unpack_latents(kwargs["latents"], request.height, request.width,
+                                                _pipe.vae_scale_factor)
+                on_step(_done + i + 1, total, latents)
+            return {}
+
+        with torch.no_grad():
+            packed = pipe(
+                prompt_embeds=embeds.to(device), pooled_prompt_embeds=pooled.to(device),
+                width=request.width, height=request.height, num_inference_steps=request.steps,
+                guidance_scale=request.guidance, generator=torch.Generator("cpu").manual_seed(job.seed),
+                output_type="latent", callback_on_step_end=_step, max_sequence_length=request.max_sequence_length,
+            ).images
+        latents_out.append(pipe._unpack_latents(packed, request.height, request.width, pipe.vae_scale_factor).cpu())
+
+    device = host.prepare(pipe.vae)
     images: list[torch.Tensor] = []
     metas: list[dict[str, object]] = []
-    done = 0
-    for p_index, prompt in enumerate(request.prompts):
-        device = host.prepare(pipe.text_encoder, pipe.text_encoder_2)
-        with torch.no_grad():
-            prompt_embeds, pooled, _ = pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, device=device, num_images_per_prompt=1,
-                max_sequence_length=request.max_sequence_length)
-        for b in range(request.batch):
-            seed = request.seed + p_index * request.batch + b
-            device = host.prepare(pipe.transformer)
-            generator = torch.Generator("cpu").manual_seed(seed)
-
-            def _step(_pipe, i, _t, kwargs, _done=done):
-                host.check_interrupt()
-                if on_step is not None:
-                    latents = _pipe._unpack_latents(kwargs["latents"], request.height, request.width,
-                                                    _pipe.vae_scale_factor)
-                    on_step(_done + i + 1, total, latents)
-                return {}
-
-            with torch.no_grad():
-                packed = pipe(
-                    prompt_embeds=prompt_embeds.to(device), pooled_prompt_embeds=pooled.to(device),
-                    width=request.width, height=request.height, num_inference_steps=request.steps,
-                    guidance_scale=request.guidance, generator=generator, output_type="latent",
-                    callback_on_step_end=_step, max_sequence_length=request.max_sequence_length,
-                ).images
-            done += request.steps
-            device = host.prepare(pipe.vae)
-            with torch.no_grad():
-                latents = pipe._unpack_latents(packed, request.height, request.width, pipe.vae_scale_factor)
-                latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
-                decoded = pipe.vae.decode(latents.to(device, pipe.vae.dtype), return_dict=False)[0]
+    with torch.no_grad():
+        for job, latents in zip(jobs, latents_out, strict=True):
+            latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+            decoded = pipe.vae.decode(latents.to(device, pipe.vae.dtype), return_dict=False)[0]
             images.append(((decoded.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu())
             metas.append({
-                "kind": "synthetic", "prompt": prompt, "seed": seed, "model": handle.name,
+                "kind": "synthetic", "prompt": job.prompt, "seed": job.seed, "model": handle.name,
                 "precision": handle.precision, "loras": stack.describe(),
                 "width": request.width, "height": request.height, "steps": request.steps,
-                "guidance": request.guidance,
+                "guidance": request.guidance, **job.extra,
             })
     return torch.cat(images, dim=0), metas
+
+
+def generate(handle: FluxHandle, request: FluxRequest, stack: LoraStack, host: ModelHost,
+             on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
+    """Images for every prompt × batch (image k of the run uses seed + k); see generate_many."""
+    if not request.prompts:
+        raise FlenUserError("No prompt given: write at least one non-empty line.")
+    jobs = [FluxJob(prompt, request.seed + p * request.batch + b)
+            for p, prompt in enumerate(request.prompts) for b in range(request.batch)]
+    return generate_many(handle, jobs, request, stack, host, on_step)

@@ -144,23 +144,14 @@ class CardSettings:
 def render_cells(handle, cells: Sequence[CardCell], settings: CardSettings, stack: LoraStack, host,
                  on_step: Callable[[int, int, object], None] | None = None):
     """One FLUX image per cell at the cell's seed. Returns (IMAGE tensor [N, H, W, 3], meta records)."""
-    import torch
-
     from . import flux_pipeline
 
-    images, metas = [], []
-    total = len(cells) * settings.steps
-    for k, cell in enumerate(cells):
-        request = flux_pipeline.FluxRequest(prompts=(substitute_token(cell.prompt, settings.instance_token),),
-                                            width=settings.width, height=settings.height, steps=settings.steps,
-                                            guidance=settings.guidance, seed=cell.seed, batch=1)
-        step = None if on_step is None else (lambda i, _n, lat, _k=k: on_step(_k * settings.steps + i, total, lat))
-        img, meta = flux_pipeline.generate(handle, request, stack, host, on_step=step)
-        images.append(img)
-        for m in meta:
-            m.update(kind="model_card", card_cell=cell.key, angle=cell.column, row=cell.row)
-        metas += meta
-    return torch.cat(images, dim=0), metas
+    request = flux_pipeline.FluxRequest(prompts=("-",), width=settings.width, height=settings.height,
+                                        steps=settings.steps, guidance=settings.guidance)
+    jobs = [flux_pipeline.FluxJob(substitute_token(cell.prompt, settings.instance_token), cell.seed,
+                                  {"kind": "model_card", "card_cell": cell.key, "angle": cell.column, "row": cell.row})
+            for cell in cells]
+    return flux_pipeline.generate_many(handle, jobs, request, stack, host, on_step=on_step)
 
 
 def score_cells(bank: identity.IdentityBank, model: identity.FaceModel, images: Sequence[np.ndarray],

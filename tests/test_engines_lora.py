@@ -134,3 +134,23 @@ def test_odd_size_is_refused(flux):
     with pytest.raises(FlenUserError, match="divisible by"):
         flux_pipeline.generate(flux, flux_pipeline.FluxRequest(prompts=("x",), width=63, height=64, steps=1),
                                LoraStack(), LocalHost())
+
+
+def test_generate_many_encodes_once_and_matches_single_generations(flux):
+    class Counting(LocalHost):
+        encoder_loads = 0
+
+        def prepare(self, *modules):
+            if any("CLIP" in type(m).__name__ or "T5" in type(m).__name__ for m in modules):
+                Counting.encoder_loads += 1
+            return super().prepare(*modules)
+
+    request = flux_pipeline.FluxRequest(prompts=("-",), **SMALL)
+    jobs = [flux_pipeline.FluxJob("a face", 3, {"card_cell": "neutral/front"}),
+            flux_pipeline.FluxJob("a smiling face", 4)]
+    images, metas = flux_pipeline.generate_many(flux, jobs, request, LoraStack(), Counting())
+    assert Counting.encoder_loads == 1
+    assert metas[0]["card_cell"] == "neutral/front" and metas[1]["seed"] == 4
+    single, _ = flux_pipeline.generate(flux, flux_pipeline.FluxRequest(prompts=("a smiling face",), seed=4, **SMALL),
+                                       LoraStack(), LocalHost())
+    assert torch.equal(images[1:2], single)
