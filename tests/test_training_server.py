@@ -105,8 +105,11 @@ def test_interrupt_ends_the_trainer_process(comfy, comfy_server):
     assert not _pid_alive(pid), "trainer still running 10 s after POST /interrupt"
     assert time.time() - t0 < 6
     deadline = time.time() + 30
-    while comfy.history_entry(prompt_id) is None and time.time() < deadline:
+    def entry():
+        return comfy.get(f"/history/{prompt_id}").json().get(prompt_id)
+
+    while entry() is None and time.time() < deadline:
         time.sleep(0.2)
-    messages = [m[0] for m in comfy.history_entry(prompt_id)["status"]["messages"]]
+    messages = [m[0] for m in entry()["status"]["messages"]]
     assert "execution_interrupted" in messages
     assert not (comfy_server.base / "models" / "loras" / "flenwheel" / character).exists()  # no LoRA written
