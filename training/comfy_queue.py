@@ -175,6 +175,37 @@ class ComfyClient:
             time.sleep(0.2)
         raise PromptFailed(f"prompt {pid} did not finish within {timeout:.0f} s")
 
+    # --- batch runs (training.queue_cli) ---------------------------------------------------------------
+    def history_entry(self, prompt_id: str) -> dict | None:
+        """The /history entry of a prompt, or None while it is queued, running, or unknown to this server."""
+        return self.get(f"/history/{prompt_id}").json().get(prompt_id)
+
+    def prompt_state(self, prompt_id: str) -> str:
+        """'success', 'error', 'queued' (pending or running here) or 'unknown' (e.g. the server restarted)."""
+        entry = self.history_entry(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            status = entry["status"]
+            return "success" if status.get("completed") and status.get("status_str") != "error" else "error"
+        queue = self.get("/queue").json()
+        for item in queue.get("queue_running", []) + queue.get("queue_pending", []):
+            if len(item) > 1 and item[1] == prompt_id:
+                return "queued"
+        return "unknown"
+
+    def output_exists(self, item: dict) -> bool:
+        """Whether a saved file ({filename, subfolder, type}) is still on the server (GET /view)."""
+        params = {k: item.get(k, "") for k in ("filename", "subfolder", "type")}
+        try:
+            with requests.get(self.url + "/view", params=params, timeout=30, stream=True) as r:
+                return r.status_code == 200
+        except requests.RequestException:
+            return False
+
+    @property
+    def ws_url(self) -> str:
+        base = self.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        return f"{base}/ws?clientId={self.client_id}"
+
     def free(self, unload_models: bool = False, free_memory: bool = False) -> None:
         r = self.post("/free", {"unload_models": unload_models, "free_memory": free_memory})
         assert r.status_code == 200, r.text

@@ -39,8 +39,48 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "5": {"width": 64, "height": 64, "steps": 2},
         "6": {"filename_prefix": "flenwheel/demo/sweep"},
     },
+    # issue 9: the flywheel workflows (sources: input/flen_demo_sources/, see write_demo_inputs)
+    "flywheel1_enrich": {
+        "1": {"folder": "flen_demo_sources"},
+        "2": {"face_model": "flen-tiny"},
+        "4": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
+        "5": {"lora_name": "flen-tiny/qwen_edit_lora_a.safetensors"},
+        "6": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
+        "7": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors"},
+        "8": {"width": 64, "height": 64, "steps": 2},
+        "10": {"character": "flen_demo"},
+    },
+    "flywheel1_synthesize": {
+        "1": {"model": "flen-tiny-flux", "precision": "fp32"},
+        "2": {"lora_name": "flen-tiny/flux_lora_a.safetensors"},
+        "3": {"width": 64, "height": 64, "steps": 2, "variations": 4},
+        "4": {"folder": "flen_demo_sources"},
+        "5": {"face_model": "flen-tiny"},
+        "7": {"character": "flen_demo"},
+    },
+    "flywheel_interactive": {
+        "1": {"folder": "flen_demo_sources"},
+        "2": {"face_model": "flen-tiny"},
+        "3": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
+        "4": {"lora_name": "flen-tiny/qwen_edit_lora_a.safetensors"},
+        "5": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
+        "6": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors"},
+        "7": {"width": 64, "height": 64, "steps": 2},
+        "9": {"character": "flen_demo", "timeout_s": 1, "timeout_policy": "approve_all"},  # nobody at the screen
+        "10": {"character": "flen_demo"},
+    },
+    "compare_versions": {
+        "1": {"model": "flen-tiny-flux", "precision": "fp32"},
+        "2": {"folder": "flen_demo_sources"},
+        "3": {"face_model": "flen-tiny"},
+        "4": {"lora_name": "flen-tiny/flux_lora_a.safetensors"},
+        "5": {"lora_name": "flen-tiny/flux_lora_b.safetensors"},
+        "6": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
+        "7": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
+    },
 }
 DEMO_INPUTS = {"flen_demo_face.png": 1}  # input file → identity drawn by the tiny-model kit
+DEMO_SOURCES = "flen_demo_sources"  # input/<folder>/: the 'photos of the character' of the flywheel workflows
 
 
 def load_api_workflow(name: str, tiny: bool = True) -> dict:
@@ -60,6 +100,10 @@ def write_demo_inputs(input_dir: Path) -> None:
     input_dir.mkdir(parents=True, exist_ok=True)
     for name, identity in DEMO_INPUTS.items():
         draw_test_face(identity, size=256).save(input_dir / name)
+    sources = input_dir / DEMO_SOURCES
+    sources.mkdir(exist_ok=True)
+    for k, (offset, scale) in enumerate((((0, 0), 1.0), ((-12, 6), 0.9), ((10, -4), 1.1))):
+        draw_test_face(1, size=256, offset=offset, scale=scale).save(sources / f"photo_{k + 1:02d}.png")
 
 
 def output_files(base: Path, outputs: dict) -> list[Path]:

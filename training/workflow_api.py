@@ -18,6 +18,9 @@ ComfyUI with this pack is started for the run), following ComfyUI_frontend 1.27'
   of the bypassed node whose type matches); a PrimitiveNode writes its value into the widgets it feeds;
 - virtual nodes (Note, MarkdownNote, Reroute, PrimitiveNode) and muted (mode 2) / bypassed nodes are left
   out, and an input whose link ends at a left-out node is dropped.
+
+Not covered: subgraphs and group nodes, and widgets that a frontend extension adds to a node on its own
+(e.g. PreviewAny's `preview`), which /object_info does not describe; the shipped workflows use neither.
 """
 
 from __future__ import annotations
