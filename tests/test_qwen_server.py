@@ -88,3 +88,17 @@ def test_bad_input_is_reported_clearly(comfy, sweep_prompt, change, node_type, m
     error = comfy.run_error(sweep_prompt)
     assert error["node_type"] == node_type
     assert message in error["exception_message"]
+
+
+def test_mismatched_image_batches_are_reported(comfy, sweep_prompt):
+    prompt = {k: v for k, v in sweep_prompt.items() if k in ("1", "2")}
+    prompt["10"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 2}}
+    prompt["11"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 3}}
+    prompt["5"] = {"class_type": "FLENQwenEdit", "inputs": {
+        "qwen_pipe": ["2", 0], "image1": ["10", 0], "image2": ["11", 0], "instruction": "让人物微笑",
+        "negative_prompt": "", "steps": 1, "true_cfg": 1.0, "seed": 3, "megapixels": 0.004, "width": 0,
+        "height": 0, "batch": 1}}
+    prompt["6"] = {"class_type": "SaveImage", "inputs": {"images": ["5", 0], "filename_prefix": "t/mismatch"}}
+    error = comfy.run_error(prompt)
+    assert error["node_type"] == "FLENQwenEdit"
+    assert "'image2' has 3 images but image1 has 2" in error["exception_message"]
