@@ -15,7 +15,7 @@ import torch
 from .diffusers_folder import read_model_index, torch_dtype_for
 from .errors import FlenUserError
 from .fp8_linear import convert_linears_to_fp8
-from .lora_adapters import AdapterCache
+from .lora_adapters import PipelineHandle
 from .lora_stack import LoraStack
 from .model_host import ModelHost
 
@@ -24,23 +24,11 @@ StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
-class FluxHandle:
-    """A loaded FLUX pipeline plus what the nodes need to describe it."""
+class FluxHandle(PipelineHandle):
+    """A loaded FluxPipeline."""
 
-    name: str
-    folder: str
-    precision: str
-    pipe: object  # diffusers.FluxPipeline
-    adapters: AdapterCache = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.adapters = AdapterCache(self.pipe, architecture="flux")
-
-    @property
-    def modules(self) -> dict[str, torch.nn.Module]:
-        p = self.pipe
-        return {"text_encoder": p.text_encoder, "text_encoder_2": p.text_encoder_2,
-                "transformer": p.transformer, "vae": p.vae}
+    architecture = "flux"
+    module_names = ("text_encoder", "text_encoder_2", "transformer", "vae")
 
 
 def load_flux(folder: str | Path, name: str, precision: str, device: torch.device) -> FluxHandle:

@@ -7,7 +7,8 @@ again only when it changed on disk.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -137,3 +138,24 @@ class AdapterCache:
             raise FlenUserError("The same LoRA is in the stack twice; keep one entry and set its strength.")
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=weights)
+
+
+@dataclass
+class PipelineHandle:
+    """A loaded diffusers pipeline, its LoRA adapter cache, and the modules the VRAM host manages."""
+
+    name: str
+    folder: str
+    precision: str
+    pipe: object
+    adapters: AdapterCache = field(init=False)
+
+    architecture: ClassVar[str] = ""  # set by subclasses: which LoRAs fit (see check_fits)
+    module_names: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self.adapters = AdapterCache(self.pipe, architecture=self.architecture)
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {n: getattr(self.pipe, n) for n in self.module_names}

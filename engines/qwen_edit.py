@@ -24,7 +24,7 @@ from PIL import Image
 from .diffusers_folder import read_model_index, torch_dtype_for
 from .errors import FlenUserError
 from .fp8_linear import convert_linears_to_fp8
-from .lora_adapters import AdapterCache
+from .lora_adapters import PipelineHandle
 from .lora_stack import LoraStack
 from .model_host import ModelHost
 
@@ -52,20 +52,11 @@ def reference_sizes(vae_pixels: int, condition_pixels: int) -> Iterator[None]:
 
 
 @dataclass
-class QwenEditHandle:
-    name: str
-    folder: str
-    precision: str
-    pipe: object  # diffusers.QwenImageEditPlusPipeline
-    adapters: AdapterCache = field(init=False)
+class QwenEditHandle(PipelineHandle):
+    """A loaded QwenImageEditPlusPipeline."""
 
-    def __post_init__(self) -> None:
-        self.adapters = AdapterCache(self.pipe, architecture="qwen_image")
-
-    @property
-    def modules(self) -> dict[str, torch.nn.Module]:
-        p = self.pipe
-        return {"text_encoder": p.text_encoder, "transformer": p.transformer, "vae": p.vae}
+    architecture = "qwen_image"
+    module_names = ("text_encoder", "transformer", "vae")
 
     @property
     def size_multiple(self) -> int:
