@@ -9,12 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from training.demo import TINY_SUBSTITUTIONS, load_api_workflow, write_demo_inputs
+from training.demo import (
+    TINY_SUBSTITUTIONS,
+    enrich_for_review,
+    load_api_workflow,
+    scripted_review,
+    with_character,
+    write_demo_inputs,
+)
 
 pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
+# These start from review decisions: the test queues candidates and a scripted reviewer judges them first.
+FROM_REVIEW = {"flywheel1_train", "flywheel2_editor"}
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +48,12 @@ def _by_class(prompt: dict, class_type: str) -> list[str]:
 @pytest.mark.parametrize("name", NAMES)
 def test_api_workflow_runs_to_success_on_the_tiny_models(comfy, comfy_server, inputs, name):
     prompt = load_api_workflow(name)
+    if name in FROM_REVIEW:
+        character = "wf_" + uuid.uuid4().hex[:8]
+        comfy.run(enrich_for_review(character), timeout=600)
+        counts = scripted_review(comfy, character)
+        assert counts["corrected"] == 2 and counts["rejected"] == 1 and counts["approved"] == 12, counts
+        with_character(prompt, character)
     entry = comfy.wait(comfy.queue(prompt), timeout=600)
     assert entry["status"]["status_str"] == "success"
     outputs = entry["outputs"]
@@ -47,6 +62,22 @@ def test_api_workflow_runs_to_success_on_the_tiny_models(comfy, comfy_server, in
         assert table["passed"] + table["rejected"] == len(table["rows"]) > 0
     for node_id in _by_class(prompt, "FLENIdentityReference"):
         assert "3 reference photo(s) used" in outputs[node_id]["text"][0]
+    loras = Path(comfy_server.base, "models", "loras")
+    if name == "flywheel1_train":
+        (train,) = _by_class(prompt, "FLENTrainCharacterLoRA")
+        lora = f"flenwheel/{character}/char_lora_v1.safetensors"
+        assert lora in outputs[train]["text"][0]
+        assert (loras / lora).is_file() and (loras / lora).with_suffix(".card.json").is_file()
+        (writer,) = _by_class(prompt, "FLENDatasetWriter")
+        assert "12" in outputs[writer]["text"][0]
+        assert Path(comfy_server.base, "output", "flenwheel", character, "datasets", "v1").is_dir()
+    if name == "flywheel2_editor":
+        (train,) = _by_class(prompt, "FLENTrainEditorLoRA")
+        lora = f"flenwheel/{character}/qwen_lora_v1.safetensors"
+        assert lora in outputs[train]["text"][0] and (loras / lora).is_file()
+        assert Path(comfy_server.base, "output", "flenwheel", character, "edit_pairs", "v1").is_dir()
+        (preview,) = _by_class(prompt, "PreviewImage")
+        assert len(outputs[preview]["images"]) == 3 * 5
     if name == "compare_versions":
         (cmp_id,) = _by_class(prompt, "FLENCompareVersions")
         assert "flux_lora_b vs flux_lora_a" in outputs[cmp_id]["text"][0]

@@ -22,6 +22,10 @@ from .tiny_models import write_tiny_models
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
+# The trainers on the tiny models: a few steps at 64×64, no checkpoints or sample previews.
+TINY_TRAINING = {"steps": 4, "rank": 4, "learning_rate": 0.01, "resolution": 64, "checkpoint_every": 0,
+                 "sample_every": 0}
+
 # Shipped workflows name real models; on the tiny kit the same graphs run with these values.
 TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
     "flen_synthetic_flux": {
@@ -78,6 +82,26 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "6": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
         "7": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
     },
+    "flywheel1_train": {
+        "1": {"character": "flen_demo"},
+        "2": {"character": "flen_demo"},
+        "3": {"model": "flen-tiny-flux", "precision": "fp32", **TINY_TRAINING,
+              "advanced": "bucket_multiple: 16\nmax_sequence_length: 16"},
+        "5": {"model": "flen-tiny-flux", "precision": "fp32"},
+        "6": {"folder": "flen_demo_sources"},
+        "7": {"face_model": "flen-tiny"},
+        "8": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
+    },
+    "flywheel2_editor": {
+        "1": {"character": "flen_demo"},
+        "2": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32", **TINY_TRAINING,
+              "advanced": "bucket_multiple: 16\ncondition_resolution: 64"},
+        "3": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
+        "4": {"lora_name": "flen-tiny/qwen_edit_lora_a.safetensors"},
+        "5": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
+        "7": {"folder": "flen_demo_sources"},
+        "8": {"width": 64, "height": 64, "steps": 2},
+    },
 }
 DEMO_INPUTS = {"flen_demo_face.png": 1}  # input file → identity drawn by the tiny-model kit
 DEMO_SOURCES = "flen_demo_sources"  # input/<folder>/: the 'photos of the character' of the flywheel workflows
@@ -91,6 +115,49 @@ def load_api_workflow(name: str, tiny: bool = True) -> dict:
         for node_id, values in TINY_SUBSTITUTIONS.get(name, {}).items():
             prompt[node_id]["inputs"].update(values)
     return prompt
+
+
+def with_character(prompt: dict, character: str) -> dict:
+    """Every node of the prompt that names a character gets this one."""
+    for node in prompt.values():
+        if "character" in node["inputs"]:
+            node["inputs"]["character"] = character
+    return prompt
+
+
+def enrich_for_review(character: str, version: str = "v1", editor_lora: str | None = None) -> dict:
+    """flywheel1_enrich on the tiny models, its review queue fed from the identity filter's *rejected* side:
+    the tiny editor draws no faces, so the filter rejects every edit, and the demo queues them for review
+    anyway. With editor_lora, the workflow's editor-LoRA slot (off as shipped) is switched on with it."""
+    prompt = with_character(load_api_workflow("flywheel1_enrich"), character)
+    queue = next(k for k, v in prompt.items() if v["class_type"] == "FLENReviewQueue")
+    flt = next(k for k, v in prompt.items() if v["class_type"] == "FLENIdentityFilter")
+    prompt[queue]["inputs"].update(images=[flt, 2], meta=[flt, 3], version=version)
+    if editor_lora:
+        prompt["7"]["inputs"].update(lora_name=editor_lora, enabled=True)
+    return prompt
+
+
+def scripted_review(client: ComfyClient, character: str, correct: int = 2, reject: int = 1) -> dict:
+    """A scripted reviewer judges every pending candidate through the review routes, as a person would in
+    the gallery: the first `correct` get a corrected instruction, the next `reject` are rejected, the rest
+    approved. Returns the store's counts."""
+    items = client.get(f"/flenwheel/review/{character}/items", params={"status": "pending", "limit": 500})
+    ids = [i["id"] for i in items.json()["items"]]
+    if not ids:
+        raise RuntimeError(f"nothing pending for review of {character}")
+    decide = f"/flenwheel/review/{character}/decide"
+    steps = [(ids[:correct], {"action": "correct", "instruction": "rotate the camera 45 degrees to the left, "
+                                                                  "keep the face identical"}),
+             (ids[correct:correct + reject], {"action": "reject", "reasons": ["artefacts"]}),
+             (ids[correct + reject:], {"action": "approve"})]
+    counts: dict = {}
+    for chunk, body in steps:
+        if chunk:
+            r = client.post(decide, {"ids": chunk, "who": "demo reviewer", **body})
+            r.raise_for_status()
+            counts = r.json()["counts"]
+    return counts
 
 
 def write_demo_inputs(input_dir: Path) -> None:
