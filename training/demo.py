@@ -13,11 +13,12 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from .comfy_queue import ComfyClient, ComfyServer, prepare_base_directory
+from .comfy_queue import ComfyClient, ComfyServer, comfyui_path, prepare_base_directory
 from .tiny_models import write_tiny_models
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
@@ -182,6 +183,78 @@ def output_files(base: Path, outputs: dict) -> list[Path]:
     return files
 
 
+CHARACTER = "flen_demo"
+
+
+def _node(prompt: dict, class_type: str) -> str:
+    return next(k for k, v in prompt.items() if v["class_type"] == class_type)
+
+
+def _text(outputs: dict, node_id: str) -> str:
+    return (outputs.get(node_id, {}).get("text") or [""])[0]
+
+
+def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
+    """The whole flywheel on the tiny models; returns what it made (label → path)."""
+    c = CHARACTER
+    out = base / "output" / "flenwheel" / c
+    loras = base / "models" / "loras" / "flenwheel" / c
+    made: dict[str, Path] = {}
+
+    say("1/9 flywheel1_enrich: source photos → angle sweep (Qwen edit + LoRA stack) → identity filter → review queue")
+    say("     (the tiny models draw no faces, so the identity filter rejects every edit: the demo queues the "
+        "filter's rejected side for review anyway)")
+    client.run(enrich_for_review(c, "v1"), timeout=600)
+    counts = scripted_review(client, c)
+    say(f"2/9 scripted reviewer, through the review routes: {counts}")
+
+    say("3/9 flywheel1_train: approved → dataset v1 → char_lora_v1 → model card")
+    train = with_character(load_api_workflow("flywheel1_train"), c)
+    outputs = client.run(train, timeout=600)
+    say("     " + _text(outputs, _node(train, "FLENDatasetWriter")).splitlines()[0])
+    say("     " + _text(outputs, _node(train, "FLENTrainCharacterLoRA")))
+    made.update({"dataset v1": out / "datasets" / "v1", "char_lora_v1": loras / "char_lora_v1.safetensors",
+                 "model card v1": loras / "char_lora_v1.card.json"})
+
+    say("4/9 flywheel1_synthesize: char_lora_v1 → FLUX synthetic set → identity filter → review queue (v2)")
+    synth = with_character(load_api_workflow("flywheel1_synthesize"), c)
+    synth[_node(synth, "FLENLoraStack")]["inputs"]["lora_name"] = f"flenwheel/{c}/char_lora_v1.safetensors"
+    flt, queue = _node(synth, "FLENIdentityFilter"), _node(synth, "FLENReviewQueue")
+    synth[queue]["inputs"].update(images=[flt, 2], meta=[flt, 3], version="v2")
+    client.run(synth, timeout=600)
+    say(f"     reviewed: {scripted_review(client, c, correct=0, reject=1)}")
+
+    say("5/9 flywheel2_editor: corrections → edit pairs v1 → qwen_lora_v1 → angle sweep with it")
+    editor = with_character(load_api_workflow("flywheel2_editor"), c)
+    outputs = client.run(editor, timeout=600)
+    say("     " + _text(outputs, _node(editor, "FLENTrainEditorLoRA")))
+    made.update({"edit pairs v1": out / "edit_pairs" / "v1", "qwen_lora_v1": loras / "qwen_lora_v1.safetensors"})
+
+    say("6/9 flywheel1_enrich again, with qwen_lora_v1 switched on in the stack")
+    client.run(enrich_for_review(c, "v2", editor_lora=f"flenwheel/{c}/qwen_lora_v1.safetensors"), timeout=600)
+    say(f"7/9 scripted reviewer: {scripted_review(client, c)}")
+
+    say("8/9 flywheel1_train again: everything approved → dataset v2 → char_lora_v2 → model card")
+    outputs = client.run(with_character(load_api_workflow("flywheel1_train"), c), timeout=600)
+    say("     " + _text(outputs, _node(train, "FLENDatasetWriter")).splitlines()[0])
+    say("     " + _text(outputs, _node(train, "FLENTrainCharacterLoRA")))
+    made.update({"dataset v2": out / "datasets" / "v2", "char_lora_v2": loras / "char_lora_v2.safetensors",
+                 "model card v2": loras / "char_lora_v2.card.json"})
+
+    say("9/9 compare_versions: the model cards of char_lora_v1 and char_lora_v2 side by side")
+    cmp_prompt = load_api_workflow("compare_versions")
+    node = _node(cmp_prompt, "FLENCompareVersions")
+    cmp_prompt = {k: v for k, v in cmp_prompt.items() if k == node or v["class_type"] == "PreviewImage"}
+    cmp_prompt[node]["inputs"] = {"card_files": f"flenwheel/{c}/char_lora_v1.card.json\n"
+                                                f"flenwheel/{c}/char_lora_v2.card.json", "save": True}
+    outputs = client.run(cmp_prompt, timeout=600)
+    table = _text(outputs, node)
+    say("     " + "\n     ".join(table.splitlines()))
+    saved = [Path(line[len("saved "):]) for line in table.splitlines() if line.startswith("saved ")]
+    made["comparison"] = next((p for p in saved if p.name.endswith(".compare.json")), out / "model_cards")
+    return made
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path,
@@ -190,28 +263,39 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base: Path = args.workdir.resolve()
     t0 = time.monotonic()
-    print(f"[demo] writing tiny models to {base / 'models'}", flush=True)
+
+    def say(msg: str) -> None:
+        print(f"[demo {time.monotonic() - t0:5.0f} s] {msg}", flush=True)
+
+    say(f"writing tiny models to {base / 'models'}")
     write_tiny_models(base / "models", seed=0)
+    for old in (base / "output" / "flenwheel" / CHARACTER, base / "models" / "loras" / "flenwheel" / CHARACTER):
+        if old.exists():  # a fresh loop each run: v1 and v2 again, not v3 and v4
+            say(f"removing the previous demo run's {old}")
+            shutil.rmtree(old)
     prepare_base_directory(base, None)
     write_demo_inputs(base / "input")
     server = ComfyServer(base, python=sys.executable)
-    print("[demo] starting ComfyUI headless with FLENwheel", flush=True)
+    say("starting ComfyUI headless with FLENwheel; every step below is a shipped workflow queued through "
+        "POST /prompt")
     server.start()
     try:
         client = ComfyClient(server.url)
-        files = []
-        for name in ("flen_synthetic_flux", "flen_angle_sweep"):
-            print(f"[demo] queueing workflows/{name}.json through POST /prompt", flush=True)
-            files += output_files(base, client.run(load_api_workflow(name), timeout=600))
+        say(f"review gallery while the demo runs: {server.url}/flenwheel/review/page")
+        made = run_loop(client, base, say)
     finally:
         server.stop()
-    if not files:
-        print("[demo] the workflow finished but saved no images", file=sys.stderr)
-        return 1
-    print(f"[demo] done in {time.monotonic() - t0:.0f} s. Results:")
-    for f in files:
-        print(f"  {f}")
+    missing = [label for label, path in made.items() if not path.exists()]
+    say("done. What the loop made:")
+    for label, path in made.items():
+        print(f"  {label:14s} {path}{'   (MISSING)' if not path.exists() else ''}")
     print(f"[demo] ComfyUI log: {server.log_path}")
+    print("[demo] the demo stopped its ComfyUI. To look at the review gallery again:\n"
+          f"  cd {comfyui_path()} && {sys.executable} main.py --cpu --port 8188 --base-directory {base}\n"
+          "  then open http://127.0.0.1:8188/flenwheel/review/page (character flen_demo)")
+    if missing:
+        print(f"[demo] missing outputs: {', '.join(missing)}", file=sys.stderr)
+        return 1
     return 0
 
 
