@@ -37,7 +37,6 @@ import json
 import os
 import re
 import string
-import tempfile
 import threading
 import time
 import uuid
@@ -50,6 +49,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .atomic_files import atomic_write
+from .atomic_files import fsync_dir as _fsync_dir
 from .errors import FlenUserError
 from .review_store import validate_character, workspace_root
 
@@ -76,36 +77,6 @@ _BAD_TOKEN_CHARS = set('/\\:*?"<>|{},')
 _MAX_TOKEN = 100
 _MAX_CAPTION = 2000
 
-
-# ---- atomic files -----------------------------------------------------------------------------
-
-def _fsync_dir(path: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` so that a reader sees the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # ".part", not the real suffix: a trainer scanning the folder for *.png never sees a half file
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:

@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sqlite3
-import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .atomic_files import atomic_write
 from .errors import FlenUserError
 
 STATUSES = ("pending", "approved", "rejected", "corrected")
@@ -137,23 +137,6 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
 
 # ---- files ------------------------------------------------------------------------------------
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def _png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=4)
@@ -249,8 +232,8 @@ class ReviewStore:
             pil = to_pil(image)
             stem = uuid.uuid4().hex
             image_name, thumb_name = f"candidates/{stem}.png", f"candidates/{stem}.thumb.jpg"
-            _atomic_write(self.root / image_name, _png_bytes(pil))
-            _atomic_write(self.root / thumb_name, _thumb_bytes(pil))
+            atomic_write(self.root / image_name, _png_bytes(pil))
+            atomic_write(self.root / thumb_name, _thumb_bytes(pil))
             if len(source_names) == len(images) and len(images) > 1:
                 mine = [source_names[k]]
             else:
@@ -276,7 +259,7 @@ class ReviewStore:
         data = _png_bytes(to_pil(image))
         name = f"sources/{hashlib.sha256(data).hexdigest()[:32]}.png"
         if not (self.root / name).exists():
-            _atomic_write(self.root / name, data)
+            atomic_write(self.root / name, data)
         return name
 
     def _candidate_row(self, meta: dict[str, Any], run_id: str, version: str, image: str, thumb: str,
@@ -460,7 +443,7 @@ class ReviewStore:
             except Exception as exc:
                 raise FlenUserError("The uploaded fixed image is not a readable image.") from exc
             fixed_name = f"corrections/{uuid.uuid4().hex}.png"
-            _atomic_write(self.root / fixed_name, _png_bytes(pil))
+            atomic_write(self.root / fixed_name, _png_bytes(pil))
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
