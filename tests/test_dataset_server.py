@@ -8,32 +8,16 @@ import uuid
 
 import pytest
 from PIL import Image
+from review_prompts import COLORS, review_prompt
 
 from engines import dataset as ds
 
 pytestmark = pytest.mark.server
 
-COLORS = [0xFF0000, 0x00FF00, 0x0000FF, 0xFFFF00]
 
 
 def rgb(c: int) -> tuple[int, int, int]:
     return (c >> 16 & 255, c >> 8 & 255, c & 255)
-
-
-def queue_prompt(character: str, run_id: str) -> dict:
-    """One EmptyImage per colour → ImageBatch chain → FLENReviewQueue (the first image as the source)."""
-    prompt: dict = {}
-    for k, color in enumerate(COLORS):
-        prompt[f"img{k}"] = {"class_type": "EmptyImage",
-                             "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": color}}
-    last = ["img0", 0]
-    for k in range(1, len(COLORS)):
-        prompt[f"batch{k}"] = {"class_type": "ImageBatch", "inputs": {"image1": last, "image2": [f"img{k}", 0]}}
-        last = [f"batch{k}", 0]
-    prompt["queue"] = {"class_type": "FLENReviewQueue",
-                       "inputs": {"images": last, "character": character, "run_id": run_id, "version": "v1",
-                                  "source_images": ["img0", 0]}}
-    return prompt
 
 
 def writer_prompt(character: str, version: str = "new", run_id: str = "") -> dict:
@@ -50,7 +34,7 @@ def writer_prompt(character: str, version: str = "new", run_id: str = "") -> dic
 def judged(comfy):
     """Four candidates queued; over HTTP: 0 and 2 approved, 1 rejected, 3 approved then undone."""
     character = "ds_" + uuid.uuid4().hex[:10]
-    comfy.run(queue_prompt(character, "night1"))
+    comfy.run(review_prompt(character, run_id="night1"))
     ids = [i["id"] for i in comfy.get(f"/flenwheel/review/{character}/items").json()["items"]]
     decide = f"/flenwheel/review/{character}/decide"
     assert comfy.post(decide, {"ids": [ids[0], ids[2]], "action": "approve", "who": "ann"}).status_code == 200
@@ -103,7 +87,7 @@ def test_frozen_version_is_refused_through_the_queue(comfy, comfy_server, judged
 
 def test_empty_batch_is_a_clear_error(comfy):
     character = "ds_" + uuid.uuid4().hex[:10]
-    comfy.run(queue_prompt(character, "r"))  # nothing approved
+    comfy.run(review_prompt(character, run_id="r"))  # nothing approved
     error = comfy.run_error(writer_prompt(character))
     assert error["node_type"] == "FLENDatasetWriter" and "batch is empty" in error["exception_message"]
 
