@@ -354,6 +354,17 @@ def quantization_config(cfg: TrainConfig, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+def load_transformer(model_cls, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The base transformer of ``cfg.model``: NF4 (bitsandbytes places it on the GPU itself) or ``dtype`` on
+    ``device``."""
+    q = quantization_config(cfg, dtype)
+    kwargs = {"quantization_config": q} if q is not None else {}
+    model = model_cls.from_pretrained(cfg.model, subfolder="transformer", dtype=dtype, **kwargs)
+    if q is None:
+        model.to(device)
+    return model
+
+
 def software_versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("diffusers", "peft", "transformers", "safetensors", "bitsandbytes"):

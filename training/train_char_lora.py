@@ -190,15 +190,9 @@ class CharLoraTask(TrainTask):
     def load_transformer(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import FluxTransformer2DModel
 
-        from training.lora_training import quantization_config
+        from training.lora_training import load_transformer
 
-        q = quantization_config(self.cfg, dtype)
-        kwargs = {"quantization_config": q} if q is not None else {}
-        model = FluxTransformer2DModel.from_pretrained(self.cfg.model, subfolder="transformer", dtype=dtype,
-                                                       **kwargs)
-        if q is None:
-            model.to(device)
-        return model
+        return load_transformer(FluxTransformer2DModel, self.cfg, device, dtype)
 
     def predict(self, transformer, noisy, t, cond):
         return flux_predict(transformer, noisy, t, cond, self.cfg.guidance)

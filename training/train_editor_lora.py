@@ -29,9 +29,9 @@ from training.lora_training import (
     bucket_sizes,
     fit_image,
     image_to_tensor,
+    load_transformer,
     main_for,
     pick_bucket,
-    quantization_config,
     release_memory,
     tensor_to_image,
 )
@@ -136,13 +136,7 @@ class EditorLoraTask(TrainTask):
     def load_transformer(self, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
         from diffusers import QwenImageTransformer2DModel
 
-        q = quantization_config(self.cfg, dtype)
-        kwargs = {"quantization_config": q} if q is not None else {}
-        model = QwenImageTransformer2DModel.from_pretrained(self.cfg.model, subfolder="transformer", dtype=dtype,
-                                                            **kwargs)
-        if q is None:
-            model.to(device)
-        return model
+        return load_transformer(QwenImageTransformer2DModel, self.cfg, device, dtype)
 
     def predict(self, transformer, noisy, t, cond):
         return qwen_edit_predict(transformer, noisy, t, cond)
