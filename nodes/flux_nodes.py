@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..engines import flux_pipeline, prompt_templates
+from ..engines.diffusers_folder import PRECISIONS
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
 from . import comfy_bridge as bridge
@@ -27,7 +28,7 @@ class FLENFluxLoader(io.ComfyNode):
                 io.Combo.Input("model", options=bridge.diffusers_folders(),
                                tooltip="A diffusers FLUX.1 folder (with model_index.json) in models/diffusers, "
                                        "e.g. black-forest-labs/FLUX.1-dev."),
-                io.Combo.Input("precision", options=["bf16", "fp32", "fp8", "nf4"], default="bf16",
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
                                tooltip="bf16: full quality. fp8: e4m3 transformer weights (half the memory). "
                                        "nf4: 4-bit bitsandbytes transformer. fp8 and nf4 need an NVIDIA GPU."),
             ],

@@ -9,6 +9,7 @@ from comfy_api.v0_0_2 import io
 
 from ..engines import qwen_edit
 from ..engines.angle_catalogue import LANGUAGES, PRESETS, sweep_lines
+from ..engines.diffusers_folder import PRECISIONS
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
 from . import comfy_bridge as bridge
@@ -63,7 +64,7 @@ class FLENQwenEditLoader(io.ComfyNode):
                 io.Combo.Input("model", options=bridge.diffusers_folders(),
                                tooltip="A diffusers Qwen-Image-Edit-2509 folder (with model_index.json) "
                                        "in models/diffusers."),
-                io.Combo.Input("precision", options=["bf16", "fp32", "fp8", "nf4"], default="bf16",
+                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
                                tooltip="bf16: full quality (≈41 GB transformer, needs offloading on 24 GB). "
                                        "fp8: e4m3 transformer weights. nf4: 4-bit bitsandbytes transformer. "
                                        "fp8 and nf4 need an NVIDIA GPU."),
