@@ -1,6 +1,6 @@
 """Identity filter throughput: engines.identity vs calling insightface's FaceAnalysis.get in a plain loop.
 
-    python benchmarks/bench_identity.py [--batch 16] [--repeats 5] [--providers cpu|auto]
+    python benchmarks/bench_identity.py [--batch 16] [--repeats 5] [--providers cpu|auto] [--backend insightface|dlib]
 
 Writes the tiny face pack (flen-tiny) into a temporary folder, then times, on the same batch of synthetic
 256x256 faces (one face each, a few identities and positions):
@@ -8,6 +8,11 @@ Writes the tiny face pack (flen-tiny) into a temporary folder, then times, on th
 * reference building: ``build_bank`` (detect + choose + embed + pose per photo) vs ``FaceAnalysis.get`` per photo;
 * filtering: ``score_images`` (detect + embed + pose + cosine + routing per image) vs ``FaceAnalysis.get`` per image
   plus a cosine to the first reference.
+
+``--backend dlib`` times the dlib back-end (engines.identity_dlib, weights from face_recognition_models) on
+real photos instead: the batch cycles scikit-image's astronaut and single-face crops of insightface's group
+photo t1.jpg; the direct side is dlib called in a plain loop (HOG detector, 5-point predictor,
+``compute_face_descriptor`` of the first face, plus the cosine for filtering).
 
 Images/second is the median over ``--repeats`` runs after one warm-up; ratio = pack / direct (> 1: the pack is
 faster). Nothing is downloaded.
@@ -53,7 +58,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--providers", choices=["cpu", "auto"], default="cpu")
+    ap.add_argument("--backend", choices=["insightface", "dlib"], default="insightface")
     args = ap.parse_args(argv)
+    if args.backend == "dlib":
+        return bench_dlib(args.batch, args.repeats)
     providers = ["CPUExecutionProvider"] if args.providers == "cpu" else idn.available_providers()
 
     from insightface.app import FaceAnalysis
@@ -86,6 +94,55 @@ def main(argv=None) -> int:
     print(f"providers: {', '.join(providers)}; batch {args.batch}; median of {args.repeats} runs; "
           f"tiny pack {tm.INSIGHTFACE_PACK}, 256x256 images, det_size 640")
     print("| step | FLENwheel (img/s) | FaceAnalysis.get loop (img/s) | ratio |")
+    print("|---|---|---|---|")
+    for step, (ours, direct) in results.items():
+        print(f"| {step} | {ours:.1f} | {direct:.1f} | {ours / direct:.2f} |")
+    return 0
+
+
+def _real_photos(n: int) -> tuple[list[np.ndarray], str]:
+    import importlib.util
+
+    from PIL import Image
+    from skimage import data
+
+    folder = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    group = np.asarray(Image.open(folder / "t1.jpg").convert("RGB"))
+    boxes = [(65, 284, 170, 389), (734, 365, 838, 470), (1114, 284, 1218, 389), (452, 300, 578, 425)]
+    crops = [np.ascontiguousarray(group[y1 - (y2 - y1) // 2:y2 + (y2 - y1) // 2,
+                                        x1 - (x2 - x1) // 2:x2 + (x2 - x1) // 2]) for x1, y1, x2, y2 in boxes]
+    pool = [data.astronaut()] + crops
+    shapes = ", ".join(f"{im.shape[1]}x{im.shape[0]}" for im in pool)
+    return [pool[k % len(pool)] for k in range(n)], f"astronaut + 4 face crops of t1.jpg ({shapes}), cycled"
+
+
+def bench_dlib(batch: int, repeats: int) -> int:
+    import dlib
+
+    from engines import identity_dlib as idd
+
+    model = idn.load_face_model("", idd.DLIB_MODEL, 640)
+    folder = idd.models_folder()
+    detector = dlib.get_frontal_face_detector()
+    predictor = dlib.shape_predictor(str(folder / idd.PREDICTOR_FILE))
+    recogniser = dlib.face_recognition_model_v1(str(folder / idd.RECOGNISER_FILE))
+    rgb, what = _real_photos(batch)
+    bank = idn.build_bank(model, rgb[:1])
+    ref = bank.references[0].embedding
+
+    def embed(im):
+        rect = detector(im, 0)[0]
+        d = np.asarray(recogniser.compute_face_descriptor(im, predictor(im, rect)), np.float32)
+        return d / np.linalg.norm(d)
+
+    results = {
+        "reference": (_rate(lambda: idn.build_bank(model, rgb), batch, repeats),
+                      _rate(lambda: [embed(im) for im in rgb], batch, repeats)),
+        "filter": (_rate(lambda: idn.score_images(bank, model, rgb, threshold=0.92), batch, repeats),
+                   _rate(lambda: [float(embed(im) @ ref) for im in rgb], batch, repeats)),
+    }
+    print(f"dlib {dlib.__version__} on CPU; batch {batch}; median of {repeats} runs; {what}")
+    print("| step | FLENwheel dlib back-end (img/s) | dlib plain loop (img/s) | ratio |")
     print("|---|---|---|---|")
     for step, (ours, direct) in results.items():
         print(f"| {step} | {ours:.1f} | {direct:.1f} | {ours / direct:.2f} |")

@@ -11,7 +11,9 @@ Plain Python (numpy, OpenCV, PIL, insightface, onnxruntime); nothing here import
   generic 3-D 5-point face under scaled orthographic projection (used when the pack has no 3-D
   landmark model; with one, insightface's own pose is used).
 * :func:`build_bank` turns reference photos into an :class:`IdentityBank`; :func:`score_images`
-  scores candidates against it and routes them to passed / rejected with a reason.
+  scores candidates against it and routes them to passed / rejected with a reason. Both take any
+  :class:`FaceBackend`: an insightface pack (:class:`FaceModel`) or dlib's recogniser
+  (:mod:`engines.identity_dlib`, chosen by the name ``identity_dlib.DLIB_MODEL``).
 
 Pose convention (degrees): yaw > 0 the face turns toward the image's right, pitch > 0 the face looks
 up, roll > 0 the head tilts counter-clockwise in the image.
@@ -24,6 +26,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -34,6 +37,8 @@ from .errors import FlenUserError
 # recognisers (~0.28-0.35), leaning to precision because a wrong face in a LoRA dataset costs more than a
 # missed good one; tune per character with the score table.
 DEFAULT_THRESHOLD = 0.40
+# dlib's recogniser has its own scale (different people score ~0.8-0.9): see engines/identity_dlib.py.
+DLIB_THRESHOLD = 0.92
 DECIDE_BY = ("mean", "best")
 FACE_RULES = ("largest", "most_central", "highest_score")
 SEVERAL_FACES = ("reject", "use chosen face")
@@ -133,6 +138,15 @@ class Analysis:
         return None if self.chosen is None else [round(float(v), 1) for v in self.faces[self.chosen].box]
 
 
+class FaceBackend(Protocol):
+    """What build_bank / score_images need of a face model (insightface pack or dlib)."""
+    name: str
+    providers: tuple[str, ...]
+    det_size: int
+
+    def analyse(self, rgb: np.ndarray, face_rule: str = "largest") -> Analysis: ...
+
+
 class FaceModel:
     """A loaded insightface pack: detector + recogniser (+ 3-D landmarks when present), loaded once."""
 
@@ -208,8 +222,13 @@ _models: dict[tuple[str, tuple[str, ...], int], FaceModel] = {}
 
 
 def load_face_model(root: str | Path, name: str, det_size: int = 640,
-                    providers: Sequence[str] | None = None) -> FaceModel:
-    """The pack ``<root>/models/<name>``, loaded once per (folder, providers, det_size)."""
+                    providers: Sequence[str] | None = None) -> FaceBackend:
+    """The pack ``<root>/models/<name>``, loaded once per (folder, providers, det_size); the name
+    ``identity_dlib.DLIB_MODEL`` gives dlib's back-end instead (``root`` and ``providers`` unused)."""
+    from . import identity_dlib
+
+    if name == identity_dlib.DLIB_MODEL:
+        return identity_dlib.load_dlib_model(det_size)
     onnx_dir = pack_folder(root, name)
     provs = tuple(providers) if providers else tuple(available_providers())
     key = (str(onnx_dir.resolve()), provs, int(det_size))
@@ -219,6 +238,27 @@ def load_face_model(root: str | Path, name: str, det_size: int = 640,
             model = FaceModel(onnx_dir, name, provs, int(det_size))
             _models[key] = model
         return model
+
+
+def model_choices(packs: Sequence[str]) -> list[str]:
+    """The face-model choices: the insightface packs found, then dlib's back-end when it is installed."""
+    from . import identity_dlib
+
+    return list(packs) + ([identity_dlib.DLIB_MODEL] if identity_dlib.available() else [])
+
+
+def default_threshold(model_name: str) -> float:
+    from . import identity_dlib
+
+    return DLIB_THRESHOLD if model_name == identity_dlib.DLIB_MODEL else DEFAULT_THRESHOLD
+
+
+def effective_threshold(bank: IdentityBank, threshold: float) -> float:
+    """The threshold to use: the one given, except that the untouched ArcFace default (0.40) on a bank of
+    another back-end (dlib, where every face scores above 0.8) means that back-end's default."""
+    if abs(threshold - DEFAULT_THRESHOLD) < 1e-9:
+        return default_threshold(bank.pack)
+    return threshold
 
 
 def choose_face(faces: Sequence[Detection], width: int, height: int, rule: str = "largest") -> int:
@@ -259,20 +299,48 @@ def rotation_matrix(yaw: float, pitch: float, roll: float) -> np.ndarray:
     return ry @ rx @ rz
 
 
+@dataclass
+class PoseFit:
+    """A scaled orthographic fit of a 3-D point model to image points: image = centre + scale * R[:2] (X - m)."""
+    rotation: np.ndarray       # 3 x 3, rows orthonormal
+    scale: float               # pixels per model unit
+    image_centre: np.ndarray   # mean of the image points (x right, y up)
+    model_centre: np.ndarray   # mean of the model points
+
+    def project(self, points: np.ndarray) -> np.ndarray:
+        """Image positions (x right, y down) of other points of the model's frame under this fit."""
+        q = (np.asarray(points, np.float64) - self.model_centre) @ self.rotation[:2].T * self.scale
+        q += self.image_centre
+        q[:, 1] = -q[:, 1]
+        return q
+
+
+def fit_pose(kps: np.ndarray, model: np.ndarray = FACE_MODEL_3D) -> PoseFit:
+    """Least-squares affine projection of ``model`` (N x 3) onto the image points (N x 2, y down), made the
+    nearest scaled rotation."""
+    p = np.asarray(kps, np.float64).reshape(-1, 2).copy()
+    p[:, 1] = -p[:, 1]                       # image y down -> y up
+    pc = p.mean(axis=0)
+    p -= pc
+    mc = model.mean(axis=0)
+    m = model - mc
+    proj, *_ = np.linalg.lstsq(m, p, rcond=None)   # m @ proj ~ p ; proj is 3 x 2
+    u, s, vt = np.linalg.svd(proj.T, full_matrices=False)   # nearest matrix with orthonormal rows
+    rows = u @ vt
+    rot = np.stack([rows[0], rows[1], np.cross(rows[0], rows[1])])
+    return PoseFit(rot, float(s.mean()), pc, mc)
+
+
 def pose_from_keypoints(kps: np.ndarray, model: np.ndarray = FACE_MODEL_3D) -> tuple[float, float, float]:
     """(yaw, pitch, roll) in degrees from 5 image keypoints (x right, y down), by a least-squares scaled
     orthographic fit of the generic 3-D face. Exact for noise-free orthographic views; with 5 points the
-    fit is well-posed at every yaw, but real detectors rarely give usable keypoints beyond |yaw| ~ 70."""
-    p = np.asarray(kps, np.float64).reshape(5, 2).copy()
-    p[:, 1] = -p[:, 1]                       # image y down -> y up
-    p -= p.mean(axis=0)
-    m = model - model.mean(axis=0)
-    proj, *_ = np.linalg.lstsq(m, p, rcond=None)   # m @ proj ~ p ; proj is 3 x 2
-    u, _s, vt = np.linalg.svd(proj.T, full_matrices=False)   # nearest matrix with orthonormal rows
-    rows = u @ vt
-    r1, r2 = rows[0], rows[1]
-    r3 = np.cross(r1, r2)
-    rot = np.stack([r1, r2, r3])
+    fit is well-posed at every yaw, but real detectors rarely give usable keypoints beyond |yaw| ~ 70.
+    Another ``model`` (N x 3, same frame) takes N image points."""
+    return pose_angles(fit_pose(kps, model).rotation)
+
+
+def pose_angles(rot: np.ndarray) -> tuple[float, float, float]:
+    """(yaw, pitch, roll) of a rotation made by :func:`rotation_matrix`, rounded to 0.01 degree."""
     b = math.asin(max(-1.0, min(1.0, -rot[1, 2])))
     yaw = math.degrees(math.atan2(rot[0, 2], rot[2, 2]))
     roll = math.degrees(math.atan2(rot[1, 0], rot[1, 1]))
@@ -407,7 +475,7 @@ def to_uint8(images) -> list[np.ndarray]:
     return [np.ascontiguousarray((np.clip(a[..., :3], 0.0, 1.0) * 255.0).round().astype(np.uint8)) for a in arr]
 
 
-def build_bank(model: FaceModel, images: Sequence[np.ndarray], root: str | Path = "",
+def build_bank(model: FaceBackend, images: Sequence[np.ndarray], root: str | Path = "",
                on_image: Callable[[int, int], None] | None = None) -> IdentityBank:
     """One reference per photo with exactly one face; photos with none or several are listed as skipped.
     Raises FlenUserError when no photo is usable."""
@@ -432,7 +500,7 @@ def build_bank(model: FaceModel, images: Sequence[np.ndarray], root: str | Path 
                         references=refs, skipped=skipped)
 
 
-def bank_model(bank: IdentityBank) -> FaceModel:
+def bank_model(bank: IdentityBank) -> FaceBackend:
     return load_face_model(bank.pack_root, bank.pack, bank.det_size, bank.providers)
 
 
@@ -457,7 +525,7 @@ class ScoreRow:
         return dict(self.__dict__)
 
 
-def score_images(bank: IdentityBank, model: FaceModel, images: Sequence[np.ndarray], *,
+def score_images(bank: IdentityBank, model: FaceBackend, images: Sequence[np.ndarray], *,
                  threshold: float = DEFAULT_THRESHOLD, decide_by: str = "mean", face_rule: str = "largest",
                  several_faces: str = "reject",
                  on_image: Callable[[int, int], None] | None = None) -> list[ScoreRow]:

@@ -15,7 +15,9 @@ from .flen_types import CATEGORY, IdentityType, MetaType
 
 EMPTY_MODES = ("skip downstream", "empty batch")
 _LICENCE = ("insightface's pretrained packs (buffalo_l, antelopev2, …) are licensed for non-commercial "
-            "research only; check the licence of the pack you pick.")
+            "research only; check the licence of the pack you pick. The dlib entry (listed when dlib-bin and "
+            "face_recognition_models are installed) uses dlib's recogniser and 5-point landmarks, released "
+            "under CC0: usable commercially; its HOG detector misses strong profiles.")
 
 
 def _pil_to_image(img) -> torch.Tensor:
@@ -34,12 +36,13 @@ class FLENIdentityReference(io.ComfyNode):
                         "photos cover. Photos with no face or several faces are reported and not used.",
             inputs=[
                 io.Image.Input("images", tooltip="The pristine photos of the character (a batch; one face each)."),
-                io.Combo.Input("face_model", options=bridge.insightface_packs(),
+                io.Combo.Input("face_model", options=engine.model_choices(bridge.insightface_packs()),
                                tooltip="An insightface pack folder in models/insightface/models (e.g. buffalo_l, "
                                        "antelopev2). Nothing is downloaded. " + _LICENCE),
                 io.Int.Input("det_size", default=640, min=128, max=2048, step=32,
                              tooltip="Face detector input size in pixels. When no face is found the detector "
-                                     "retries at half the size, down to 128."),
+                                     "retries at half the size, down to 128. dlib: images are scaled down to "
+                                     "twice this on the longer side; when no face is found it upsamples 2x once."),
             ],
             outputs=[
                 IdentityType.Output(display_name="identity",
@@ -78,8 +81,9 @@ class FLENIdentityFilter(io.ComfyNode):
                 IdentityType.Input("identity", tooltip="The identity bank from FLEN Identity Reference."),
                 io.Float.Input("threshold", default=engine.DEFAULT_THRESHOLD, min=-1.0, max=1.0, step=0.01,
                                tooltip="Minimum cosine similarity to pass. Default 0.40 suits insightface's "
-                                       "ArcFace packs (buffalo_l, antelopev2); see the node's doc page for how "
-                                       "it was chosen and use the score table to tune it."),
+                                       "ArcFace packs (buffalo_l, antelopev2); left at 0.40 with a dlib bank it "
+                                       "means dlib's default, 0.92 (different people score 0.8-0.9 there). See "
+                                       "the node's doc page for how both were chosen; tune with the score table."),
                 io.Combo.Input("decide_by", options=list(engine.DECIDE_BY), default="mean",
                                tooltip="mean: similarity to the mean of all references (steady). best: to the "
                                        "closest single reference (kinder to angles only one reference shows)."),
@@ -122,6 +126,7 @@ class FLENIdentityFilter(io.ComfyNode):
             raise FlenUserError(f"FLEN Identity Filter: meta has {len(meta)} record(s) but images has {n}; "
                                 "connect the meta that came with these images.")
         model = engine.bank_model(bank)
+        threshold = engine.effective_threshold(bank, threshold)
         progress = bridge.Progress(n)
         rows = engine.score_images(bank, model, engine.to_uint8(images), threshold=threshold, decide_by=decide_by,
                                    face_rule=face_rule, several_faces=several_faces, on_image=progress)

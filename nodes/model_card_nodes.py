@@ -85,6 +85,7 @@ class FLENModelCard(io.ComfyNode):
         bank = identity
         if not hasattr(bank, "references"):
             raise FlenUserError("FLEN Model Card: the identity input must come from FLEN Identity Reference.")
+        threshold = engine.identity.effective_threshold(bank, threshold)   # 0.40 on a dlib bank: dlib's default
         cells = engine.parse_prompt_set(prompt_set)
         settings = engine.CardSettings(width=width, height=height, steps=steps, guidance=guidance,
                                        instance_token=instance_token.strip(), threshold=threshold, cell_px=cell_size)
