@@ -137,3 +137,43 @@ def test_face_model_combo_lists_the_pack_and_says_the_licence(comfy):
     combo = spec["input"]["required"]["face_model"]
     assert tm.INSIGHTFACE_PACK in combo[1]["options"]
     assert "non-commercial research only" in combo[1]["tooltip"]
+
+
+# ---- the dlib back-end on real photos (weights from face_recognition_models) ---------------------------------
+
+DLIB = "dlib (face_recognition_models, commercial-use weights)"
+
+
+@pytest.fixture(scope="module")
+def real_inputs(comfy_server):
+    """scikit-image's astronaut and insightface's Tom Hanks sample (scaled to 512x512 so they batch)."""
+    import importlib.util
+    from pathlib import Path
+
+    from skimage import data
+
+    folder = comfy_server.base / "input"
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = Path(next(iter(importlib.util.find_spec("insightface").submodule_search_locations))) / "data" / "images"
+    Image.fromarray(data.astronaut()).save(folder / "idf_astronaut.png")
+    Image.open(samples / "Tom_Hanks_54745.png").convert("RGB").resize((512, 512), Image.LANCZOS).save(
+        folder / "idf_hanks.png")
+    return folder
+
+
+def test_dlib_back_end_builds_the_bank_and_filters_real_photos(comfy, comfy_server, real_inputs):
+    spec = comfy.get("/object_info/FLENIdentityReference").json()["FLENIdentityReference"]
+    assert DLIB in spec["input"]["required"]["face_model"][1]["options"]
+    prompt = _prompt(["idf_astronaut.png"], ["idf_astronaut.png", "idf_hanks.png"], threshold=0.40,
+                     prefix="idf_dlib")
+    prompt["10"]["inputs"]["face_model"] = DLIB
+    outputs = comfy.run(prompt)
+    report = outputs["10"]["text"][0]
+    assert f"Identity bank ({DLIB}): 1 reference photo(s) used" in report and "frontal / level" in report
+    table = _table(outputs)
+    assert table["threshold"] == 0.92                     # 0.40 left as is on a dlib bank: dlib's default
+    rows = table["rows"]
+    assert [r["reason"] for r in rows] == [None, "below threshold"]
+    assert rows[0]["score"] == pytest.approx(1.0, abs=1e-3) and rows[1]["score"] < 0.9
+    assert abs(rows[0]["yaw"]) < 10 and rows[0]["faces"] == 1
+    assert len(output_files(comfy_server.base, {"12": outputs["12"]})) == 1
