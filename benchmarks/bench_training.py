@@ -138,6 +138,7 @@ def main(argv=None) -> int:
             steps = [e for e in events if e["event"] == "step"]
             timed = steps[2:]  # two warm-up steps, as the baseline
             res["s_per_step"] = round((timed[-1]["t"] - steps[1]["t"]) / len(timed), 3)
+            res["step_s"] = [round(b["t"] - a["t"], 3) for a, b in zip(steps[1:-1], timed, strict=True)]
             res["final_loss"] = steps[-1]["loss"]
             if cuda:
                 res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)

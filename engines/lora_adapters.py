@@ -1,12 +1,17 @@
 """Applies a LoRA stack to a diffusers pipeline as named adapters, loading each file once.
 
 Changing a strength or switching an entry off only calls ``set_adapters``; a file is read
-again only when it changed on disk.
+again only when it changed on disk. Once the adapters are set, each LoRA layer's active adapters
+are concatenated into one low-rank pair with the strengths folded in (``stack_adapters``): peft runs
+every adapter separately and makes several full-size passes over the layer's output for each, which
+cost Qwen-Image-Edit 18 % per step with two LoRAs on an H100; one pair added in place costs a
+fraction of that and gives the same sum.
 """
 
 from __future__ import annotations
 
 import os
+import types
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -82,6 +87,57 @@ def _lift_fp8_lora_weights(transformer: torch.nn.Module) -> None:
             param.data = param.data.to(torch.bfloat16)
 
 
+def _stacked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Installed on a peft LoRA layer's instance: base output plus (x·Aᵀ)·Bᵀ with every active adapter
+    concatenated into A and B and the scalings folded into B."""
+    result = self.base_layer(x, *args, **kwargs)
+    down, up = self._flen_stacked
+    if not result.is_contiguous():
+        result = result.contiguous()
+    flat = result.view(-1, result.shape[-1])
+    low = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]).to(down.dtype), down).to(result.dtype)
+    if torch.is_grad_enabled() and (flat.requires_grad or low.requires_grad):
+        return torch.addmm(flat, low, up.t()).view_as(result)
+    flat.addmm_(low, up.t())  # in place: one read and one write of the output, not peft's several
+    return result
+
+
+def stack_adapters(transformer: torch.nn.Module) -> int:
+    """Replaces peft's per-adapter loop by one concatenated low-rank pair on every LoRA layer whose
+    active adapters are plain LoRA (no DoRA or other variants, no dropout in training); returns how many
+    layers were stacked. Must be undone (``unstack_adapters``) before peft's adapter state changes."""
+    from peft.tuners.lora import LoraLayer
+
+    stacked = 0
+    for module in transformer.modules():
+        if not isinstance(module, LoraLayer) or not isinstance(module, torch.nn.Module):
+            continue
+        module.__dict__.pop("forward", None)
+        if module.disable_adapters or module.merged or not hasattr(module, "lora_A"):
+            continue
+        names = [a for a in module.active_adapters if a in module.lora_A]
+        if not names or any(a in getattr(module, "lora_variant", {}) for a in names):
+            continue
+        if any(getattr(module.lora_dropout[a], "p", 0.0) and module.training for a in names):
+            continue
+        dtype = module.lora_A[names[0]].weight.dtype
+        with torch.no_grad():
+            down = torch.cat([module.lora_A[a].weight.to(dtype) for a in names], dim=0)
+            up = torch.cat([module.lora_B[a].weight.to(dtype) * module.scaling[a] for a in names], dim=1)
+        module._flen_stacked = (down.contiguous(), up.contiguous())
+        module.forward = types.MethodType(_stacked_forward, module)
+        stacked += 1
+    return stacked
+
+
+def unstack_adapters(transformer: torch.nn.Module) -> None:
+    """Gives every LoRA layer back peft's own forward (before loading, deleting or re-weighting adapters)."""
+    for module in transformer.modules():
+        if "_flen_stacked" in module.__dict__:
+            module.__dict__.pop("forward", None)
+            del module._flen_stacked
+
+
 @dataclass
 class _Loaded:
     adapter: str
@@ -94,6 +150,7 @@ class AdapterCache:
         self.architecture = architecture
         self._loaded: dict[str, _Loaded] = {}  # by absolute path
         self.file_reads = 0  # how many LoRA files were read from disk (tests watch this)
+        self.stacked_layers = 0  # LoRA layers running the concatenated pair (see stack_adapters)
 
     def _ensure_loaded(self, entry: LoraEntry) -> str:
         try:
@@ -127,6 +184,8 @@ class AdapterCache:
         return dict(state_dict)
 
     def apply(self, stack: LoraStack) -> None:
+        unstack_adapters(self.pipe.transformer)
+        self.stacked_layers = 0
         active = stack.active()
         if not active:
             if self._loaded:
@@ -138,6 +197,7 @@ class AdapterCache:
             raise FlenUserError("The same LoRA is in the stack twice; keep one entry and set its strength.")
         self.pipe.enable_lora()
         self.pipe.set_adapters(names, adapter_weights=weights)
+        self.stacked_layers = stack_adapters(self.pipe.transformer)
 
 
 @dataclass

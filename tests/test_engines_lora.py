@@ -154,3 +154,31 @@ def test_generate_many_encodes_once_and_matches_single_generations(flux):
     single, _ = flux_pipeline.generate(flux, flux_pipeline.FluxRequest(prompts=("a smiling face",), seed=4, **SMALL),
                                        LoraStack(), LocalHost())
     assert torch.equal(images[1:2], single)
+
+
+def test_stacked_adapters_equal_peft_per_adapter_loop(flux, tiny_models):
+    """The concatenated low-rank pair gives what peft's own loop over the adapters gives, layer by layer,
+    with and without grad (in place only when no grad is needed)."""
+    stack = (LoraStack().extended(_entry(tiny_models, "flux_lora_a.safetensors", 0.7))
+             .extended(_entry(tiny_models, "flux_lora_b.safetensors", -0.4)))
+    flux.adapters.apply(stack)
+    layers = [m for m in flux.pipe.transformer.modules() if "_flen_stacked" in m.__dict__]
+    assert flux.adapters.stacked_layers == len(layers) > 0
+    g = torch.Generator().manual_seed(0)
+    checked_two = 0
+    for layer in layers:
+        down, up = layer._flen_stacked
+        checked_two += down.shape[0] == sum(layer.r[e.adapter_name] for e in stack.entries) == up.shape[1]
+        x = torch.randn(2, 5, layer.in_features, generator=g)
+        with torch.no_grad():
+            ours = layer(x)
+            peft_own = type(layer).forward(layer, x)
+        assert torch.allclose(ours, peft_own, atol=1e-5), layer
+        x.requires_grad_(True)
+        ours_grad = layer(x)
+        ours_grad.sum().backward()
+        assert x.grad is not None and torch.allclose(ours_grad.detach(), peft_own, atol=1e-5)
+    assert checked_two == len(layers)
+    flux.adapters.apply(LoraStack())
+    assert flux.adapters.stacked_layers == 0
+    assert not any("_flen_stacked" in m.__dict__ for m in flux.pipe.transformer.modules())

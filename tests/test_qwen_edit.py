@@ -73,6 +73,7 @@ def test_two_stacked_loras_equal_the_same_loras_fused(qwen, face, tiny_models):
     stack = (LoraStack().extended(_entry(tiny_models, "qwen_edit_lora_a.safetensors", w1))
              .extended(_entry(tiny_models, "qwen_edit_lora_b.safetensors", w2)))
     unmerged, _ = _edit(qwen, face, stack)
+    assert qwen.adapters.stacked_layers > 0  # the concatenated pair (stack_adapters) made this image
 
     fused = _load(tiny_models)
     pipe = fused.pipe

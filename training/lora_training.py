@@ -334,8 +334,9 @@ def setup_device(cfg: TrainConfig, device: torch.device) -> None:
         # cuDNN SDPA backward failed on FLUX shapes (torch 2.11, field notes); flash/mem-efficient are fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
         if cfg.memory_cap_gb:
-            total = torch.cuda.get_device_properties(device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gb * 1024**3 / total), device)
+            index = device.index if device.index is not None else torch.cuda.current_device()  # "cuda" has none
+            total = torch.cuda.get_device_properties(index).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.memory_cap_gb * 1024**3 / total), index)
 
 
 def release_memory(device: torch.device | None = None) -> None:
