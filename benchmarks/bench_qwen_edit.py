@@ -1,7 +1,7 @@
 """GPU benchmark: FLENwheel's Qwen-Image-Edit-2509 edit (engines/qwen_edit.py) on random full-size weights.
 
     python benchmarks/bench_qwen_edit.py --kit KIT_DIR [--res 1024] [--cap 24] [--precision fp8]
-                                          [--loras 0 2] [--small]
+                                          [--loras 0 2] [--small] [--forward-ablation]
 
 KIT_DIR holds a tokenizer/, processor/ and scheduler/ (the tiny-model kit's are fine: token ids are
 all that reaches the model) and text_encoder_config.json (its token ids are kept, sizes set to
@@ -12,6 +12,8 @@ the fp8 transformer do not fit together), so each image pays the swaps, which ar
 Each configuration prints one JSON line: seconds per image at 8 steps (true CFG off, the Lightning
 set-up) and 40 steps (true CFG 4), seconds per denoising step, swap seconds, peak GiB; then a
 5-angle sweep (one encoder stage for all five, as FLENAngleSweep runs) gives seconds per image.
+--forward-ablation times only the transformer forward, interleaved: no LoRA, the LoRAs stacked into one
+pair per layer (what the pack runs), and the same LoRAs through peft's own per-adapter loop.
 --small builds a few-layer model to check the script on a CPU.
 """
 
@@ -151,6 +153,49 @@ def write_loras(transformer: nn.Module, folder: Path, count: int, rank: int = 16
     return entries
 
 
+def forward_ablation(handle, entries: list[LoraEntry], res: int, device: torch.device, rounds: int = 3,
+                     forwards: int = 10) -> None:
+    """Transformer forward alone (no encoder swaps), interleaved rounds of: no LoRA, the LoRAs stacked into
+    one pair per layer (what FLENQwenEdit runs), and the same LoRAs through peft's per-adapter loop."""
+    from engines.lora_adapters import unstack_adapters
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    transformer = handle.pipe.transformer.to(device)
+    lat = res // 16
+    n_img = lat * lat
+    bf = torch.bfloat16
+    inputs = dict(hidden_states=torch.randn(1, 2 * n_img, 64, device=device, dtype=bf),
+                  encoder_hidden_states=torch.randn(1, 256, transformer.config.joint_attention_dim, device=device,
+                                                    dtype=bf),
+                  encoder_hidden_states_mask=torch.ones(1, 256, device=device, dtype=torch.long),
+                  timestep=torch.full((1,), 0.5, device=device, dtype=bf),
+                  img_shapes=[[(1, lat, lat), (1, lat, lat)]], return_dict=False)
+    configs = {"none": LoraStack(), "stacked": LoraStack(tuple(entries)), "peft_loop": LoraStack(tuple(entries))}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(rounds):
+        for label, stack in configs.items():
+            handle.adapters.apply(stack)
+            if label == "peft_loop":
+                unstack_adapters(transformer)
+            with torch.no_grad():
+                for i in range(forwards + 2):
+                    if i == 2:
+                        sync()
+                        t = time.perf_counter()
+                    transformer(**inputs)
+                sync()
+            times[label].append((time.perf_counter() - t) / forwards)
+    base = min(times["none"])
+    for label, ts in times.items():
+        print(json.dumps(dict(impl="flenwheel-qwen-edit", bench="forward_ablation", res=res, loras=label,
+                              n_loras=0 if label == "none" else len(entries), s_per_forward=round(min(ts), 4),
+                              rounds=[round(x, 4) for x in ts], ratio_vs_none=round(min(ts) / base, 3),
+                              gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu")), flush=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--kit", type=Path, required=True)
@@ -159,6 +204,8 @@ def main() -> int:
     p.add_argument("--precision", default="fp8", choices=["fp8", "bf16"])
     p.add_argument("--loras", type=int, nargs="+", default=[0, 2])
     p.add_argument("--small", action="store_true")
+    p.add_argument("--forward-ablation", action="store_true",
+                   help="only time the transformer forward: no LoRA vs stacked vs peft's loop, interleaved")
     a = p.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -172,6 +219,9 @@ def main() -> int:
     source = qwen_edit.Image.new("RGB", (a.res, a.res), (128, 100, 90))
     lora_dir = Path(tempfile.mkdtemp())
     entries = write_loras(pipe.transformer, lora_dir, max(a.loras))
+    if a.forward_ablation:
+        forward_ablation(handle, entries[:max(a.loras)], a.res, device)
+        return 0
     common = dict(impl="flenwheel-qwen-edit", precision=a.precision, res=a.res, cap_gb=a.cap,
                   gpu=torch.cuda.get_device_name(0) if cuda else "cpu", **stats)
 
