@@ -8,7 +8,7 @@ from ..engines import review_store
 from ..engines.errors import FlenUserError
 from ..training import ai_toolkit
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, DatasetType
+from .flen_types import CATEGORY, DatasetType, LoraNameType
 
 
 class FLENAIToolkitLauncher(io.ComfyNode):
@@ -51,8 +51,9 @@ class FLENAIToolkitLauncher(io.ComfyNode):
                                 tooltip="Character whose LoRA folder receives the result "
                                         "(models/loras/flenwheel/<character>/); empty: the dataset's character."),
             ],
-            outputs=[io.String.Output(display_name="lora_name",
-                                      tooltip="The new LoRA relative to models/loras, for FLEN LoRA Stack."),
+            outputs=[LoraNameType.Output(display_name="lora_name",
+                                         tooltip="The new LoRA relative to models/loras: connect it to FLEN LoRA "
+                                                 "Stack's lora_name."),
                      io.String.Output(display_name="config_path", tooltip="The ai-toolkit job config that was run.")],
             is_output_node=True,
         )

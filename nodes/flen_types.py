@@ -9,4 +9,23 @@ MetaType = io.Custom("FLEN_META")  # a list with one dict per image of the IMAGE
 IdentityType = io.Custom("FLEN_IDENTITY")
 DatasetType = io.Custom("FLEN_DATASET")
 
+
+class _LoraNameType(str):
+    """The socket type of the LoRA-name output: a STRING that also connects to a LoRA combo input such as
+    FLEN LoRA Stack's ``lora_name`` (ComfyUI compares socket types with ``!=``; a combo's type is "COMBO"
+    or its list of options, which a new LoRA is not in yet)."""
+
+    def __ne__(self, other: object) -> bool:
+        if isinstance(other, list) or other in ("COMBO", "*"):
+            return False
+        if not isinstance(other, str):
+            return True
+        return "STRING" not in {t.strip() for t in other.split(",")}
+
+    __hash__ = str.__hash__
+
+
+LoraNameType = io.Custom("STRING")
+LoraNameType.io_type = _LoraNameType("STRING")  # io.Custom wraps the name in its own str type
+
 CATEGORY = "FLENwheel"

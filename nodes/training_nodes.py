@@ -28,32 +28,13 @@ from PIL import Image
 
 from ..engines.errors import FlenUserError
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, DatasetType
+from .flen_types import CATEGORY, DatasetType, LoraNameType
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 EVENT_KEY = "flen_event"  # training.lora_training.EVENT_KEY (the node imports nothing from training/)
 CHILD_FILE = "launcher_child.json"  # in <workspace>/training/: pid and command of the running trainer
 STOP_GRACE_S = 3.0
 STDERR_LINES = 60
-
-
-class _LoraNameType(str):
-    """The socket type of the LoRA-name output: a STRING that also connects to a LoRA combo input such as
-    FLEN LoRA Stack's ``lora_name`` (ComfyUI compares socket types with ``!=``; a combo's type is "COMBO"
-    or its list of options, which a new LoRA is not in yet)."""
-
-    def __ne__(self, other: object) -> bool:
-        if isinstance(other, list) or other in ("COMBO", "*"):
-            return False
-        if not isinstance(other, str):
-            return True
-        return "STRING" not in {t.strip() for t in other.split(",")}
-
-    __hash__ = str.__hash__
-
-
-LoraNameType = io.Custom("STRING")
-LoraNameType.io_type = _LoraNameType("STRING")  # io.Custom wraps the name in its own str type
 
 
 # ---- the child process ----------------------------------------------------------------------------------

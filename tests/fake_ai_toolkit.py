@@ -1,7 +1,8 @@
 """A fake ai-toolkit checkout for the launcher tests: ``run.py <config>`` reads the job config, prints
 tqdm-style progress lines with loss (on stderr, ``\\r``-separated, as ai-toolkit's bar does), writes a tiny
 .safetensors where ai-toolkit would (``<training_folder>/<name>/<name>.safetensors``), and does what its
-``behaviour.json`` asks: fail, sleep per step, ignore SIGTERM, spawn a worker process."""
+``behaviour.json`` asks: fail, sleep per step, ignore SIGTERM, spawn a worker process, or give a real LoRA's
+tensors (``final_from``) as its result."""
 
 from __future__ import annotations
 
@@ -66,7 +67,11 @@ def tiny(path, meta):
 
 if steps > 1:
     tiny(save_root / f"{name}_{1:09d}.safetensors", {"name": name, "step": "1"})
-if not beh.get("no_final"):
+if beh.get("final_from"):  # a real LoRA's tensors, so that the result can drive a pipeline
+    from safetensors.numpy import load_file, save_file
+    save_file(load_file(beh["final_from"]), str(save_root / f"{name}.safetensors"),
+              {"name": name, "software": json.dumps({"name": "ai-toolkit"})})
+elif not beh.get("no_final"):
     tiny(save_root / f"{name}.safetensors", {"name": name, "software": json.dumps({"name": "ai-toolkit"})})
 print("Result:\n - 1 completed job", flush=True)
 if beh.get("hang_after"):

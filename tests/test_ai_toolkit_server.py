@@ -66,6 +66,28 @@ def test_launcher_trains_through_the_queue_and_installs_the_lora(comfy, comfy_se
     assert f"flenwheel/{character}/char_lora_v2.safetensors" in outputs["train"]["text"][0]
 
 
+def test_launcher_lora_name_drives_a_lora_stack_in_the_same_prompt(comfy, comfy_server, tmp_path, base_model):
+    """The lora_name output links to FLEN LoRA Stack's combo input; the installed file then loads into the tiny
+    FLUX pipeline (the fake checkout hands back a real tiny FLUX LoRA's tensors) and an image is saved."""
+    character = "at_" + uuid.uuid4().hex[:10]
+    real_lora = comfy_server.base / "models" / "loras" / "flen-tiny" / "flux_lora_a.safetensors"
+    checkout = make_checkout(tmp_path / "ai-toolkit", final_from=str(real_lora))
+    prompt = launcher_prompt(character, str(checkout), base_model, steps=2)
+    prompt["stack"] = {"class_type": "FLENLoraStack",
+                       "inputs": {"lora_name": ["train", 0], "strength": 1.0, "enabled": True}}
+    prompt["loader"] = {"class_type": "FLENFluxLoader", "inputs": {"model": "flen-tiny-flux", "precision": "fp32"}}
+    prompt["gen"] = {"class_type": "FLENFluxGenerate",
+                     "inputs": {"flux_pipe": ["loader", 0], "prompts": "a photo of ohwx_char person", "width": 64,
+                                "height": 64, "steps": 1, "guidance": 3.5, "seed": 1, "batch": 1,
+                                "lora_stack": ["stack", 0]}}
+    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["gen", 0], "filename_prefix": character}}
+    outputs = comfy.run(prompt)
+    assert f"flenwheel/{character}/char_lora_v1.safetensors" in outputs["train"]["text"][0]
+    saved = outputs["save"]["images"][0]
+    assert saved["filename"].startswith(character)
+    assert (comfy_server.base / "output" / saved["subfolder"] / saved["filename"]).is_file()
+
+
 def test_missing_checkout_is_a_clear_execution_error(comfy, tmp_path, base_model):
     character = "at_" + uuid.uuid4().hex[:10]
     error = comfy.run_error(launcher_prompt(character, str(tmp_path / "no-such-checkout"), base_model))
