@@ -14,7 +14,7 @@ import torch
 
 from .diffusers_folder import read_model_index, torch_dtype_for
 from .errors import FlenUserError
-from .fp8_linear import convert_linears_to_fp8
+from .fp8_linear import load_transformer_fp8
 from .lora_adapters import PipelineHandle
 from .lora_stack import LoraStack
 from .model_host import ModelHost
@@ -45,11 +45,12 @@ def load_flux(folder: str | Path, name: str, precision: str, device: torch.devic
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
         )
+    elif precision == "fp8":
+        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it; quantised while reading, so the
+        # bf16 transformer (24 GB) is never in RAM at once (see engines/fp8_linear.py).
+        transformer = load_transformer_fp8(FluxTransformer2DModel, Path(folder) / "transformer", dtype)
     kwargs = {"transformer": transformer} if transformer is not None else {}
     pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
-    if precision == "fp8":
-        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it (see engines/fp8_linear.py).
-        convert_linears_to_fp8(pipe.transformer, dtype)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae):
         m.eval().requires_grad_(False)
     return FluxHandle(name=name, folder=str(folder), precision=precision, pipe=pipe)

@@ -23,7 +23,7 @@ from PIL import Image
 
 from .diffusers_folder import read_model_index, torch_dtype_for
 from .errors import FlenUserError
-from .fp8_linear import convert_linears_to_fp8
+from .fp8_linear import load_transformer_fp8
 from .lora_adapters import PipelineHandle
 from .lora_stack import LoraStack
 from .model_host import ModelHost
@@ -76,10 +76,11 @@ def load_qwen_edit(folder: str | Path, name: str, precision: str, device: torch.
             folder, subfolder="transformer", dtype=dtype,
             quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
+    elif precision == "fp8":
+        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it; quantised while reading, so the
+        # bf16 transformer (41 GB) is never in RAM at once (see engines/fp8_linear.py).
+        kwargs["transformer"] = load_transformer_fp8(QwenImageTransformer2DModel, Path(folder) / "transformer", dtype)
     pipe = QwenImageEditPlusPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
-    if precision == "fp8":
-        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it (see engines/fp8_linear.py).
-        convert_linears_to_fp8(pipe.transformer, dtype)
     for m in (pipe.text_encoder, pipe.transformer, pipe.vae):
         m.eval().requires_grad_(False)
     return QwenEditHandle(name=name, folder=str(folder), precision=precision, pipe=pipe)

@@ -39,3 +39,66 @@ def test_meta_construction_for_benchmarks(bias):
         lin = nn.Linear(32, 16, bias=bias)
     q = Fp8Linear.from_linear(lin, torch.bfloat16)
     assert q.weight.device.type == "meta" and q.weight.dtype == E4M3
+
+
+@pytest.mark.parametrize("arch", ["flux", "qwen"])
+def test_streaming_fp8_load_equals_load_then_convert(tiny_models, arch):
+    """Quantising while reading gives, tensor for tensor, what loading bf16 and converting gives; a pipeline
+    built around it keeps the e4m3 weights (diffusers must not cast a passed-in transformer)."""
+    from diffusers import (
+        FluxPipeline,
+        FluxTransformer2DModel,
+        QwenImageEditPlusPipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    from engines.fp8_linear import load_transformer_fp8
+
+    cls, pipe_cls, name = ((FluxTransformer2DModel, FluxPipeline, "flen-tiny-flux") if arch == "flux" else
+                           (QwenImageTransformer2DModel, QwenImageEditPlusPipeline, "flen-tiny-qwen-image-edit"))
+    folder = tiny_models / "diffusers" / name
+    streamed = load_transformer_fp8(cls, folder / "transformer", torch.bfloat16)
+    reference = cls.from_pretrained(folder, subfolder="transformer", dtype=torch.bfloat16)
+    assert convert_linears_to_fp8(reference, torch.bfloat16) > 0
+    ours, theirs = streamed.state_dict(), reference.state_dict()
+    assert ours.keys() == theirs.keys()
+    n_fp8 = 0
+    for key, value in theirs.items():
+        assert ours[key].dtype == value.dtype, key
+        if value.dtype == E4M3:
+            n_fp8 += 1
+            assert torch.equal(ours[key].view(torch.uint8), value.view(torch.uint8)), key
+        else:
+            assert torch.equal(ours[key], value), key
+    assert n_fp8 == sum(isinstance(m, Fp8Linear) for m in reference.modules()) > 0
+    assert not any(p.device.type == "meta" for p in streamed.parameters())
+    pipe = pipe_cls.from_pretrained(folder, transformer=streamed, dtype=torch.bfloat16)
+    assert pipe.transformer is streamed
+    assert any(p.dtype == E4M3 for p in pipe.transformer.parameters())
+
+
+def test_streaming_fp8_load_names_an_incomplete_or_foreign_checkpoint(tiny_models, tmp_path):
+    import shutil
+
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    from engines.errors import FlenUserError
+    from engines.fp8_linear import load_transformer_fp8
+
+    src = tiny_models / "diffusers" / "flen-tiny-flux" / "transformer"
+    broken = tmp_path / "transformer"
+    shutil.copytree(src, broken)
+    weights = load_file(broken / "diffusion_pytorch_model.safetensors")
+    dropped = sorted(weights)[0]
+    del weights[dropped]
+    save_file(weights, broken / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(FlenUserError, match=f"lacks 1 of FluxTransformer2DModel's weights .*'{dropped}'"):
+        load_transformer_fp8(FluxTransformer2DModel, broken, torch.bfloat16)
+    qwen_cfg = tiny_models / "diffusers" / "flen-tiny-qwen-image-edit" / "transformer" / "config.json"
+    shutil.copy(qwen_cfg, broken / "config.json")  # a FLUX checkpoint under a Qwen config
+    with pytest.raises(FlenUserError, match="is not a QwenImageTransformer2DModel folder"):
+        load_transformer_fp8(QwenImageTransformer2DModel, broken, torch.bfloat16)
+    (broken / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(FlenUserError, match="has no diffusion_pytorch_model.safetensors"):
+        load_transformer_fp8(QwenImageTransformer2DModel, broken, torch.bfloat16)

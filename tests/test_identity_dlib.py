@@ -9,7 +9,6 @@ and is used here only as an independent measurement, never by the engine."""
 from __future__ import annotations
 
 import importlib.util
-import pickle
 import sys
 from pathlib import Path
 
@@ -86,9 +85,15 @@ def test_missing_packages_are_a_clear_error_naming_pip(monkeypatch):
     assert idn.model_choices(["buffalo_l"]) == ["buffalo_l"]
 
 
+def insightface_mean_face() -> np.ndarray:
+    """insightface's 3-D mean face (68 points), through insightface's own accessor for its packaged objects."""
+    from insightface.data import get_object
+
+    return np.array(get_object("meanshape_68.pkl"), np.float64)
+
+
 def test_five_point_model_comes_from_insightfaces_mean_face():
-    with open(INSIGHTFACE_DATA / "objects" / "meanshape_68.pkl", "rb") as f:
-        ms = np.asarray(pickle.load(f), np.float64)
+    ms = insightface_mean_face()
     ms[:, 1] = -ms[:, 1]                                   # y down -> y up
     left, right = ms[36:42].mean(axis=0), ms[42:48].mean(axis=0)
     ms = (ms - (left + right) / 2) / np.linalg.norm(right - left)
@@ -146,8 +151,7 @@ def test_rotated_photo_reads_the_rotation_as_roll(model, astronaut, degrees):
 def _pose_68(predictor, rgb: np.ndarray, box: np.ndarray) -> tuple[float, float, float]:
     import dlib
 
-    with open(INSIGHTFACE_DATA / "objects" / "meanshape_68.pkl", "rb") as f:
-        ms = np.asarray(pickle.load(f), np.float64)
+    ms = insightface_mean_face()
     ms[:, 1] = -ms[:, 1]
     x1, y1, x2, y2 = (int(round(float(v))) for v in box)
     shape = predictor(rgb, dlib.rectangle(x1, y1, x2 - 1, y2 - 1))
