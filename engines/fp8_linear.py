@@ -105,9 +105,11 @@ def _checkpoint_files(folder: Path) -> list[Path]:
 def load_transformer_fp8(model_cls, folder: str | Path, compute_dtype: torch.dtype,
                          skip_patterns: tuple[str, ...] = SKIP_PATTERNS) -> nn.Module:
     """Builds ``model_cls`` from ``folder``'s config with no weights, makes its Linears Fp8Linear, then reads the
-    checkpoint one tensor at a time, quantising each Linear weight as it arrives. Peak host memory is the fp8
-    model plus one tensor, where ``from_pretrained`` + ``convert_linears_to_fp8`` first holds the whole bf16
-    model (41 GB for Qwen-Image-Edit's transformer). The result equals that route's, tensor for tensor."""
+    checkpoint one tensor at a time, quantising each Linear weight as it arrives and copying the rest, so each
+    shard's file mapping is released once read. Peak resident memory is the fp8 model plus one shard, where
+    ``from_pretrained`` + ``convert_linears_to_fp8`` keeps the whole bf16 checkpoint mapped until it is done
+    (41 GB for Qwen-Image-Edit's transformer; benchmarks/bench_fp8_load.py). The result equals that route's,
+    tensor for tensor."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
 
