@@ -11,6 +11,7 @@ import uuid
 import pytest
 import yaml
 from fake_ai_toolkit import alive, make_checkout
+from flux_prompts import add_lora_driven_generation
 
 from engines import dataset as ds
 
@@ -73,14 +74,7 @@ def test_launcher_lora_name_drives_a_lora_stack_in_the_same_prompt(comfy, comfy_
     real_lora = comfy_server.base / "models" / "loras" / "flen-tiny" / "flux_lora_a.safetensors"
     checkout = make_checkout(tmp_path / "ai-toolkit", final_from=str(real_lora))
     prompt = launcher_prompt(character, str(checkout), base_model, steps=2)
-    prompt["stack"] = {"class_type": "FLENLoraStack",
-                       "inputs": {"lora_name": ["train", 0], "strength": 1.0, "enabled": True}}
-    prompt["loader"] = {"class_type": "FLENFluxLoader", "inputs": {"model": "flen-tiny-flux", "precision": "fp32"}}
-    prompt["gen"] = {"class_type": "FLENFluxGenerate",
-                     "inputs": {"flux_pipe": ["loader", 0], "prompts": "a photo of ohwx_char person", "width": 64,
-                                "height": 64, "steps": 1, "guidance": 3.5, "seed": 1, "batch": 1,
-                                "lora_stack": ["stack", 0]}}
-    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["gen", 0], "filename_prefix": character}}
+    add_lora_driven_generation(prompt, ["train", 0], character)
     outputs = comfy.run(prompt)
     assert f"flenwheel/{character}/char_lora_v1.safetensors" in outputs["train"]["text"][0]
     saved = outputs["save"]["images"][0]

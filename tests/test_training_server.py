@@ -9,6 +9,7 @@ import time
 import uuid
 
 import pytest
+from flux_prompts import add_lora_driven_generation
 from safetensors import safe_open
 
 pytestmark = pytest.mark.server
@@ -46,14 +47,7 @@ def test_trained_lora_name_drives_a_lora_stack_in_the_same_prompt(comfy, comfy_s
     character = "tr_" + uuid.uuid4().hex[:8]
     prompt = dataset_nodes(character)
     prompt["train"] = train_node(steps=4, sample_every=2)
-    prompt["stack"] = {"class_type": "FLENLoraStack",
-                       "inputs": {"lora_name": ["train", 0], "strength": 1.0, "enabled": True}}
-    prompt["loader"] = {"class_type": "FLENFluxLoader", "inputs": {"model": "flen-tiny-flux", "precision": "fp32"}}
-    prompt["gen"] = {"class_type": "FLENFluxGenerate",
-                     "inputs": {"flux_pipe": ["loader", 0], "prompts": "a photo of ohwx_char person", "width": 64,
-                                "height": 64, "steps": 1, "guidance": 3.5, "seed": 1, "batch": 1,
-                                "lora_stack": ["stack", 0]}}
-    prompt["save"] = {"class_type": "SaveImage", "inputs": {"images": ["gen", 0], "filename_prefix": character}}
+    add_lora_driven_generation(prompt, ["train", 0], character)
     outputs = comfy.run(prompt)
     name = f"flenwheel/{character}/char_lora_v1.safetensors"
     assert name in outputs["train"]["text"][0], outputs
