@@ -58,7 +58,8 @@ LOSS_LOG = "loss.jsonl"
 DONE_FILE = "done.json"
 CACHE_DIR = "cache"
 SAMPLES_DIR = "samples"
-EVENT_KEY = "flen_event"  # every progress line on stdout is a JSON object with this key
+EVENT_KEY = "flen_event"  # every progress line on stdout is a JSON object with this key (nodes/training_nodes.py
+                          # parses them)
 
 
 class ConfigError(FlenUserError):
@@ -238,17 +239,6 @@ def config_dict(cfg: Any) -> dict[str, Any]:
 def emit(event: str, **data: Any) -> None:
     """One progress line on stdout: a JSON object the launcher node parses."""
     print(json.dumps({EVENT_KEY: event, **data}, default=str), flush=True)
-
-
-def parse_event(line: str) -> dict[str, Any] | None:
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) and EVENT_KEY in obj else None
 
 
 # ---- files -------------------------------------------------------------------------------------------
