@@ -118,6 +118,8 @@ def stack_adapters(transformer: torch.nn.Module) -> int:
         names = [a for a in module.active_adapters if a in module.lora_A]
         if not names or any(a in getattr(module, "lora_variant", {}) for a in names):
             continue
+        if not all(isinstance(module.lora_A[a], torch.nn.Linear) for a in names):
+            continue  # conv or embedding LoRA layers keep peft's own forward
         if any(getattr(module.lora_dropout[a], "p", 0.0) and module.training for a in names):
             continue
         dtype = module.lora_A[names[0]].weight.dtype
