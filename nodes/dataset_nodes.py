@@ -9,6 +9,7 @@ from ..engines import dataset, edit_pairs, review_store
 from ..engines.errors import FlenUserError
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, DatasetType, MetaType
+from .review_nodes import review_store_fingerprint
 
 CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
                      "'_' or '-'.")
@@ -143,12 +144,7 @@ class FLENEditPairWriter(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, character: str, include: str, controls: int, run_id: str = "",
                            version: str = "") -> str:
-        # A new set only when the review store changed (decisions are taken outside the graph).
-        try:
-            store = review_store.existing_store(bridge.output_directory(), character.strip())
-        except FlenUserError:
-            return "invalid"
-        return "none" if store is None else store.state_token()
+        return review_store_fingerprint(character)  # a new set only when the review store changed
 
     @classmethod
     def execute(cls, character: str, include: str, controls: int, run_id: str = "",

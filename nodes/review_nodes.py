@@ -57,6 +57,16 @@ def _inputs_common() -> list:
     ]
 
 
+def review_store_fingerprint(character: str) -> str:
+    """A node fingerprint that changes whenever the character's review store changes: decisions are taken in
+    the gallery, outside the graph, so nodes that read them must re-run then."""
+    try:
+        store = review_store.existing_store(bridge.output_directory(), character.strip())
+    except FlenUserError:
+        return "invalid"
+    return "none" if store is None else store.state_token()
+
+
 class FLENReviewQueue(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -134,12 +144,7 @@ class FLENLoadApproved(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, character: str, run_id: str = "", version: str = "") -> str:
-        # Re-run whenever the store changed (decisions are taken outside the graph).
-        try:
-            store = review_store.existing_store(bridge.output_directory(), character.strip())
-        except FlenUserError:
-            return "invalid"
-        return "none" if store is None else store.state_token()
+        return review_store_fingerprint(character)
 
     @classmethod
     def execute(cls, character: str, run_id: str = "", version: str = "") -> io.NodeOutput:
