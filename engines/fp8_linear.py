@@ -53,13 +53,18 @@ class Fp8Linear(nn.Linear):
         w = linear.weight
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, compute_dtype, device=w.device)
         if w.device.type != "meta":
-            with torch.no_grad():
-                scale = (w.detach().abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
-                new.weight.data = (w.detach().float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-                new.weight_scale.fill_(scale.item())
-                if linear.bias is not None:
-                    new.bias.data = linear.bias.detach().to(compute_dtype)
+            new.set_weight(w)
+            if linear.bias is not None:
+                new.bias.data = linear.bias.detach().to(compute_dtype)
         return new
+
+    @torch.no_grad()
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Stores ``w`` (any float dtype) as e4m3 with a per-tensor scale."""
+        w = w.detach()
+        scale = (w.abs().amax().float() / E4M3_MAX).clamp(min=1e-12)
+        self.weight = nn.Parameter((w.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), requires_grad=False)
+        self.weight_scale = torch.full((), scale.item(), dtype=torch.float32, device=w.device)
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight.to(self.compute_dtype) * self.weight_scale.to(self.compute_dtype)
@@ -132,18 +137,13 @@ def load_transformer_fp8(model_cls, folder: str | Path, compute_dtype: torch.dty
                 owner = modules[owner_name]
                 tensor = f.get_tensor(key)
                 if isinstance(owner, Fp8Linear) and attr == "weight":
-                    dense = nn.Linear(owner.in_features, owner.out_features, bias=False, device="meta")
-                    dense.weight = nn.Parameter(tensor.to(compute_dtype), requires_grad=False)
-                    quantised = Fp8Linear.from_linear(dense, compute_dtype)
-                    owner.weight = quantised.weight
-                    owner.weight_scale = quantised.weight_scale
+                    owner.set_weight(tensor.to(compute_dtype))  # as from_pretrained(dtype=...) would
                 elif key in buffers:
                     getattr(owner, attr).data = tensor.to(getattr(owner, attr).dtype, copy=True)
                 else:  # a copy, so that no parameter keeps the checkpoint file mapped
                     value = tensor.to(compute_dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
                     setattr(owner, attr, nn.Parameter(value, requires_grad=False))
                 seen.add(key)
-                del tensor
     missing = sorted(expected - seen)
     if missing:
         raise FlenUserError(f"The checkpoint in {folder} lacks {len(missing)} of {model_cls.__name__}'s weights "
