@@ -105,14 +105,14 @@ def _stacked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 def stack_adapters(transformer: torch.nn.Module) -> int:
     """Replaces peft's per-adapter loop by one concatenated low-rank pair on every LoRA layer whose
     active adapters are plain LoRA (no DoRA or other variants, no dropout in training); returns how many
-    layers were stacked. Must be undone (``unstack_adapters``) before peft's adapter state changes."""
+    layers were stacked. Call it on an unstacked model, and undo it (``unstack_adapters``) before peft's adapter
+    state changes; ``AdapterCache.apply`` does both."""
     from peft.tuners.lora import LoraLayer
 
     stacked = 0
     for module in transformer.modules():
         if not isinstance(module, LoraLayer) or not isinstance(module, torch.nn.Module):
             continue
-        module.__dict__.pop("forward", None)
         if module.disable_adapters or module.merged or not hasattr(module, "lora_A"):
             continue
         names = [a for a in module.active_adapters if a in module.lora_A]
