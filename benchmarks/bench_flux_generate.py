@@ -16,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -106,31 +107,16 @@ def main() -> int:
             sync()
             _s.append(time.perf_counter())
 
-        host.swap_s = 0.0
-        sync()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        flux_pipeline.generate(handle, req, stack, host, on_step=on_step)
-        sync()
-        row = dict(common, lora=name, s_per_image=round(time.perf_counter() - t, 2),
-                   s_per_forward=round((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1), 3),
-                   swap_s=round(host.swap_s, 2))
-        if cuda:
-            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+        m = host.measure(partial(flux_pipeline.generate, handle, req, stack, host, on_step=on_step))
+        row = dict(common, lora=name, s_per_image=round(m.pop("seconds"), 2),
+                   s_per_forward=round((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1), 3), **m)
         print(json.dumps(row), flush=True)
 
     cells = model_card.parse_prompt_set(model_card.DEFAULT_PROMPT_SET)
     settings = model_card.CardSettings(width=a.res, height=a.res, steps=a.steps)
-    host.swap_s = 0.0
-    sync()
-    t = time.perf_counter()
-    model_card.render_cells(handle, cells, settings, LoraStack((lora,)), host)
-    sync()
-    row = dict(common, lora="char_lora", model_card_cells=len(cells),
-               model_card_render_s=round(time.perf_counter() - t, 1), swap_s=round(host.swap_s, 2))
-    if cuda:
-        row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+    m = host.measure(partial(model_card.render_cells, handle, cells, settings, LoraStack((lora,)), host))
+    row = dict(common, lora="char_lora", model_card_cells=len(cells), model_card_render_s=round(m.pop("seconds"), 1),
+               **m)
     print(json.dumps(row), flush=True)
     return 0
 

@@ -24,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,6 +65,23 @@ class OffloadHost:
 
     def check_interrupt(self) -> None:
         return None
+
+    def measure(self, run) -> dict:
+        """Runs ``run()`` timed from a synced GPU to a synced GPU, with the swap time and the peak counted
+        afresh; returns seconds, swap_s and (on CUDA) peak_gib."""
+        cuda = self.device.type == "cuda"
+        self.swap_s = 0.0
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+        result = {"seconds": time.perf_counter() - t, "swap_s": round(self.swap_s, 2)}
+        if cuda:
+            result["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+        return result
 
 
 def materialise(model: nn.Module, device: torch.device) -> int:
@@ -239,39 +257,18 @@ def main() -> int:
 
             req = qwen_edit.EditRequest(instruction="将镜头向左旋转45度", negative_prompt=" ", steps=steps,
                                         true_cfg=cfg, width=a.res, height=a.res)
-            host.swap_s = 0.0
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t = time.perf_counter()
-            qwen_edit.edit(handle, [source], req, stack, host, on_step=on_step)
-            if cuda:
-                torch.cuda.synchronize()
-            total_s = time.perf_counter() - t
+            m = host.measure(partial(qwen_edit.edit, handle, [source], req, stack, host, on_step=on_step))
             per_step = (step_times[-1] - step_times[0]) / max(1, len(step_times) - 1)
-            row = dict(common, loras=n_loras, steps=steps, true_cfg=cfg, s_per_image=round(total_s, 2),
-                       s_per_step=round(per_step, 3), s_per_forward=round(per_step / (2 if cfg > 1 else 1), 3),
-                       swap_s=round(host.swap_s, 2))
-            if cuda:
-                row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+            row = dict(common, loras=n_loras, steps=steps, true_cfg=cfg, s_per_image=round(m.pop("seconds"), 2),
+                       s_per_step=round(per_step, 3), s_per_forward=round(per_step / (2 if cfg > 1 else 1), 3), **m)
             print(json.dumps(row), flush=True)
         # An angle sweep (FLENAngleSweep): 5 instructions, encoded together, then denoised together.
         jobs = [qwen_edit.EditJob([source], qwen_edit.EditRequest(instruction=f"将镜头向左旋转{15 * k}度", steps=8,
                                                                   seed=k, width=a.res, height=a.res))
                 for k in range(5)]
-        host.swap_s = 0.0
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        qwen_edit.edit_many(handle, jobs, stack, host)
-        if cuda:
-            torch.cuda.synchronize()
-        total_s = time.perf_counter() - t
+        m = host.measure(partial(qwen_edit.edit_many, handle, jobs, stack, host))
         row = dict(common, loras=n_loras, steps=8, true_cfg=1.0, sweep=len(jobs),
-                   s_per_image=round(total_s / len(jobs), 2), swap_s=round(host.swap_s, 2))
-        if cuda:
-            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+                   s_per_image=round(m.pop("seconds") / len(jobs), 2), **m)
         print(json.dumps(row), flush=True)
     return 0
 
