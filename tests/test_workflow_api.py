@@ -101,15 +101,20 @@ def _tricky_workflow() -> dict:
             "extra": {}, "version": 0.4}
 
 
-@pytest.mark.browser
-def test_conversion_matches_the_frontend_on_tricky_graphs(comfy_page, object_info):
-    ui = _tricky_workflow()
-    converted = comfy_page.evaluate(
+def frontend_prompt(page, ui: dict) -> dict:
+    """The API prompt ComfyUI's own frontend makes of a UI workflow (loadGraphData, then graphToPrompt)."""
+    return page.evaluate(
         """async (wf) => {
             await window.app.loadGraphData(wf, true, false);
             const { output } = await window.app.graphToPrompt();
             return output;
         }""", ui)
+
+
+@pytest.mark.browser
+def test_conversion_matches_the_frontend_on_tricky_graphs(comfy_page, object_info):
+    ui = _tricky_workflow()
+    converted = frontend_prompt(comfy_page, ui)
     ours = workflow_api.convert(ui, object_info)
     assert {k: (v["class_type"], v["inputs"]) for k, v in ours.items()} == \
         {k: (v["class_type"], v["inputs"]) for k, v in converted.items()}
@@ -123,12 +128,7 @@ def test_conversion_matches_the_frontend_on_tricky_graphs(comfy_page, object_inf
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_workflow_converts_like_the_frontend(comfy_page, object_info, name):
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
-    converted = comfy_page.evaluate(
-        """async (wf) => {
-            await window.app.loadGraphData(wf, true, false);
-            const { output } = await window.app.graphToPrompt();
-            return output;
-        }""", ui)
+    converted = frontend_prompt(comfy_page, ui)
     ours = workflow_api.convert(ui, object_info)
     assert {k: (v["class_type"], v["inputs"], v["_meta"]) for k, v in ours.items()} == \
         {k: (v["class_type"], v["inputs"], v["_meta"]) for k, v in converted.items()}
