@@ -87,11 +87,14 @@ def _lift_fp8_lora_weights(transformer: torch.nn.Module) -> None:
             param.data = param.data.to(torch.bfloat16)
 
 
+_STACKED_DOWN, _STACKED_UP = "_flen_stacked_down", "_flen_stacked_up"
+
+
 def _stacked_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Installed on a peft LoRA layer's instance: base output plus (x·Aᵀ)·Bᵀ with every active adapter
     concatenated into A and B and the scalings folded into B."""
     result = self.base_layer(x, *args, **kwargs)
-    down, up = self._flen_stacked
+    down, up = self._flen_stacked_down, self._flen_stacked_up
     if not result.is_contiguous():
         result = result.contiguous()
     flat = result.view(-1, result.shape[-1])
@@ -126,7 +129,11 @@ def stack_adapters(transformer: torch.nn.Module) -> int:
         with torch.no_grad():
             down = torch.cat([module.lora_A[a].weight.to(dtype) for a in names], dim=0)
             up = torch.cat([module.lora_B[a].weight.to(dtype) * module.scaling[a] for a in names], dim=1)
-        module._flen_stacked = (down.contiguous(), up.contiguous())
+        # Registered buffers, not plain attributes: Module.to() (ComfyUI's load and offload) moves
+        # buffers only, and a pair left behind on the CPU breaks the first forward on the GPU.
+        # Non-persistent, so they never reach a state_dict or a saved LoRA.
+        module.register_buffer(_STACKED_DOWN, down.contiguous(), persistent=False)
+        module.register_buffer(_STACKED_UP, up.contiguous(), persistent=False)
         module.forward = types.MethodType(_stacked_forward, module)
         stacked += 1
     return stacked
@@ -135,9 +142,10 @@ def stack_adapters(transformer: torch.nn.Module) -> int:
 def unstack_adapters(transformer: torch.nn.Module) -> None:
     """Gives every LoRA layer back peft's own forward (before loading, deleting or re-weighting adapters)."""
     for module in transformer.modules():
-        if "_flen_stacked" in module.__dict__:
+        if _STACKED_DOWN in module._buffers:
             module.__dict__.pop("forward", None)
-            del module._flen_stacked
+            del module._buffers[_STACKED_DOWN]
+            del module._buffers[_STACKED_UP]
 
 
 @dataclass

@@ -162,12 +162,12 @@ def test_stacked_adapters_equal_peft_per_adapter_loop(flux, tiny_models):
     stack = (LoraStack().extended(_entry(tiny_models, "flux_lora_a.safetensors", 0.7))
              .extended(_entry(tiny_models, "flux_lora_b.safetensors", -0.4)))
     flux.adapters.apply(stack)
-    layers = [m for m in flux.pipe.transformer.modules() if "_flen_stacked" in m.__dict__]
+    layers = [m for m in flux.pipe.transformer.modules() if "_flen_stacked_down" in m._buffers]
     assert flux.adapters.stacked_layers == len(layers) > 0
     g = torch.Generator().manual_seed(0)
     checked_two = 0
     for layer in layers:
-        down, up = layer._flen_stacked
+        down, up = layer._flen_stacked_down, layer._flen_stacked_up
         checked_two += down.shape[0] == sum(layer.r[e.adapter_name] for e in stack.entries) == up.shape[1]
         x = torch.randn(2, 5, layer.in_features, generator=g)
         with torch.no_grad():
@@ -181,4 +181,5 @@ def test_stacked_adapters_equal_peft_per_adapter_loop(flux, tiny_models):
     assert checked_two == len(layers)
     flux.adapters.apply(LoraStack())
     assert flux.adapters.stacked_layers == 0
-    assert not any("_flen_stacked" in m.__dict__ for m in flux.pipe.transformer.modules())
+    assert not any(name.startswith("_flen_stacked") for name, _ in flux.pipe.transformer.named_buffers())
+    assert not any("forward" in m.__dict__ for m in flux.pipe.transformer.modules())
