@@ -138,8 +138,9 @@ def _who(request: web.Request, body: dict[str, Any] | None = None) -> str:
 
 def public_item(item: dict[str, Any]) -> dict[str, Any]:
     """What the browser sees of a candidate: ids and data, not the store's file names."""
-    out = {k: v for k, v in item.items() if k not in ("image", "thumb", "sources")}
+    out = {k: v for k, v in item.items() if k not in ("image", "thumb", "sources", "refs")}
     out["n_sources"] = len(item.get("sources") or [])
+    out["n_refs"] = len(item.get("refs") or [])
     return out
 
 
@@ -203,7 +204,10 @@ def register(routes: web.RouteTableDef) -> None:
         offset = _int(q.get("offset", 0), "offset")
         limit = _int(q.get("limit", 60), "limit", 1, 500)
         filters = _filters(q)
-        page = await asyncio.to_thread(store.list, offset, limit, **filters)
+        sort = q.get("sort") or "id"
+        if sort not in review_store.SORTS:
+            raise HttpError(400, f"Unknown sort {sort!r}; one of {', '.join(review_store.SORTS)}.")
+        page = await asyncio.to_thread(store.list, offset, limit, sort, **filters)
         return web.json_response({"items": [public_item(i) for i in page.items], "total": page.total,
                                   "offset": page.offset, "limit": page.limit})
 
@@ -303,3 +307,4 @@ def register(routes: web.RouteTableDef) -> None:
     routes.get(PREFIX + r"/{character}/image/{id:\d+}")(_file_route("image"))
     routes.get(PREFIX + r"/{character}/fixed/{id:\d+}")(_file_route("fixed"))
     routes.get(PREFIX + r"/{character}/source/{id:\d+}/{n:\d+}")(_file_route("source"))
+    routes.get(PREFIX + r"/{character}/ref/{id:\d+}/{n:\d+}")(_file_route("ref"))
