@@ -356,7 +356,27 @@ class ReviewStore:
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates WHERE id=?", (candidate_id,)).fetchone()
         if row is None:
             raise KeyError(candidate_id)
-        return self._row_dict(row)
+        return self._with_corrections([self._row_dict(row)])[0]
+
+    def _with_corrections(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Adds ``correction`` (the one in force, or None) to corrected items, so the gallery shows it on the
+        card and in the detail view without a request per item."""
+        ids = [i["id"] for i in items if i["status"] == "corrected"]
+        found: dict[int, dict[str, Any]] = {}
+        if ids:
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT candidate_id, instruction, better_id, fixed_image, reasons, note, who, at FROM decisions "
+                    f"WHERE action='correct' AND undone_by IS NULL AND candidate_id IN ({','.join('?' * len(ids))}) "
+                    "ORDER BY id", ids).fetchall()
+            for r in rows:  # later rows win: the latest correction not undone is the one in force
+                found[r["candidate_id"]] = {"instruction": r["instruction"], "better_id": r["better_id"],
+                                            "has_fixed_image": bool(r["fixed_image"]),
+                                            "reasons": json.loads(r["reasons"]), "note": r["note"],
+                                            "who": r["who"], "at": r["at"]}
+        for item in items:
+            item["correction"] = found.get(item["id"])
+        return items
 
     def exists(self, candidate_id: int) -> bool:
         with self._lock:
@@ -402,7 +422,7 @@ class ReviewStore:
             total = self._conn.execute(f"SELECT COUNT(*) FROM candidates{where}", args).fetchone()[0]
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY {SORTS[sort]} "
                                       "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
-        return Page([self._row_dict(r) for r in rows], total, offset, limit)
+        return Page(self._with_corrections([self._row_dict(r) for r in rows]), total, offset, limit)
 
     def counts(self, **filters: Any) -> dict[str, int]:
         filters.pop("status", None)
@@ -495,7 +515,18 @@ class ReviewStore:
             reasons = ["other"]
         if action == "correct" and not (instruction or better_id is not None or fixed_image):
             raise FlenUserError("A correction needs a corrected instruction, a better candidate, or a fixed image.")
-        fixed_name = ""
+        inherited = self.correction(candidate_id) if action == "correct" else None
+        if inherited and self.get(candidate_id)["status"] == "corrected":
+            # A correction is built up in steps (the panel saves the instruction, then uploads the fixed image):
+            # what this step does not give is kept from the correction in force.
+            instruction = instruction or inherited["instruction"]
+            if better_id is None and not fixed_image:
+                better_id = inherited["better_id"]
+            reasons = reasons or inherited["reasons"]
+            note = note or inherited["note"]
+            inherited_fixed = "" if fixed_image or better_id is not None else inherited["fixed_image"]
+        else:
+            inherited_fixed = ""
         if fixed_image:
             try:
                 with Image.open(io.BytesIO(fixed_image)) as im:
@@ -505,6 +536,8 @@ class ReviewStore:
                 raise FlenUserError("The uploaded fixed image is not a readable image.") from exc
             fixed_name = f"corrections/{uuid.uuid4().hex}.png"
             atomic_write(self.root / fixed_name, _png_bytes(pil))
+        else:
+            fixed_name = inherited_fixed
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

@@ -225,3 +225,21 @@ def test_each_candidate_keeps_its_own_source_and_all_sources_as_references(store
     assert [store.get(i)["sources"] for i in two] == [[], []]
     with Image.open(store.file_path(synth, "ref", 2)) as im:
         assert im.getpixel((0, 0)) == (120, 0, 0)
+
+
+def test_a_correction_built_in_steps_keeps_instruction_reasons_and_fixed_image(store):
+    a, b = store.add_candidates([_img((1, 1, 1)), _img((2, 2, 2))], [{"instruction": "turn left"}] * 2, run_id="r")
+    store.correct(a, instruction="turn left 90 degrees")
+    store.decide(a, "correct", reasons=["wrong_angle"], instruction="turn left 90 degrees")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (7, 8, 9)).save(buf, "PNG")
+    item = store.correct(a, fixed_image=buf.getvalue(), who="ann")  # the panel's second step: the fixed image
+    corr = item["correction"]
+    assert (corr["instruction"], corr["reasons"], corr["has_fixed_image"]) == (
+        "turn left 90 degrees", ["wrong_angle"], True)
+    (listed,) = [i for i in store.list().items if i["id"] == a]
+    assert listed["correction"] == corr and store.get(b)["correction"] is None
+    (c,) = store.corrections()
+    assert c["corrected_instruction"] == "turn left 90 degrees" and c["fixed_image"].startswith("corrections/")
+    store.undo(a)  # one step back: the fixed image goes, the instruction stays
+    assert store.get(a)["correction"]["has_fixed_image"] is False
