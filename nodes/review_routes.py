@@ -35,8 +35,9 @@ PAGE_HTML = """<!doctype html>
 <div id="flen-review-root"></div>
 <script type="module">
 import { mountGallery } from "/extensions/FLENwheel/js/review_gallery.js";
-const character = new URLSearchParams(location.search).get("character") || undefined;
-mountGallery(document.getElementById("flen-review-root"), { fullPage: true, character });
+const q = new URLSearchParams(location.search);  // ?character=&run=&status= (run empty: all runs)
+mountGallery(document.getElementById("flen-review-root"), { fullPage: true, character: q.get("character") || undefined,
+  run: q.has("run") ? q.get("run") : undefined, status: q.get("status") ?? undefined });
 </script>
 </body></html>
 """
