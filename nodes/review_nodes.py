@@ -100,7 +100,7 @@ class FLENReviewQueue(io.ComfyNode):
         counts = store.counts()
         summary = (f"Queued {len(ids)} candidates for review ({character}, run {run_id}); "
                    f"{counts['pending']} pending in total.")
-        return io.NodeOutput(summary, run_id, len(ids))
+        return io.NodeOutput(summary, run_id, len(ids), ui={"text": [summary]})
 
 
 def _to_batch(paths: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
@@ -179,7 +179,7 @@ class FLENLoadApproved(io.ComfyNode):
                 msg += " Some images were resized to the first image's size."
         else:
             msg = f"Nothing approved yet ({scope}): judge candidates in the FLENwheel review gallery."
-        return io.NodeOutput(batch, metas, json.dumps(corrections, ensure_ascii=False), msg)
+        return io.NodeOutput(batch, metas, json.dumps(corrections, ensure_ascii=False), msg, ui={"text": [msg]})
 
 
 class FLENCharacter(io.ComfyNode):

@@ -351,3 +351,64 @@ def test_gallery_opens_on_the_last_run_with_every_status(comfy_server, gallery):
     assert [card_status(page, i) for i in range(3)] == ["approved", "approved", "rejected"]
     assert "Nothing here" not in page.inner_text(".flen-rv-focus")
     assert "judged 3 of 3" in page.inner_text(".flen-rv-progress")
+
+
+BUILD_GRAPH = """async ([character, face]) => {
+    const L = window.LiteGraph, graph = window.app.graph;
+    graph.clear();
+    const add = (type, pos, values = {}) => {
+        const n = L.createNode(type); n.pos = pos; graph.add(n);
+        for (const [k, v] of Object.entries(values)) n.widgets.find((w) => w.name === k).value = v;
+        return n;
+    };
+    const link = (a, out, b, inp) => a.connect(a.findOutputSlot(out), b, b.findInputSlot(inp));
+    const load = add("LoadImage", [20, 20], { image: face });
+    const ref = add("FLENIdentityReference", [380, 20], { face_model: "flen-tiny" });
+    const flt = add("FLENIdentityFilter", [760, 20], { threshold: -1.0, empty_outputs: "empty batch" });
+    const queue = add("FLENReviewQueue", [1160, 20], { character, run_id: "canvas_q" });
+    const gate = add("FLENReviewGate", [1160, 420], { character, run_id: "canvas_g" });
+    link(load, "IMAGE", ref, "images");
+    link(load, "IMAGE", flt, "images");
+    link(ref, "identity", flt, "identity");
+    link(flt, "passed", queue, "images");
+    link(flt, "passed_meta", queue, "meta");
+    link(flt, "passed", gate, "images");
+    link(flt, "passed_meta", gate, "meta");
+    const show = add("PreviewAny", [1560, 420]);  // the gate runs for what takes its outputs
+    link(gate, "summary", show, "source");
+    window.app.canvas.ds.scale = 0.6; window.app.canvas.ds.offset = [0, 0];
+    graph.setDirtyCanvas(true, true);
+    await window.app.queuePrompt(0, 1);
+    return { filter: flt.id, queue: queue.id, gate: gate.id };
+}"""
+
+
+def test_canvas_shows_node_summaries_and_a_waiting_gate_with_the_way_to_the_gallery(comfy, comfy_server, comfy_page):
+    from training import tiny_models as tm
+
+    tm.draw_test_face(1).save(comfy_server.base / "input" / "canvas_face.png")
+    character = "canvas_" + uuid.uuid4().hex[:8]
+    page = comfy_page
+    ids = page.evaluate(BUILD_GRAPH, [character, "canvas_face.png"])
+    gate = page.locator(f".flen-node-summary[data-node-id='{ids['gate']}']")
+    gate.wait_for(state="visible", timeout=60_000)
+    page.wait_for_function("(id) => document.querySelector(`.flen-node-summary[data-node-id='${id}']`)"
+                           ".innerText.includes('waiting for your review: 1 items')", arg=str(ids["gate"]),
+                           timeout=30_000)
+    # the filter and the queue ran before the gate: their summaries are on their nodes
+    flt = page.locator(f".flen-node-summary[data-node-id='{ids['filter']}']")
+    assert flt.is_visible() and "1 of 1 image(s) passed" in flt.inner_text()
+    queue = page.locator(f".flen-node-summary[data-node-id='{ids['queue']}']")
+    assert queue.is_visible() and "Queued 1 candidates" in queue.inner_text()
+    page.screenshot(path=str(comfy_server.base / "canvas_gate.png"))
+    with page.context.expect_page() as popup:
+        gate.locator("button.flen-open-gallery").click()
+    gallery = popup.value
+    gallery.wait_for_selector("#flen-review-root[data-ready='1']", timeout=30_000)
+    assert gallery.input_value(".flen-rv-run") == "canvas_g" and gallery.input_value(".flen-rv-status") == "pending"
+    assert gallery.locator(".flen-rv-card").count() == 1
+    gallery.keyboard.press("a")
+    gallery.wait_for_selector(".flen-rv-card[data-status='approved']")
+    page.wait_for_function("(id) => document.querySelector(`.flen-node-summary[data-node-id='${id}']`)"
+                           ".innerText.includes('1 of 1 approved')", arg=str(ids["gate"]), timeout=30_000)
+    gallery.close()
