@@ -174,14 +174,14 @@ def _layout_label(p: _Parsed) -> str:
     alpha = " + alpha" if p.kinds.get("alpha") else ""
     who = {
         ("transformer.", "lora_A/B"): "diffusers / peft",
-        ("transformer.", "lora.down/up"): "diffusers (old attention-processor format)",
+        ("transformer.", "lora.down/up"): "old diffusers",
         ("diffusion_model.", "lora_A/B"): "ComfyUI / ai-toolkit",
         ("diffusion_model.", "lora_down/up"): "ComfyUI",
         ("lora_unet_", "lora_down/up"): "kohya / musubi-tuner",
         ("lora_transformer_", "lora_down/up"): "OneTrainer",
         ("lycoris_", "lora_down/up"): "SimpleTuner LyCORIS",
-        ("", "lora_down/up"): "no prefix, e.g. the Lightning LoRAs",
-        ("", "lora_A/B"): "no prefix, e.g. musubi-tuner without --diffusers_prefix",
+        ("", "lora_down/up"): "no prefix as in the Lightning LoRAs",
+        ("", "lora_A/B"): "no prefix as musubi-tuner writes without --diffusers_prefix",
         ("", "XLabs"): "XLabs",
         ("diffusion_model.", "XLabs"): "XLabs",
     }.get((prefix, family), "")
@@ -189,10 +189,27 @@ def _layout_label(p: _Parsed) -> str:
         suffix = p.adapter_suffixes.most_common(1)[0][0]
         family = f"lora_A{suffix}"
         who = who if prefix else "DiffSynth / Multiple-angles"
-    kinds = [k for k in ("dora", "lokr", "loha") if p.kinds.get(k)]
-    extra = {"dora": " with DoRA", "lokr": " LoKr", "loha": " LoHa"}
-    shown = f"{prefix or '<no prefix>'}…{family}{alpha}" + "".join(extra[k] for k in kinds)
-    return f"{who} layout '{shown}'" if who else f"layout '{shown}'"
+    if not p.families:
+        lyco = [k for k in ("lokr", "loha") if p.kinds.get(k)]
+        family = {"lokr": "lokr_w1/w2", "loha": "hada_w1/w2"}[lyco[0]] if lyco else family
+        who = {"lokr": "LyCORIS LoKr", "loha": "LyCORIS LoHa"}[lyco[0]] if lyco else who
+    dora = " + DoRA" if p.kinds.get("dora") else ""
+    shown = f"{prefix or '<no prefix>'}…{family}{alpha}{dora}"
+    return f"layout '{shown}', {who}" if who else f"layout '{shown}'"
+
+
+def metadata_alphas(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``<module>.alpha`` tensors that carry peft's metadata alpha (``lora_adapter_metadata``) for loaders that
+    read alphas only from tensors (ComfyUI): alpha / rank of each tensor equals the scale peft would use."""
+    scale_of = _peft_alpha(metadata)
+    if scale_of is None:
+        return {}
+    out = {}
+    for module, parts in _parse(tensors).by_module.items():
+        if "down" in parts and "up" in parts and "alpha" not in parts:
+            rank = int(parts["down"].shape[0])
+            out[f"{module}.alpha"] = torch.tensor(scale_of(_strip_prefix(module)[0], rank) * rank)
+    return out
 
 
 # ---- target tables ----------------------------------------------------------------------------
@@ -344,7 +361,7 @@ def convert(entry_name: str, tensors: dict[str, torch.Tensor], metadata: dict[st
     p = _parse(tensors)
     layout = _layout_label(p)
     arch_guess = guess_architecture(list(tensors))
-    who = f"LoRA '{entry_name}' ({layout}, apparently for {arch_guess})"
+    who = f"LoRA '{entry_name}' ({layout}; apparently for {arch_guess})"
 
     for kind, what in (("dora", "DoRA (dora_scale / magnitude tensors)"), ("lokr", "LoKr (LyCORIS)"),
                        ("loha", "LoHa (LyCORIS)")):

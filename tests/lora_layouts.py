@@ -16,7 +16,9 @@ import json
 
 import torch
 
-FLUX_ONLY = ("bfl_comfy_ab", "bfl_comfy_down_alpha", "bfl_kohya_fp16", "onetrainer", "xlabs")
+# For FLUX, the ComfyUI and kohya layouts use BFL names (as those tools write FLUX files); "diffusers_*"
+# are the same pairs under diffusers names, which some trainers write.
+FLUX_ONLY = ("diffusers_comfy_ab", "diffusers_kohya_fp16", "onetrainer", "xlabs")
 BOTH = ("peft", "peft_metadata", "peft_alpha", "peft_lora_dot", "comfy_ab", "comfy_down_alpha", "kohya_fp16",
         "noprefix_down_alpha_bf16", "noprefix_ab", "diffsynth")
 
@@ -125,31 +127,31 @@ def _xlabs(ref, linears):
 
 def write_layout(layout: str, ref, linears, arch: str):
     """(tensors, metadata, covered diffusers modules, dtype) of ``ref`` in ``layout``."""
-    dtype = {"kohya_fp16": torch.float16, "bfl_kohya_fp16": torch.float16,
+    dtype = {"kohya_fp16": torch.float16, "diffusers_kohya_fp16": torch.float16,
              "noprefix_down_alpha_bf16": torch.bfloat16}.get(layout, torch.float32)
     ref = rounded(ref, dtype)
     covered = set(ref)
     meta: dict[str, str] = {"format": "pt"}
     if layout == "xlabs":
         modules, covered = _xlabs(ref, linears)
-    elif layout.startswith("bfl_") or (arch == "flux" and layout in ("comfy_ab", "comfy_down_alpha")):
+    elif arch == "flux" and layout in ("comfy_ab", "comfy_down_alpha", "kohya_fp16"):
         modules = _to_bfl(ref, linears)
     else:
         modules = ref
     with_alpha = layout in ("peft_alpha", "comfy_down_alpha", "kohya_fp16", "noprefix_down_alpha_bf16",
-                            "bfl_comfy_down_alpha", "bfl_kohya_fp16", "onetrainer")
+                            "diffusers_kohya_fp16", "onetrainer")
     pair = {"comfy_down_alpha": ("lora_down", "lora_up"), "kohya_fp16": ("lora_down", "lora_up"),
-            "noprefix_down_alpha_bf16": ("lora_down", "lora_up"), "bfl_comfy_down_alpha": ("lora_down", "lora_up"),
-            "bfl_kohya_fp16": ("lora_down", "lora_up"), "onetrainer": ("lora_down", "lora_up"),
+            "noprefix_down_alpha_bf16": ("lora_down", "lora_up"), "diffusers_kohya_fp16": ("lora_down", "lora_up"),
+            "onetrainer": ("lora_down", "lora_up"),
             "peft_lora_dot": ("lora.down", "lora.up"), "diffsynth": ("lora_A.default", "lora_B.default"),
             "xlabs": ("down", "up")}.get(layout, ("lora_A", "lora_B"))
 
     def key(name: str) -> str:
         if layout in ("peft", "peft_metadata", "peft_alpha", "peft_lora_dot"):
             return f"transformer.{name}"
-        if layout in ("comfy_ab", "comfy_down_alpha", "bfl_comfy_ab", "bfl_comfy_down_alpha"):
+        if layout in ("comfy_ab", "comfy_down_alpha", "diffusers_comfy_ab"):
             return f"diffusion_model.{name}"
-        if layout in ("kohya_fp16", "bfl_kohya_fp16"):
+        if layout in ("kohya_fp16", "diffusers_kohya_fp16"):
             return "lora_unet_" + name.replace(".", "_")
         if layout == "onetrainer":
             return "lora_transformer_" + name.replace(".", "_")

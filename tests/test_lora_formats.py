@@ -100,7 +100,7 @@ def _refusal(handle, tmp_path, name, tensors, meta=None) -> str:
 
 def test_sd15_file_is_named_as_such_with_its_own_key_names(handles, tmp_path):
     msg = _refusal(handles["flux"], tmp_path, "sd15.safetensors", _sd15())
-    assert "kohya / musubi-tuner layout 'lora_unet_…lora_down/up + alpha'" in msg
+    assert "layout 'lora_unet_…lora_down/up + alpha', kohya / musubi-tuner" in msg
     assert "apparently for Stable Diffusion (UNet)" in msg
     assert "'lora_unet_down_blocks_0_attentions_0_proj_in'" in msg  # the file's name, not a mangled one
     assert "does not fit this FLUX.1 model" in msg and "Pick a FLUX.1 LoRA" in msg
@@ -108,7 +108,7 @@ def test_sd15_file_is_named_as_such_with_its_own_key_names(handles, tmp_path):
 
 def test_flux_bfl_file_on_qwen_is_called_a_flux_lora(handles, tmp_path):
     flux_linears = linear_modules(handles["flux"].pipe.transformer)
-    tensors, _, _, _ = write_layout("bfl_kohya_fp16", make_reference(flux_linears, 1), flux_linears, "flux")
+    tensors, _, _, _ = write_layout("kohya_fp16", make_reference(flux_linears, 1), flux_linears, "flux")
     msg = _refusal(handles["qwen_image"], tmp_path, "flux_bfl.safetensors", tensors)
     assert "apparently for FLUX.1" in msg and "Qwen" not in msg.split("apparently for")[1].split(")")[0]
     assert "does not fit this Qwen-Image(-Edit) model" in msg
