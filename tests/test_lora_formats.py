@@ -118,7 +118,8 @@ def test_flux_bfl_file_on_qwen_is_called_a_flux_lora(handles, tmp_path):
 def test_partial_files_are_refused_naming_the_modules(handles, tmp_path, arch):
     handle = handles[arch]
     linears = linear_modules(handle.pipe.transformer)
-    tensors, meta, _, _ = write_layout("kohya_fp16", make_reference(linears, 2), linears, arch)
+    layout = "diffusers_kohya_fp16" if arch == "flux" else "kohya_fp16"  # proj_out under its diffusers name
+    tensors, meta, _, _ = write_layout(layout, make_reference(linears, 2), linears, arch)
     extra = dict(tensors)
     extra["lora_unet_transformer_blocks_7_attn_to_q.lora_down.weight"] = torch.zeros(4, 32, dtype=torch.float16)
     extra["lora_unet_transformer_blocks_7_attn_to_q.lora_up.weight"] = torch.zeros(32, 4, dtype=torch.float16)
