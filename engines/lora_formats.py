@@ -361,7 +361,8 @@ def convert(entry_name: str, tensors: dict[str, torch.Tensor], metadata: dict[st
     p = _parse(tensors)
     layout = _layout_label(p)
     arch_guess = guess_architecture(list(tensors))
-    who = f"LoRA '{entry_name}' ({layout}; apparently for {arch_guess})"
+    who = f"LoRA '{entry_name}'"
+    seen = f" FLENwheel read it as {layout}, apparently for {arch_guess}."
 
     for kind, what in (("dora", "DoRA (dora_scale / magnitude tensors)"), ("lokr", "LoKr (LyCORIS)"),
                        ("loha", "LoHa (LyCORIS)")):
@@ -370,17 +371,17 @@ def convert(entry_name: str, tensors: dict[str, torch.Tensor], metadata: dict[st
                 f"{who} is a {what} file; FLENwheel's Qwen edit and FLUX nodes apply plain LoRAs only, and "
                 f"dropping the {kind.upper() if kind != 'dora' else 'DoRA'} part would change its effect "
                 f"(e.g. {_examples(p.special[kind], 2)}). Export it as a plain LoRA, or apply it with "
-                "FLENApplyLoraStack on a ComfyUI model, where ComfyUI applies it itself.")
+                "FLENApplyLoraStack on a ComfyUI model, where ComfyUI applies it itself." + seen)
     if p.special.get("other"):
         raise FlenUserError(f"{who} holds full-weight differences or conv LoRA parts "
                             f"({_examples(p.special['other'], 2)}), which the Qwen edit and FLUX nodes do not "
-                            "apply. Use FLENApplyLoraStack on a ComfyUI model for it, or a plain LoRA.")
+                            "apply. Use FLENApplyLoraStack on a ComfyUI model for it, or a plain LoRA." + seen)
     if p.special.get("duplicate"):
         raise FlenUserError(f"{who} holds more than one adapter for the same module "
-                            f"({_examples(p.special['duplicate'], 2)}); save one adapter per file.")
+                            f"({_examples(p.special['duplicate'], 2)}); save one adapter per file." + seen)
     if not p.by_module:
-        raise FlenUserError(f"{who}: none of its {len(tensors)} tensors is a LoRA weight FLENwheel knows "
-                            f"(e.g. {_examples(p.unknown, 3)}). Pick a {label} LoRA in safetensors.")
+        raise FlenUserError(f"{who} holds no LoRA weights: none of its {len(tensors)} tensors is a LoRA weight "
+                            f"FLENwheel knows (e.g. {_examples(p.unknown, 3)}). Pick a {label} LoRA in safetensors.")
 
     resolve = _resolver(linears, architecture)
     peft_scale = _peft_alpha(metadata)
@@ -445,7 +446,8 @@ def convert(entry_name: str, tensors: dict[str, torch.Tensor], metadata: dict[st
             f"{who} {'does not fit' if whole_file else 'cannot be applied completely to'} this {label} model: "
             f"of its {len(p.by_module)} modules, " + "; ".join(problems) + ". "
             + (f"Pick a {label} LoRA, or remove it from the stack." if whole_file else
-               "FLENwheel never applies part of a LoRA: re-export it for this model or remove it from the stack."))
+               "FLENwheel never applies part of a LoRA: re-export it for this model or remove it from the stack.")
+            + seen)
     return ConvertedLora(layout=layout, modules=modules)
 
 

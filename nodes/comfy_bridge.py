@@ -315,7 +315,8 @@ def apply_lora_to_native_model(model, lora_path: str, lora_name: str, strength: 
     # ComfyUI reads alphas from tensors only; peft's metadata alpha would be lost (a ×alpha/rank error)
     extra_alphas = metadata_alphas(tensors, metadata)
     arch = type(model.model.model_config).__name__ if hasattr(model.model, "model_config") else "this model"
-    who = f"LoRA '{lora_name}' ({layout}; apparently for {arch_guess})"
+    who = f"LoRA '{lora_name}'"
+    seen = f" FLENwheel read it as {layout}, apparently for {arch_guess}."
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     lora = comfy.lora_convert.convert_lora({**tensors, **extra_alphas})
     catch = _ThreadLog()
@@ -351,7 +352,7 @@ def apply_lora_to_native_model(model, lora_path: str, lora_name: str, strength: 
         raise FlenUserError(f"{who} does not fit {arch}: none of its {len(tensors)} tensors applies to the model's "
                             f"weights{detail}. Either it was made for another architecture, or ComfyUI does not know "
                             "this layout for this model (FLENwheel's own FLUX and Qwen edit nodes convert more "
-                            "layouts). Remove it from the stack or pick a LoRA for this model.")
+                            "layouts). Remove it from the stack or pick a LoRA for this model." + seen)
     if unused or wrong:
         parts = []
         if unused:
@@ -362,13 +363,14 @@ def apply_lora_to_native_model(model, lora_path: str, lora_name: str, strength: 
                          f"({some(list(dict.fromkeys(wrong)), 2)})")
         raise FlenUserError(f"{who} cannot be applied completely to {arch}: " + "; ".join(parts) + ". ComfyUI would "
                             "apply the rest and skip these silently; FLENwheel refuses a partial LoRA. Use a "
-                            "LoRA made for this model (text-encoder parts need ComfyUI's LoraLoader with a CLIP).")
+                            "LoRA made for this model (text-encoder parts need ComfyUI's LoraLoader with a CLIP)."
+                            + seen)
     patched = model.clone()
     applied = set(patched.add_patches(patches, strength))
     left = [str(k) for k in patches if k not in applied]
     if left:
         raise FlenUserError(f"{who} cannot be applied completely to {arch}: ComfyUI did not take the patches for "
-                            f"{some(left)}. Remove it from the stack.")
+                            f"{some(left)}. Remove it from the stack." + seen)
     return patched
 
 
