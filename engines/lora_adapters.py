@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import types
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -38,7 +39,9 @@ def load_adapter(transformer: torch.nn.Module, converted: ConvertedLora, adapter
     config = LoraConfig(r=common, lora_alpha=common, rank_pattern=odd, alpha_pattern=dict(odd),
                         target_modules="^(?:" + "|".join(re.escape(n) for n in sorted(ranks)) + ")$",
                         lora_dropout=0.0, init_lora_weights=False)
-    transformer.add_adapter(config, adapter_name=adapter_name)
+    with warnings.catch_warnings():  # several adapters on one model is what a stack is
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(config, adapter_name=adapter_name)
     _lift_fp8_lora_weights(transformer)  # before the copy: an fp8 LoRA weight would round the file's values
     layers = dict(transformer.named_modules())
     with torch.no_grad():

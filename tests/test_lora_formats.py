@@ -180,3 +180,32 @@ def test_architecture_guess_puts_bfl_flux_before_qwen():
     assert guess_architecture(["lora_unet_double_blocks_0_img_mlp_0.lora_down.weight"]) == "FLUX.1"
     assert guess_architecture(["diffusion_model.double_blocks.0.img_mod.lin.lora_A.weight"]) == "FLUX.1"
     assert guess_architecture(["transformer_blocks.0.img_mlp.net.0.proj.lora_down.weight"]) == "Qwen-Image(-Edit)"
+
+
+def test_lora_on_fp8_stored_layers_keeps_bf16_weights_with_the_folded_scale(tiny_models, tmp_path):
+    """On the pack's fp8 layers the LoRA pair is bf16 (an fp8 pair would round the file's values) and holds
+    the file's values with the layout's scale folded into up."""
+    from diffusers import FluxTransformer2DModel
+
+    from engines.fp8_linear import Fp8Linear, convert_linears_to_fp8
+    from engines.lora_adapters import load_adapter
+    from engines.lora_formats import load_lora_file
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_models / "diffusers" / "flen-tiny-flux" / "transformer")
+    assert convert_linears_to_fp8(transformer, torch.bfloat16) > 0
+    linears = linear_modules(transformer)
+    tensors, meta, _, _ = write_layout("kohya_fp16", make_reference(linears, 4), linears, "flux")
+    path = _write(tmp_path, "fp8.safetensors", tensors, meta)
+    converted = load_lora_file("fp8.safetensors", path, transformer, "flux")
+    load_adapter(transformer, converted, "fp8_test")
+    layers = dict(transformer.named_modules())
+    checked = 0
+    for name, module in converted.modules.items():
+        layer = layers[name]
+        if not isinstance(layer.base_layer, Fp8Linear):
+            continue
+        b = layer.lora_B["fp8_test"].weight
+        assert layer.lora_A["fp8_test"].weight.dtype == b.dtype == torch.bfloat16
+        assert torch.equal(b, (module.up.float() * module.scale).to(torch.bfloat16))
+        checked += 1
+    assert checked > 10
