@@ -368,9 +368,9 @@ def convert(entry_name: str, tensors: dict[str, torch.Tensor], metadata: dict[st
                        ("loha", "LoHa (LyCORIS)")):
         if p.special.get(kind):
             raise FlenUserError(
-                f"{who} is a {what} file; FLENwheel's Qwen edit and FLUX nodes apply plain LoRAs only, and "
-                f"dropping the {kind.upper() if kind != 'dora' else 'DoRA'} part would change its effect "
-                f"(e.g. {_examples(p.special[kind], 2)}). Export it as a plain LoRA, or apply it with "
+                f"{who} is a {what} file (e.g. {_examples(p.special[kind], 2)}): FLENwheel's Qwen edit and "
+                "FLUX nodes apply plain LoRAs only, and loading it as one would change its effect. Export it "
+                "as a plain LoRA, or apply it with "
                 "FLENApplyLoraStack on a ComfyUI model, where ComfyUI applies it itself." + seen)
     if p.special.get("other"):
         raise FlenUserError(f"{who} holds full-weight differences or conv LoRA parts "

@@ -78,6 +78,8 @@ def _bfl_groups(linears):
         "time_in.out_layer": ["time_text_embed.timestep_embedder.linear_2"],
         "vector_in.in_layer": ["time_text_embed.text_embedder.linear_1"],
         "vector_in.out_layer": ["time_text_embed.text_embedder.linear_2"],
+        "guidance_in.in_layer": ["time_text_embed.guidance_embedder.linear_1"],
+        "guidance_in.out_layer": ["time_text_embed.guidance_embedder.linear_2"],
         "final_layer.linear": ["proj_out"],
         "final_layer.adaLN_modulation.1": ["norm_out.linear"],  # (shift, scale) vs diffusers' (scale, shift)
     })

@@ -209,3 +209,30 @@ def test_lora_on_fp8_stored_layers_keeps_bf16_weights_with_the_folded_scale(tiny
         assert torch.equal(b, (module.up.float() * module.scale).to(torch.bfloat16))
         checked += 1
     assert checked > 10
+
+
+@pytest.mark.parametrize("layout", ["kohya_fp16", "comfy_ab"])
+def test_flux_dev_guidance_in_maps_too(tmp_path, layout):
+    """FLUX.1-dev has a guidance embedder (the tiny pipeline, like schnell, has none): BFL ``guidance_in``
+    lands on it like every other module."""
+    from diffusers import FluxTransformer2DModel
+
+    from engines.lora_adapters import load_adapter
+    from engines.lora_formats import load_lora_file
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    linears = linear_modules(transformer)
+    assert "time_text_embed.guidance_embedder.linear_1" in linears
+    ref = make_reference(linears, seed=3)
+    tensors, meta, covered, dtype = write_layout(layout, ref, linears, "flux")
+    assert any("guidance_in" in k for k in tensors)
+    path = _write(tmp_path, "dev.safetensors", tensors, meta)
+    load_adapter(transformer, load_lora_file("dev.safetensors", path, transformer, "flux"), "dev")
+    expected = deltas({n: (d.to(dtype).float(), u.to(dtype).float(), a) for n, (d, u, a) in ref.items()}, covered)
+    measured = effective_deltas(transformer)
+    assert set(measured) == set(linears) == set(expected)
+    for name, want in expected.items():
+        assert torch.allclose(measured[name], want, atol=2e-5, rtol=1e-4), name
