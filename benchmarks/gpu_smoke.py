@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,6 +106,8 @@ def _workflow_steps(client: ComfyClient) -> dict[str, Callable[[], str]]:
 def run_tiny(precision: str, workdir: Path, models: Path, no_frontend: bool, cpu: bool,
              record: Callable[..., None]) -> None:
     base = workdir / f"comfy_{precision}"
+    # Each precision starts its own flywheel (char_lora_v1, not v2 after the previous precision's v1).
+    shutil.rmtree(models / "loras" / "flenwheel", ignore_errors=True)
     prepare_base_directory(base, models)
     demo.write_demo_inputs(base / "input")
     extra: tuple[str, ...] = ()
