@@ -6,6 +6,10 @@ argv: COMFYUI_PATH PACK_PARENT MODELS_DIR --trained LORA_FILE flux|qwen_image: i
 pack's trainers wrote against the native ComfyUI model of that tiny transformer: which of its keys
 ComfyUI's own key mapping leaves unused, and the largest difference between ComfyUI's patched weights and
 diffusers' fused weights (``load_lora_weights`` + ``fuse_lora``), compared under ComfyUI's key names.
+
+argv: COMFYUI_PATH PACK_PARENT MODELS_DIR --matrix flux|qwen_image OUT_DIR: instead, writes every layout of
+tests/lora_layouts.py to OUT_DIR, applies each through FLENApplyLoraStack and reports each native weight's change
+against the reference (or the refusal), plus the messages for files that must be refused.
 """
 
 import json
