@@ -62,8 +62,10 @@ def _inputs_common() -> list:
         MetaType.Input("meta", optional=True,
                        tooltip="One FLEN_META record per image (prompt, seed, LoRAs, score, angle label…)."),
         io.Image.Input("source_images", optional=True,
-                       tooltip="Reference/source images shown beside each candidate: one per candidate, "
-                               "or a few shared by all."),
+                       tooltip="The source photos the batch was made from (wire all of them): each candidate "
+                               "keeps its own, by the source_index its record carries (the edit nodes write "
+                               "it), as its edit pair's control and the gallery's A/B image; all are kept as "
+                               "its identity references."),
     ]
 
 
