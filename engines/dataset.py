@@ -350,6 +350,30 @@ def datasets_root(output_dir: str | os.PathLike, character: str, folder: str = D
     return workspace_root(output_dir) / validate_character(character) / folder
 
 
+def version_dir_of(value: Any, output_dir: str | os.PathLike, folders: tuple[str, ...] = (DATASETS_DIR, "edit_pairs"),
+                   ) -> tuple[Path, str]:
+    """The version folder a FLEN_DATASET value names, checked to be ``<output>/flenwheel/<character>/
+    <datasets|edit_pairs>/vN`` (a prompt can hand a node a literal FLEN_DATASET dict, so its path is
+    untrusted). Returns (real folder, character)."""
+    raw = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(raw, (str, os.PathLike)) or not str(raw).strip():
+        raise FlenUserError("Connect a FLEN_DATASET from FLEN Dataset Writer or FLEN Edit Pair Writer.")
+    root = Path(os.path.realpath(workspace_root(output_dir)))
+    path = Path(os.path.realpath(str(raw)))
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or parts[1] not in folders or version_number(parts[2]) is None:
+        raise FlenUserError("This FLEN_DATASET does not name a dataset version of the pack (output/flenwheel/"
+                            "<character>/datasets/vN or edit_pairs/vN): connect FLEN Dataset Writer or FLEN Edit "
+                            "Pair Writer instead of typing a dataset.")
+    validate_character(parts[0])
+    if not (path / INFO_NAME).is_file():
+        raise FlenUserError(f"Dataset version {parts[0]}/{parts[1]}/{parts[2]} does not exist.")
+    return path, parts[0]
+
+
 def version_number(name: str) -> int | None:
     m = _VERSION_RE.fullmatch(name)
     return int(m.group(1)) if m else None

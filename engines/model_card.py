@@ -37,6 +37,7 @@ from . import identity
 from .errors import FlenUserError
 from .lora_stack import LoraStack, read_safetensors_header
 from .prompt_templates import substitute_token
+from .safe_images import open_image
 
 CARD_FORMAT = 1
 PNG_KEY = "flen_model_card"
@@ -500,7 +501,8 @@ def load_card(path: str | Path) -> ModelCard:
     if not png_path.is_file():
         raise FlenUserError(f"Model card image {png_path} not found (it is written beside the card's .json).")
     try:
-        with Image.open(png_path) as im:
+        im, _ = open_image(png_path, f"Model card image {png_path.name}")
+        with im:
             grid = im.convert("RGB")
             embedded = im.info.get(PNG_KEY)
         report = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else json.loads(embedded)

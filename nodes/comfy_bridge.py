@@ -146,6 +146,36 @@ def output_directory() -> str:
     return folder_paths.get_output_directory()
 
 
+def user_directory() -> str:
+    return folder_paths.get_user_directory()
+
+
+def client_writable_roots() -> list:
+    """Folders anyone who reaches ComfyUI's port can write to (POST /upload/image with type input, output or
+    temp; /userdata under user/): nothing is ever run from them."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_input_directory()), "input"),
+            Root(Path(folder_paths.get_output_directory()), "output"),
+            Root(Path(folder_paths.get_temp_directory()), "temp"),
+            Root(Path(folder_paths.get_user_directory()), "user")]
+
+
+def pack_write_roots() -> list:
+    """Where a path from a prompt may point for the pack's own writes: the workspaces in output/flenwheel."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_output_directory()) / "flenwheel", "output/flenwheel")]
+
+
+def image_read_roots() -> list:
+    """Where a folder of images named in a prompt may be (class images): ComfyUI's input and output folders."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_input_directory()), "input"),
+            Root(Path(folder_paths.get_output_directory()), "output")]
+
+
 # ---- progress ---------------------------------------------------------------------------------
 
 class Progress:
