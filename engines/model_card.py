@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from . import identity
+from .atomic_files import chmod_like_open
 from .errors import FlenUserError
 from .lora_stack import LoraStack, read_safetensors_header
 from .prompt_templates import substitute_token
@@ -435,6 +436,7 @@ def _write_new(path: Path, data: bytes) -> bool:
     """Writes ``data`` to ``path`` atomically unless ``path`` exists (then returns False, writes nothing)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        chmod_like_open(fd)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -84,8 +84,9 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
     proc = subprocess.Popen(cmd, cwd=str(PACK_DIR), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             bufsize=1, env=env, start_new_session=True)
     child_file = train_dir / CHILD_FILE
-    child_file.write_text(json.dumps({"pid": proc.pid, "cmd": cmd, "config": str(config_path),
-                                      "prompt_id": bridge.current_prompt_id(), "started": time.time()}))
+    ds.atomic_write(child_file, json.dumps({"pid": proc.pid, "cmd": cmd, "config": str(config_path),
+                                            "server_pid": os.getpid(), "prompt_id": bridge.current_prompt_id(),
+                                            "started": time.time()}).encode("utf-8"))
     events: queue.Queue = queue.Queue()
     stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
 
@@ -158,6 +159,72 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
         raise FlenUserError(f"{label} failed: {message}" + (f"\n--- trainer output (last lines) ---\n{tail}"
                                                              if tail and not error else ""))
     return str(done["lora"]), done
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if os.name == "posix" and not Path("/proc/self").exists():  # pragma: no cover - no procfs
+            try:
+                os.kill(pid, 0)
+                return True
+            except (ProcessLookupError, PermissionError):
+                return False
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _is_our_trainer(pid: int, record: dict) -> bool:
+    """The pid still runs the trainer the file names (pids get reused): its command line holds the config."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    config = str(record.get("config") or "")
+    return bool(config) and config.encode() in cmdline and b"--config" in cmdline
+
+
+def clean_stale_children(output_dir: str) -> list[str]:
+    """At server start: a ``launcher_child.json`` whose server is gone was left by a crash. A trainer it
+    names that still runs is an orphan holding the GPU: it is stopped (re-queueing resumes from its last
+    checkpoint). The file goes either way. Returns what was done, for the log."""
+    done: list[str] = []
+    root = Path(output_dir) / "flenwheel"
+    for child_file in sorted(root.glob(f"*/training/{CHILD_FILE}")) if root.is_dir() else []:
+        try:
+            record = json.loads(child_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        record = record if isinstance(record, dict) else {}
+        server = record.get("server_pid")
+        if server != os.getpid() and _pid_alive(server) and _is_comfy(server):
+            continue  # another ComfyUI on the same output folder runs this trainer
+        pid = record.get("pid")
+        if _pid_alive(pid) and _is_our_trainer(pid, record):
+            for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, sig)
+                deadline = time.monotonic() + wait
+                while _pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not _pid_alive(pid):
+                    break
+            done.append(f"stopped orphaned trainer pid {pid} ({child_file.parent.parent.name})")
+        with contextlib.suppress(OSError):
+            child_file.unlink()
+            done.append(f"removed stale {child_file}")
+    return done
+
+
+def _is_comfy(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"main.py" in cmdline or b"comfy" in cmdline.lower()
 
 
 def lora_name(path: str) -> str:

@@ -44,11 +44,13 @@ import yaml
 try:  # inside ComfyUI the pack is a package (custom_nodes/FLENwheel); from the repo root it is not
     from ..engines import dataset as ds
     from ..engines import edit_pairs, safe_paths
+    from ..engines.atomic_files import chmod_like_open
     from ..engines.errors import FlenUserError
     from ..engines.review_store import validate_character
 except ImportError:
     from engines import dataset as ds
     from engines import edit_pairs, safe_paths
+    from engines.atomic_files import chmod_like_open
     from engines.errors import FlenUserError
     from engines.review_store import validate_character
 
@@ -588,6 +590,7 @@ def install_lora(src: str | os.PathLike, loras_root: str | os.PathLike, characte
     folder = lora_folder(loras_root, character)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    chmod_like_open(fd)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
