@@ -115,6 +115,13 @@ def diffusers_folders() -> list[str]:
 
 
 def diffusers_folder_path(name: str) -> str:
+    # ComfyUI 0.3.64 does not check V3 combo values against their options, so a prompt could send
+    # '../../input/x': only a listed folder is accepted.
+    if name not in diffusers_folders():
+        roots = ", ".join(folder_paths.get_folder_paths("diffusers"))
+        raise FlenUserError(f"Model folder {str(name)[:120]!r} is not one of the diffusers folders under "
+                            f"models/diffusers ({roots}). Put the diffusers folder there and refresh the node "
+                            "list (press R).")
     for root in folder_paths.get_folder_paths("diffusers"):
         candidate = Path(root) / name
         if candidate.is_dir():
