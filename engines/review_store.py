@@ -34,7 +34,7 @@ from PIL import Image
 
 from .atomic_files import atomic_write
 from .errors import FlenUserError
-from .safe_images import open_rgb
+from .safe_images import open_image, open_rgb
 
 STATUSES = ("pending", "approved", "rejected", "corrected")
 ACTIONS = ("approve", "reject", "correct", "undo")
@@ -414,8 +414,15 @@ class ReviewStore:
 
     def load_image(self, candidate_id: int) -> np.ndarray:
         """HWC float32 array in 0..1."""
+        return self.load_image_checked(candidate_id)[0]
+
+    def load_image_checked(self, candidate_id: int) -> tuple[np.ndarray, bool]:
+        """(HWC float32 array in 0..1, whether the file on disk is truncated: what is there is decoded, the
+        rest black, and the caller flags it)."""
         path = self.file_path(candidate_id, "image")
-        return np.asarray(open_rgb(path, f"Candidate {candidate_id}'s image {path.name}"), dtype=np.float32) / 255.0
+        im, truncated = open_image(path, f"Candidate {candidate_id}'s image {path.name}", allow_truncated=True)
+        with im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, truncated
 
     # -- decisions --
 

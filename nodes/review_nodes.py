@@ -134,10 +134,15 @@ def _to_batch(paths: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
 def approved_outputs(store: review_store.ReviewStore, items: list[dict]) -> tuple[torch.Tensor, list[dict], bool]:
     if not items:
         return torch.zeros((0, 64, 64, 3), dtype=torch.float32), [], False
-    batch, resized = _to_batch([store.load_image(item["id"]) for item in items])
+    loaded = [store.load_image_checked(item["id"]) for item in items]
+    batch, resized = _to_batch([arr for arr, _ in loaded])
     metas = [{**item["meta"], "candidate_id": item["id"], "character": item["character"], "run_id": item["run_id"],
               "version": item["version"], "status": item["status"], "identity_score": item["score"],
               "label": item["label"], "review_image": str(store.root / item["image"])} for item in items]
+    for record, (_, truncated) in zip(metas, loaded, strict=True):
+        if truncated:
+            record["warnings"] = [*(record.get("warnings") or []),
+                                  "truncated file in the review store: its missing part decodes black"]
     return batch, metas, resized
 
 
@@ -192,6 +197,7 @@ class FLENLoadApproved(io.ComfyNode):
             msg = f"Loaded {len(items)} approved images ({scope}); {len(corrections)} corrections."
             if resized:
                 msg += " Some images were resized to the first image's size."
+            msg += truncation_summary(metas)
         else:
             msg = f"Nothing approved yet ({scope}): judge candidates in the FLENwheel review gallery."
         return io.NodeOutput(batch, metas, json.dumps(corrections, ensure_ascii=False), msg)

@@ -254,6 +254,23 @@ def test_truncated_images_are_flagged_in_meta_and_report(comfy, comfy_server):
     assert all(r["warnings"] and "possibly truncated" in r["warnings"][0] for r in records)
     items = comfy.get(f"/flenwheel/review/{character}/items").json()["items"]
     assert len(items) == 2 and all("possibly truncated" in i["meta"]["warnings"][0] for i in items)
+    # a candidate file cut short on disk: FLEN Load Approved decodes what is there and flags it in the meta
+    store = rs.existing_store(comfy_server.base / "output", character)
+    ids = [i["id"] for i in items]
+    path = store.file_path(ids[0], "image")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    r = comfy.post(f"/flenwheel/review/{character}/decide", {"action": "approve", "ids": ids})
+    assert r.status_code == 200, r.text
+    comfy.run({"load": {"class_type": "FLENLoadApproved", "inputs": {"character": character, "run_id": "",
+                                                                      "version": ""}},
+               "write": {"class_type": "FLENDatasetWriter",
+                         "inputs": {"images": ["load", 0], "meta": ["load", 1], "character": character,
+                                    "instance_token": TOKEN, "caption_template": "{token}", "version": "new",
+                                    "phase": "head", "kind": "auto", "near_duplicates": "keep",
+                                    "phash_threshold": 6, "class_prompt": ""}}})
+    records, _ = ds.read_manifest(vdir.parent / "v2" / ds.MANIFEST_NAME)
+    flagged = [r for r in records if "truncated file in the review store" in " ".join(r["meta"].get("warnings", []))]
+    assert [r["review"]["candidate_id"] for r in flagged] == [ids[0]]
     # a whole image is not flagged
     whole = ds.write_dataset(comfy_server.base / "output", character, [rng.random((64, 64, 3))], token=TOKEN)
     assert "Warnings" not in whole.summary()
