@@ -188,6 +188,8 @@ def test_decompression_bomb_is_refused_fast(comfy, comfy_server):
     assert "13000 × 13000" in message and "megapixels" in message
     assert total < 2.0 and max(a[2] for a in answers) < 2.0, answers
     growth = peak[0] - baseline
+    print(f"bomb x4: {total:.3f} s in all, slowest {max(a[2] for a in answers):.3f} s, server RSS growth "
+          f"{growth / 2**20:.1f} MB")
     assert growth < 100 * 2**20, f"server memory grew by {growth / 2**20:.0f} MB"
     assert comfy.get(f"/flenwheel/review/{character}/items/{item['id']}").json()["correction"] is None
 
