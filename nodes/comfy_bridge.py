@@ -117,6 +117,13 @@ def diffusers_folders() -> list[str]:
 
 
 def diffusers_folder_path(name: str) -> str:
+    # ComfyUI 0.3.64 does not check V3 combo values against their options, so a prompt could send
+    # '../../input/x': only a listed folder is accepted.
+    if name not in diffusers_folders():
+        roots = ", ".join(folder_paths.get_folder_paths("diffusers"))
+        raise FlenUserError(f"Model folder {str(name)[:120]!r} is not one of the diffusers folders under "
+                            f"models/diffusers ({roots}). Put the diffusers folder there and refresh the node "
+                            "list (press R).")
     for root in folder_paths.get_folder_paths("diffusers"):
         candidate = Path(root) / name
         if candidate.is_dir():
@@ -146,6 +153,36 @@ def lora_path(name: str) -> str:
 
 def output_directory() -> str:
     return folder_paths.get_output_directory()
+
+
+def user_directory() -> str:
+    return folder_paths.get_user_directory()
+
+
+def client_writable_roots() -> list:
+    """Folders anyone who reaches ComfyUI's port can write to (POST /upload/image with type input, output or
+    temp; /userdata under user/): nothing is ever run from them."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_input_directory()), "input"),
+            Root(Path(folder_paths.get_output_directory()), "output"),
+            Root(Path(folder_paths.get_temp_directory()), "temp"),
+            Root(Path(folder_paths.get_user_directory()), "user")]
+
+
+def pack_write_roots() -> list:
+    """Where a path from a prompt may point for the pack's own writes: the workspaces in output/flenwheel."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_output_directory()) / "flenwheel", "output/flenwheel")]
+
+
+def image_read_roots() -> list:
+    """Where a folder of images named in a prompt may be (class images): ComfyUI's input and output folders."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_input_directory()), "input"),
+            Root(Path(folder_paths.get_output_directory()), "output")]
 
 
 # ---- progress ---------------------------------------------------------------------------------
