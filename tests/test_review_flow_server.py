@@ -83,9 +83,9 @@ def _which_photo(photos: list[np.ndarray], image: Image.Image) -> int:
 
 def test_sweep_of_three_sources_each_candidate_and_edit_pair_has_its_own_source(comfy, comfy_server, faces):
     character = "own_" + uuid.uuid4().hex[:8]
-    comfy.run(enrich_for_review(character), timeout=600)  # 3 photos × 5 angles → filter → review queue
+    comfy.run(enrich_for_review(character), timeout=600)  # 3 photos × 4 head angles → filter → review queue
     items = comfy.get(f"/flenwheel/review/{character}/items", params={"limit": 500}).json()["items"]
-    assert len(items) == 15
+    assert len(items) == 3 * 4
     photos = _photos(comfy_server)
     assert len(photos) == 3
     # the photo files in the order the folder loader fed them (the sweep's source_index refers to that order)
