@@ -57,6 +57,41 @@ def load_flux(folder: str | Path, name: str, precision: str, device: torch.devic
 
 
 @dataclass(frozen=True)
+class FluxFiles:
+    """ComfyUI's split files of FLUX.1 (full paths) and ComfyUI's bundled tokenizer folders."""
+
+    diffusion_model: str
+    clip_l: str
+    t5xxl: str
+    vae: str
+    clip_tokenizer: str | None = None
+    t5_tokenizer: str | None = None
+
+
+def load_flux_files(files: FluxFiles, name: str, precision: str, device: torch.device) -> FluxHandle:
+    """FLUX.1 from ComfyUI's split files (see engines/split_files.py): fp8 files stay fp8 in memory."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTokenizer, T5Tokenizer
+
+    from . import split_files as sf
+
+    dtypes = sf.file_dtypes(precision, device)
+    transformer = sf.load_flux_transformer(files.diffusion_model, dtypes)
+    dm_info = sf.inspect_file(files.diffusion_model)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(sf.config_for(dm_info, sf.FLUX_CONFIGS, "scheduler"))
+    clip = sf.load_clip_l(files.clip_l, dtypes)
+    t5 = sf.load_t5(files.t5xxl, dtypes)
+    vae = sf.load_flux_vae(files.vae, dtypes)
+    tokenizer = CLIPTokenizer.from_pretrained(
+        sf.tokenizer_folder(sf.inspect_file(files.clip_l), files.clip_tokenizer, "CLIP"))
+    tokenizer_2 = T5Tokenizer.from_pretrained(
+        sf.tokenizer_folder(sf.inspect_file(files.t5xxl), files.t5_tokenizer, "T5"))
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+    return FluxHandle(name=name, folder=str(files.diffusion_model), precision=precision, pipe=pipe)
+
+
+@dataclass(frozen=True)
 class FluxRequest:
     prompts: tuple[str, ...]
     width: int = 1024
