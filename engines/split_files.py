@@ -192,8 +192,8 @@ def _quant_check(info: FileInfo) -> None:
     if "F8_E5M2" in dtypes:
         raise FlenUserError(f"'{info.name}' stores fp8_e5m2 weights; FLENwheel's file loaders take bf16, fp16, "
                             "fp8_e4m3fn and ComfyUI's fp8 scaled files. Use the fp8_e4m3fn or bf16 file instead.")
-    if any(k.endswith((".absmax", ".quant_map", ".quant_state.bitsandbytes__nf4", ".SCB")) for k in info.keys) \
-            or {"U8", "I8"} & dtypes and any(k.endswith(".weight") for k, (d, _) in info.keys.items() if d in ("U8", "I8")):
+    int_weights = any(k.endswith(".weight") and d in ("U8", "I8") for k, (d, _) in info.keys.items())
+    if int_weights or any(k.endswith((".absmax", ".quant_map", ".SCB")) for k in info.keys):
         raise FlenUserError(f"'{info.name}' holds bitsandbytes / int8 quantised weights, which the file loaders do "
                             "not read. Use the bf16 or fp8_e4m3fn file and choose precision 'nf4' on the diffusers "
                             "loader, or ComfyUI's native loaders for this file.")

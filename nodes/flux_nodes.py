@@ -6,9 +6,9 @@ from comfy_api.v0_0_2 import io
 
 from ..engines import flux_pipeline, prompt_templates
 from ..engines.diffusers_folder import PRECISIONS
-from ..engines.split_files import FILE_PRECISIONS
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
+from ..engines.split_files import FILE_PRECISIONS
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, FluxPipeType, LoraStackType, MetaType
 from .pipeline_cache import PipelineCache

@@ -10,9 +10,9 @@ from comfy_api.v0_0_2 import io
 from ..engines import qwen_edit
 from ..engines.angle_catalogue import LANGUAGES, PRESETS, sweep_lines
 from ..engines.diffusers_folder import PRECISIONS
-from ..engines.split_files import FILE_PRECISIONS
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
+from ..engines.split_files import FILE_PRECISIONS
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, LoraStackType, MetaType, QwenEditPipeType
 from .pipeline_cache import PipelineCache

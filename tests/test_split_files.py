@@ -124,7 +124,8 @@ def test_qwen_edit_from_bf16_split_files_equals_the_diffusers_folder(tiny_models
     assert (images - qwen_reference).abs().max().item() < SAME_TOL
 
 
-@pytest.mark.parametrize("dm, te", [("diffusion_model_fp8", "t5xxl"), ("diffusion_model_fp8_scaled", "t5xxl_fp8_scaled")])
+@pytest.mark.parametrize("dm, te", [("diffusion_model_fp8", "t5xxl"),
+                                    ("diffusion_model_fp8_scaled", "t5xxl_fp8_scaled")])
 def test_flux_fp8_files_stay_fp8_on_the_cpu_and_run(tiny_models, flux_reference, dm, te):
     handle = flux_pipeline.load_flux_files(_flux_files(tiny_models, dm, te), "fp8", "auto", CPU)
     qkv = handle.pipe.transformer.transformer_blocks[0].attn.to_q
