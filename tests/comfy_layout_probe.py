@@ -52,8 +52,8 @@ def comfy_model(path: str):
     uc = model_config.unet_config
     if uc["image_model"] == "flux":
         uc.update(hidden_size=cfg["num_attention_heads"] * cfg["attention_head_dim"],
-                  num_heads=cfg["num_attention_heads"], context_in_dim=cfg["joint_attention_dim"], axes_dim=cfg["axes_dims_rope"],
-                  out_channels=uc["in_channels"])
+                  num_heads=cfg["num_attention_heads"], context_in_dim=cfg["joint_attention_dim"],
+                  axes_dim=cfg["axes_dims_rope"], out_channels=uc["in_channels"])
     else:
         uc.update({k: cfg[k] for k in ("patch_size", "out_channels", "attention_head_dim", "num_attention_heads",
                                        "joint_attention_dim", "axes_dims_rope")})
