@@ -146,9 +146,9 @@ def model_file_path(folder: str, name: str) -> str:
 
 def comfy_tokenizer_folder(name: str) -> str:
     """A tokenizer folder ComfyUI ships (``qwen25_tokenizer``, ``t5_tokenizer``, ``sd1_tokenizer``)."""
-    import comfy
+    import comfy.sd1_clip  # ``comfy`` itself is a namespace package without a __file__
 
-    root = Path(comfy.__file__).resolve().parent
+    root = Path(comfy.sd1_clip.__file__).resolve().parent
     return str(root / name if name == "sd1_tokenizer" else root / "text_encoders" / name)
 
 
