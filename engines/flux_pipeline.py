@@ -71,7 +71,6 @@ class FluxFiles:
 def load_flux_files(files: FluxFiles, name: str, precision: str, device: torch.device) -> FluxHandle:
     """FLUX.1 from ComfyUI's split files (see engines/split_files.py): fp8 files stay fp8 in memory."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-    from transformers import CLIPTokenizer, T5Tokenizer
 
     from . import split_files as sf
 
@@ -82,10 +81,8 @@ def load_flux_files(files: FluxFiles, name: str, precision: str, device: torch.d
     clip = sf.load_clip_l(files.clip_l, dtypes)
     t5 = sf.load_t5(files.t5xxl, dtypes)
     vae = sf.load_flux_vae(files.vae, dtypes)
-    tokenizer = CLIPTokenizer.from_pretrained(
-        sf.tokenizer_folder(sf.inspect_file(files.clip_l), files.clip_tokenizer, "CLIP"))
-    tokenizer_2 = T5Tokenizer.from_pretrained(
-        sf.tokenizer_folder(sf.inspect_file(files.t5xxl), files.t5_tokenizer, "T5"))
+    tokenizer = sf.clip_tokenizer(sf.tokenizer_folder(sf.inspect_file(files.clip_l), files.clip_tokenizer, "CLIP"))
+    tokenizer_2 = sf.t5_tokenizer(sf.tokenizer_folder(sf.inspect_file(files.t5xxl), files.t5_tokenizer, "T5"))
     pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
                         tokenizer_2=tokenizer_2, transformer=transformer)
     return FluxHandle(name=name, folder=str(files.diffusion_model), precision=precision, pipe=pipe)

@@ -99,7 +99,7 @@ class QwenEditFiles:
 def load_qwen_edit_files(files: QwenEditFiles, name: str, precision: str, device: torch.device) -> QwenEditHandle:
     """Qwen-Image-Edit-2509 from ComfyUI's split files (see engines/split_files.py): fp8 files stay fp8."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
-    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from . import split_files as sf
@@ -111,8 +111,7 @@ def load_qwen_edit_files(files: QwenEditFiles, name: str, precision: str, device
         sf.config_for(dm_info, sf.QWEN_EDIT_CONFIGS, "scheduler"))
     text_encoder = sf.load_qwen_vl(files.text_encoder, dtypes)
     vae = sf.load_qwen_vae(files.vae, dtypes)
-    tokenizer = Qwen2Tokenizer.from_pretrained(
-        sf.tokenizer_folder(sf.inspect_file(files.text_encoder), files.tokenizer, "Qwen2.5"))
+    tokenizer = sf.qwen_tokenizer(sf.tokenizer_folder(sf.inspect_file(files.text_encoder), files.tokenizer, "Qwen2.5"))
     # Qwen-Image-Edit's processor settings are the Qwen2-VL image processor's defaults.
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
                                  video_processor=Qwen2VLVideoProcessor())

@@ -610,3 +610,23 @@ def tokenizer_folder(info: FileInfo, fallback: str | Path | None, what: str) -> 
         raise FlenUserError(f"The {what} tokenizer that ComfyUI ships ({fallback}) is missing from this ComfyUI "
                             "install; update or repair ComfyUI.")
     return str(fallback)
+
+
+def clip_tokenizer(folder: str):
+    from transformers import CLIPTokenizer
+
+    # ComfyUI's bundled CLIP tokenizer declares 8192 tokens (ComfyUI chunks prompts itself); FLUX's CLIP-L has 77
+    # positions and diffusers pads to the tokenizer's length.
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+
+
+def t5_tokenizer(folder: str):
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer.from_pretrained(folder)
+
+
+def qwen_tokenizer(folder: str):
+    from transformers import Qwen2Tokenizer
+
+    return Qwen2Tokenizer.from_pretrained(folder)

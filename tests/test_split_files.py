@@ -192,6 +192,23 @@ def test_shipped_full_size_configs_build_the_real_architectures():
     assert 83e6 < sum(p.numel() for p in vae.parameters()) < 84.5e6
 
 
+def test_comfyuis_bundled_tokenizers_serve_the_real_models():
+    """The real models' tokenizers come from ComfyUI's checkout (nothing downloads), shaped as diffusers needs."""
+    from training.comfy_queue import comfyui_path
+
+    root = comfyui_path() / "comfy"
+    clip = sf.clip_tokenizer(str(root / "sd1_tokenizer"))
+    assert clip.model_max_length == 77 and clip("a photo").input_ids == [49406, 320, 1125, 49407]
+    assert len(clip) == sf.shipped_config(sf.FLUX_CONFIGS, "text_encoder")["vocab_size"]
+    t5 = sf.t5_tokenizer(str(root / "text_encoders" / "t5_tokenizer"))
+    assert t5.model_max_length == 512 and t5("a photo").input_ids[-1] == t5.eos_token_id == 1
+    assert len(t5) <= sf.shipped_config(sf.FLUX_CONFIGS, "text_encoder_2")["vocab_size"]
+    qwen = sf.qwen_tokenizer(str(root / "text_encoders" / "qwen25_tokenizer"))
+    cfg = sf.shipped_config(sf.QWEN_EDIT_CONFIGS, "text_encoder")
+    ids = qwen("<|vision_start|><|image_pad|><|vision_end|>").input_ids
+    assert ids == [cfg["vision_start_token_id"], cfg["image_token_id"], cfg["vision_end_token_id"]]
+
+
 # ------------------------------------------------------------------------------------------------------ bad input
 
 def _fake_safetensors(path, tensors: dict[str, tuple[str, list[int]]]) -> str:
