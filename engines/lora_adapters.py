@@ -218,6 +218,7 @@ class PipelineHandle:
     folder: str
     precision: str
     pipe: object
+    files: object = None  # the ComfyUI split files it came from (FluxFiles / QwenEditFiles), else None
     adapters: AdapterCache = field(init=False)
 
     architecture: ClassVar[str] = ""  # set by subclasses: which LoRAs fit (see check_fits)

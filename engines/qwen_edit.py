@@ -96,17 +96,18 @@ class QwenEditFiles:
     tokenizer: str | None = None
 
 
-def load_qwen_edit_files(files: QwenEditFiles, name: str, precision: str, device: torch.device) -> QwenEditHandle:
-    """Qwen-Image-Edit-2509 from ComfyUI's split files (see engines/split_files.py): fp8 files stay fp8."""
+def qwen_edit_pipe_from_files(files: QwenEditFiles, dtypes, with_transformer: bool = True):
+    """A QwenImageEditPlusPipeline from ComfyUI's split files (see engines/split_files.py); without the transformer
+    for the trainer's encoding pass. fp8 files stay fp8 in memory."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from . import split_files as sf
 
-    dtypes = sf.file_dtypes(precision, device)
-    transformer = sf.load_qwen_transformer(files.diffusion_model, dtypes)
-    dm_info = sf.inspect_file(files.diffusion_model)
+    dm_info = sf.expect(files.diffusion_model, ("qwen_image_transformer",), "diffusion_models",
+                        "a Qwen-Image-Edit-2509 diffusion model (e.g. qwen_image_edit_2509_fp8_e4m3fn.safetensors)")
+    transformer = sf.load_qwen_transformer(files.diffusion_model, dtypes) if with_transformer else None
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         sf.config_for(dm_info, sf.QWEN_EDIT_CONFIGS, "scheduler"))
     text_encoder = sf.load_qwen_vl(files.text_encoder, dtypes)
@@ -115,9 +116,16 @@ def load_qwen_edit_files(files: QwenEditFiles, name: str, precision: str, device
     # Qwen-Image-Edit's processor settings are the Qwen2-VL image processor's defaults.
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
                                  video_processor=Qwen2VLVideoProcessor())
-    pipe = QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    return QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                      processor=processor, transformer=transformer)
-    return QwenEditHandle(name=name, folder=str(files.diffusion_model), precision=precision, pipe=pipe)
+
+
+def load_qwen_edit_files(files: QwenEditFiles, name: str, precision: str, device: torch.device) -> QwenEditHandle:
+    """Qwen-Image-Edit-2509 from ComfyUI's split files: fp8 files stay fp8 in memory."""
+    from . import split_files as sf
+
+    pipe = qwen_edit_pipe_from_files(files, sf.file_dtypes(precision, device))
+    return QwenEditHandle(name=name, folder=str(files.diffusion_model), precision=precision, pipe=pipe, files=files)
 
 
 @dataclass(frozen=True)
