@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.demo import load_api_workflow, output_files, with_character, with_split_files, write_demo_inputs
+from training.demo import (
+    enrich_for_review,
+    load_api_workflow,
+    output_files,
+    scripted_review,
+    with_character,
+    with_split_files,
+    write_demo_inputs,
+)
 
 pytestmark = pytest.mark.server
 
@@ -73,6 +81,32 @@ def test_flywheel_workflows_run_from_split_files(comfy, inputs, name):
     prompt = with_split_files(with_character(load_api_workflow(name), "split_" + uuid.uuid4().hex[:8]))
     entry = comfy.wait(comfy.queue(prompt), timeout=600)
     assert entry["status"]["status_str"] == "success"
+
+
+@pytest.mark.parametrize("name, trainer, pipe_slot, loader", [
+    ("flywheel1_train", "3", "flux_pipe", "5"),
+    ("flywheel2_editor", "2", "qwen_pipe", "3"),
+])
+def test_trainer_workflows_train_on_split_files(comfy, comfy_server, inputs, name, trainer, pipe_slot, loader):
+    """The built-in trainers on the split files: the loader's pipe connected to the trainer (model set to the
+    'connected pipe' choice); the LoRA's provenance names the split diffusion-model file."""
+    import json
+
+    from safetensors import safe_open
+
+    character = "split_" + uuid.uuid4().hex[:8]
+    comfy.run(with_split_files(enrich_for_review(character)), timeout=600)
+    scripted_review(comfy, character)
+    prompt = with_split_files(with_character(load_api_workflow(name), character))
+    prompt[trainer]["inputs"].update({pipe_slot: [loader, 0], "model": "(the connected base pipe)"})
+    entry = comfy.wait(comfy.queue(prompt), timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    prefix = "char_lora" if name == "flywheel1_train" else "qwen_lora"
+    lora = comfy_server.base / "models" / "loras" / "flenwheel" / character / f"{prefix}_v1.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        prov = json.loads(f.metadata()["flenwheel"])
+    assert prov["base_model"] == prompt[loader]["inputs"]["diffusion_model"].split("/")[-1]
+    assert set(prov["hyperparameters"]["files"]) >= {"diffusion_model", "vae"}
 
 
 @pytest.fixture(scope="module")
