@@ -169,6 +169,24 @@ def test_scaled_fp8_keeps_the_files_bytes_and_scale(tiny_models):
     assert plain.transformer_blocks[0].attn.to_k.weight_scale.item() == 1.0
 
 
+def test_checkpoint_style_prefix_is_stripped(tiny_models, tmp_path):
+    """ComfyUI also writes diffusion models with ``model.diffusion_model.`` in front (diffusers does not strip it
+    for Qwen-Image); the loader does, and gives the same weights."""
+    from safetensors.torch import load_file
+
+    src = _split(tiny_models, "qwen", "diffusion_model_fp8_scaled")
+    sd = load_file(src)
+    path = tmp_path / "qwen_prefixed.safetensors"
+    ts.write_safetensors(path, {f"model.diffusion_model.{k}": v for k, v in sd.items()},
+                         sf.inspect_file(src).metadata)
+    assert sf.inspect_file(path).prefix == "model.diffusion_model."
+    dtypes = sf.file_dtypes("auto", CPU)
+    a, b = sf.load_qwen_transformer(src, dtypes), sf.load_qwen_transformer(str(path), dtypes)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va.view(torch.uint8) if va.dtype == E4M3 else va,
+                                        vb.view(torch.uint8) if vb.dtype == E4M3 else vb)
+
+
 def test_precision_fp8_quantises_a_bf16_file_and_fp32_dequantises_an_fp8_one(tiny_models):
     quantised = sf.load_qwen_transformer(_split(tiny_models, "qwen", "diffusion_model"), sf.file_dtypes("fp8", CPU))
     assert isinstance(quantised.transformer_blocks[0].attn.to_q, Fp8Linear)
