@@ -1,7 +1,8 @@
 """GPU benchmark: FLENwheel's FLUX.1-dev generation (engines/flux_pipeline.py) and the 18-cell model card on
 random full-size weights.
 
-    python benchmarks/bench_flux_generate.py --kit KIT_DIR [--res 1024] [--steps 28] [--cap 24] [--small]
+    python benchmarks/bench_flux_generate.py --kit KIT_DIR [--res 1024] [--steps 28] [--cap 24] [--loras 2]
+                                              [--small]
 
 KIT_DIR holds tokenizer/, tokenizer_2/ and scheduler/ (the tiny-model kit's are fine: token ids are all that
 reaches the models). Transformer (11.9 B, FLUX.1-dev layout, fp8 precision as the loader does it), CLIP-L,
@@ -78,6 +79,7 @@ def main() -> int:
     p.add_argument("--res", type=int, default=1024)
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--cap", type=float, default=24.0)
+    p.add_argument("--loras", type=int, default=1, help="LoRAs in the stack (rank 16, stacked into one pair)")
     p.add_argument("--small", action="store_true")
     a = p.parse_args()
     cuda = torch.cuda.is_available()
@@ -88,7 +90,7 @@ def main() -> int:
     handle, stats = build(a.kit, device, a.small)
     pipe = handle.pipe
     host = OffloadHost(device, [pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae])
-    lora = write_loras(pipe.transformer, Path(tempfile.mkdtemp()), 1)[0]
+    loras = LoraStack(tuple(write_loras(pipe.transformer, Path(tempfile.mkdtemp()), a.loras)))
     common = dict(impl="flenwheel-flux", precision="fp8", res=a.res, steps=a.steps, cap_gb=a.cap,
                   gpu=torch.cuda.get_device_name(0) if cuda else "cpu", **stats)
 
@@ -98,7 +100,8 @@ def main() -> int:
 
     req = flux_pipeline.FluxRequest(prompts=("a photo of ohwx_char person, neutral expression",),
                                     width=a.res, height=a.res, steps=a.steps, guidance=3.5)
-    for name, stack in (("none", LoraStack()), ("char_lora", LoraStack((lora,)))):
+    with_loras = f"{a.loras}_loras"
+    for name, stack in (("none", LoraStack()), (with_loras, loras)):
         flux_pipeline.generate(handle, flux_pipeline.FluxRequest(prompts=("warm-up",), width=a.res, height=a.res,
                                                                  steps=2), stack, host)
         stamps: list[float] = []
@@ -114,8 +117,8 @@ def main() -> int:
 
     cells = model_card.parse_prompt_set(model_card.DEFAULT_PROMPT_SET)
     settings = model_card.CardSettings(width=a.res, height=a.res, steps=a.steps)
-    m = host.measure(partial(model_card.render_cells, handle, cells, settings, LoraStack((lora,)), host))
-    row = dict(common, lora="char_lora", model_card_cells=len(cells), model_card_render_s=round(m.pop("seconds"), 1),
+    m = host.measure(partial(model_card.render_cells, handle, cells, settings, loras, host))
+    row = dict(common, lora=with_loras, model_card_cells=len(cells), model_card_render_s=round(m.pop("seconds"), 1),
                **m)
     print(json.dumps(row), flush=True)
     return 0

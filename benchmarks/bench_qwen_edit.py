@@ -4,11 +4,12 @@
                                           [--loras 0 2] [--small] [--forward-ablation]
 
 KIT_DIR holds a tokenizer/, processor/ and scheduler/ (the tiny-model kit's are fine: token ids are
-all that reaches the model) and text_encoder_config.json (its token ids are kept, sizes set to
-Qwen2.5-VL-7B). The transformer (20.4 B), VAE and text encoder (8.3 B) are built at full size with
-random weights: no download. The memory cap plays a 24 GB card; the host plays ComfyUI's VRAM
-manager on such a card: only the running stage's modules stay on the GPU (the 7B text encoder and
-the fp8 transformer do not fit together), so each image pays the swaps, which are timed apart.
+all that reaches the model) and text_encoder_config.json or text_encoder/config.json (its token ids are
+kept, sizes set to Qwen2.5-VL-7B): the kit's tiny Qwen-Image-Edit folder will do. The transformer
+(20.4 B), VAE and text encoder (8.3 B) are built at full size with random weights: no download. The
+memory cap plays a 24 GB card; the host plays ComfyUI's VRAM manager on such a card: only the running
+stage's modules stay on the GPU (the 7B text encoder and the fp8 transformer do not fit together), so
+each image pays the swaps, which are timed apart.
 Each configuration prints one JSON line: seconds per image at 8 steps (true CFG off, the Lightning
 set-up) and 40 steps (true CFG 4), seconds per denoising step, swap seconds, peak GiB; then a
 5-angle sweep (one encoder stage for all five, as FLENAngleSweep runs) gives seconds per image.
@@ -113,7 +114,9 @@ def build_pipeline(kit: Path, device: torch.device, precision: str, small: bool)
     from transformers import AutoProcessor, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     bf = torch.bfloat16
-    cfg = json.loads((kit / "text_encoder_config.json").read_text())
+    # A kit folder of its own, or the tiny-model kit's diffusers folder itself (its text_encoder/config.json).
+    cfg_file = kit / "text_encoder_config.json"
+    cfg = json.loads((cfg_file if cfg_file.is_file() else kit / "text_encoder" / "config.json").read_text())
     text, vision = dict(QWEN_7B_TEXT), dict(QWEN_7B_VISION)
     tcfg = dict(num_layers=60)
     if small:

@@ -58,6 +58,8 @@ class ComfyServer:
     port: int = field(default_factory=free_port)
     python: str = sys.executable
     proc: subprocess.Popen | None = None
+    cpu: bool = True  # False: ComfyUI picks the GPU (benchmarks/gpu_smoke.py)
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -71,9 +73,9 @@ class ComfyServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def start(self, timeout: float = 120.0, ready_node: str = "FLENLoraStack") -> ComfyServer:
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch", "--disable-api-nodes"]
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1",
+               "--port", str(self.port), "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch", "--disable-api-nodes", *self.extra_args]
         log = self.log_path.open("wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=log, stderr=subprocess.STDOUT,

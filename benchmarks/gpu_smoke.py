@@ -1,0 +1,215 @@
+"""GPU smoke run (not part of CI: CI has no GPU). Run it on a CUDA machine in every session that touches
+inference, training or the ComfyUI bridge.
+
+    python benchmarks/gpu_smoke.py [--parts tiny flux qwen] [--precisions fp8 nf4] [--cap 24]
+                                   [--results DIR] [--workdir DIR] [--no-frontend] [--cpu]
+
+tiny: starts a real ComfyUI (CUDA, not --cpu) with the pack in custom_nodes and runs every shipped API
+      workflow end to end through POST /prompt on the tiny-model kit, once per precision (the loaders at that
+      precision, the trainers at nf4 for the nf4 run and bf16 otherwise), with the LoRA stacks the workflows
+      carry on both pipelines; the flywheel workflows run in the demo's order, reviewed by its scripted
+      reviewer through the review routes.
+flux: full-size random-weight FLUX.1-dev (fp8) with 2 LoRAs: one image and the 18-cell model card under the
+      memory cap (benchmarks/bench_flux_generate.py).
+qwen: full-size random-weight Qwen-Image-Edit-2509 (fp8), 2 LoRAs: edits and a 5-angle sweep under the cap
+      (benchmarks/bench_qwen_edit.py).
+
+Prints one line per workflow or part (ok / error with the message) and appends raw JSON lines to
+DIR/gpu_smoke_<date>.jsonl. --no-frontend starts ComfyUI with an empty --front-end-root, for machines without
+the comfyui-frontend-package wheel (the API does not need it). --cpu --precisions fp32 --parts tiny checks the
+script itself on a machine without a GPU. Exit status 1 if anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from training import demo  # noqa: E402
+from training.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory  # noqa: E402
+from training.tiny_models import write_tiny_models  # noqa: E402
+
+TRAINERS = ("FLENTrainCharacterLoRA", "FLENTrainEditorLoRA")
+# The demo's order: each flywheel step reads what the one before it wrote.
+ORDER = ("flen_synthetic_flux", "flen_angle_sweep", "flywheel1_enrich", "flywheel1_train", "flywheel1_synthesize",
+         "flywheel2_editor", "flywheel_interactive", "compare_versions")
+
+
+class PrecisionClient(ComfyClient):
+    """Queues every prompt with the tiny kit's fp32 swapped for the precision under test."""
+
+    def __init__(self, url: str, precision: str) -> None:
+        super().__init__(url)
+        self.precision = precision
+
+    def queue(self, prompt: dict) -> str:
+        for node in prompt.values():
+            inputs = node["inputs"]
+            if inputs.get("precision") == "fp32":
+                trainer = node["class_type"] in TRAINERS
+                inputs["precision"] = ("nf4" if self.precision == "nf4" else "bf16") if trainer else self.precision
+        return super().queue(prompt)
+
+
+def _workflow_steps(client: ComfyClient) -> dict[str, Callable[[], str]]:
+    c = demo.CHARACTER
+
+    def plain(name: str) -> Callable[[], str]:
+        def run() -> str:
+            outputs = client.run(demo.load_api_workflow(name), timeout=600)
+            return f"{sum(len(o.get('images', [])) for o in outputs.values())} images"
+        return run
+
+    def enrich() -> str:
+        client.run(demo.enrich_for_review(c, "v1"), timeout=600)
+        return f"reviewed {demo.scripted_review(client, c)}"
+
+    def train() -> str:
+        outputs = client.run(demo.with_character(demo.load_api_workflow("flywheel1_train"), c), timeout=600)
+        return " | ".join(demo._text(outputs, k).splitlines()[0] for k in outputs if demo._text(outputs, k))[:300]
+
+    def synthesize() -> str:
+        synth = demo.with_character(demo.load_api_workflow("flywheel1_synthesize"), c)
+        synth[demo._node(synth, "FLENLoraStack")]["inputs"]["lora_name"] = f"flenwheel/{c}/char_lora_v1.safetensors"
+        flt, queue = demo._node(synth, "FLENIdentityFilter"), demo._node(synth, "FLENReviewQueue")
+        synth[queue]["inputs"].update(images=[flt, 2], meta=[flt, 3], version="v2")
+        client.run(synth, timeout=600)
+        return f"reviewed {demo.scripted_review(client, c, correct=0, reject=1)}"
+
+    def editor() -> str:
+        outputs = client.run(demo.with_character(demo.load_api_workflow("flywheel2_editor"), c), timeout=600)
+        return demo._text(outputs, demo._node(demo.load_api_workflow("flywheel2_editor"), "FLENTrainEditorLoRA"))
+
+    def interactive() -> str:
+        client.run(demo.with_character(demo.load_api_workflow("flywheel_interactive"), c), timeout=600)
+        return "gate passed on its timeout policy"
+
+    steps = {"flywheel1_enrich": enrich, "flywheel1_train": train, "flywheel1_synthesize": synthesize,
+             "flywheel2_editor": editor, "flywheel_interactive": interactive}
+    shipped = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
+    ordered = [n for n in ORDER if n in shipped] + [n for n in shipped if n not in ORDER]
+    return {name: steps.get(name, plain(name)) for name in ordered}
+
+
+def run_tiny(precision: str, workdir: Path, models: Path, no_frontend: bool, cpu: bool,
+             record: Callable[..., None]) -> None:
+    base = workdir / f"comfy_{precision}"
+    # Each precision starts its own flywheel (char_lora_v1, not v2 after the previous precision's v1).
+    shutil.rmtree(models / "loras" / "flenwheel", ignore_errors=True)
+    prepare_base_directory(base, models)
+    demo.write_demo_inputs(base / "input")
+    extra: tuple[str, ...] = ()
+    if no_frontend:
+        web_root = workdir / "empty_web_root"
+        web_root.mkdir(exist_ok=True)
+        (web_root / "index.html").write_text("<!doctype html><title>no frontend</title>")
+        extra = ("--front-end-root", str(web_root))
+    server = ComfyServer(base, python=sys.executable, cpu=cpu, extra_args=extra)
+    t = time.perf_counter()
+    try:
+        server.start(timeout=300)
+    except Exception as exc:  # noqa: BLE001 (a smoke run reports and goes on)
+        record(part="tiny", precision=precision, workflow="<server start>", ok=False, error=str(exc)[-2000:])
+        return
+    device_line = next((ln.strip() for ln in server.log().splitlines() if "Device:" in ln), "")
+    record(part="tiny", precision=precision, workflow="<server start>", ok=True,
+           seconds=round(time.perf_counter() - t, 1), detail=device_line)
+    try:
+        client = PrecisionClient(server.url, precision)
+        for name, step in _workflow_steps(client).items():
+            t = time.perf_counter()
+            try:
+                detail = step()
+                record(part="tiny", precision=precision, workflow=name, ok=True,
+                       seconds=round(time.perf_counter() - t, 1), detail=detail)
+            except Exception as exc:  # noqa: BLE001
+                record(part="tiny", precision=precision, workflow=name, ok=False,
+                       seconds=round(time.perf_counter() - t, 1), error=str(exc)[-1500:])
+    finally:
+        server.stop()
+        (workdir / f"comfyui_{precision}.log").write_text(server.log())
+
+
+def run_bench(part: str, cmd: list[str], record: Callable[..., None]) -> None:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    rows = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+            record(part=part, raw=rows[-1])
+    ok = proc.returncode == 0 and bool(rows)
+    record(part=part, workflow=" ".join(cmd[1:]), ok=ok, seconds=round(time.perf_counter() - t, 1),
+           **({} if ok else {"error": (proc.stderr or proc.stdout)[-2000:]}))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", default=["tiny", "flux", "qwen"], choices=["tiny", "flux", "qwen"])
+    p.add_argument("--precisions", nargs="+", default=["fp8", "nf4"], choices=["fp8", "nf4", "bf16", "fp32"])
+    p.add_argument("--cap", type=float, default=24.0, help="GiB per process for the full-size parts")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--no-frontend", action="store_true")
+    p.add_argument("--cpu", action="store_true", help="check this script on a machine without a GPU (fp32, tiny)")
+    a = p.parse_args()
+
+    import torch
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    a.results.mkdir(parents=True, exist_ok=True)
+    raw = a.results / f"gpu_smoke_{stamp}.jsonl"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+    failures = 0
+
+    def record(**row) -> None:
+        nonlocal failures
+        row = {"date": stamp, "gpu": gpu, **row}
+        with raw.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if "ok" in row:
+            failures += not row["ok"]
+            what = f"{row['part']}{'/' + row['precision'] if 'precision' in row else ''} {row.get('workflow', '')}"
+            tail = row.get("detail", "") if row["ok"] else row.get("error", "").strip().splitlines()[-1:]
+            print(f"{'ok   ' if row['ok'] else 'ERROR'} {what} ({row.get('seconds', '-')} s) {tail}", flush=True)
+            if not row["ok"]:
+                print("      " + row.get("error", "")[-1500:].replace("\n", "\n      "), flush=True)
+
+    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="flen_gpu_smoke_"))
+    models = workdir / "models"
+    write_tiny_models(models, seed=0)
+    print(f"GPU smoke run on {gpu}, {stamp}; work in {workdir}; raw lines in {raw}", flush=True)
+    try:
+        if "tiny" in a.parts:
+            for precision in a.precisions:
+                run_tiny(precision, workdir, models, a.no_frontend, a.cpu, record)
+        py = sys.executable
+        if "flux" in a.parts:
+            run_bench("flux", [py, "benchmarks/bench_flux_generate.py", "--kit",
+                               str(models / "diffusers" / "flen-tiny-flux"), "--cap", str(a.cap), "--loras", "2"],
+                      record)
+        if "qwen" in a.parts:
+            run_bench("qwen", [py, "benchmarks/bench_qwen_edit.py", "--kit",
+                               str(models / "diffusers" / "flen-tiny-qwen-image-edit"), "--cap", str(a.cap),
+                               "--loras", "2"], record)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        failures += 1
+    print(f"{'all ok' if not failures else f'{failures} failed'}; raw lines: {raw}", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
