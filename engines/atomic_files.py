@@ -12,6 +12,32 @@ import tempfile
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows (os.umask can only be read by
+    setting it, which would race with other threads creating files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode open() would give a new file: 0o666 less the umask. mkstemp makes 0o600 files, which another
+    user (a trainer or container running as someone else) cannot read."""
+    return 0o666 & ~current_umask()
+
+
+def chmod_like_open(fd: int) -> None:
+    if os.name == "posix":
+        os.fchmod(fd, new_file_mode())
+
+
 def fsync_dir(path: Path) -> None:
     if os.name != "posix":
         return
@@ -29,6 +55,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     # ".part", not the real suffix: a trainer scanning the folder for *.png never sees a half file
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
+        chmod_like_open(fd)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -22,6 +22,10 @@ next writer or :func:`freeze` removes both before it does anything else. The man
 Versions. ``new`` creates ``v<N+1>`` (built in a temp folder and renamed into place). Writing into an
 existing version adds to it while it is a draft and is refused once it is frozen; trainers call
 :func:`freeze` before they read a version, so a LoRA always names a version that can no longer change.
+While a writer runs, ``dataset.json`` carries a ``writing`` record; it goes only when the run has written
+everything. A run killed half-way (SIGKILL, a server crash) leaves it behind: :func:`freeze`, and so every
+trainer, refuses such a version, and the next writer run into it repairs it and finishes it (images the
+killed run already wrote, byte for byte, are not written twice).
 The content hash depends on the images' and captions' bytes only: it changes when and only when an
 image or a caption changes (not with provenance, file names or order).
 
@@ -53,6 +57,7 @@ from .atomic_files import atomic_write
 from .atomic_files import fsync_dir as _fsync_dir
 from .errors import FlenUserError
 from .review_store import validate_character, workspace_root
+from .safe_images import truncation_note
 
 try:  # POSIX: a real cross-process lock; elsewhere a process-wide lock only
     import fcntl
@@ -82,7 +87,7 @@ _MAX_CAPTION = 2000
 def append_line(path: Path, record: dict[str, Any]) -> None:
     """Appends one JSON line with a single write on an O_APPEND descriptor, then fsyncs."""
     data = (json.dumps(record, ensure_ascii=False, sort_keys=True, default=str) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
         view = memoryview(data)
         while view:
@@ -147,7 +152,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
         if fcntl is None:  # pragma: no cover
             yield
             return
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -350,6 +355,30 @@ def datasets_root(output_dir: str | os.PathLike, character: str, folder: str = D
     return workspace_root(output_dir) / validate_character(character) / folder
 
 
+def version_dir_of(value: Any, output_dir: str | os.PathLike, folders: tuple[str, ...] = (DATASETS_DIR, "edit_pairs"),
+                   ) -> tuple[Path, str]:
+    """The version folder a FLEN_DATASET value names, checked to be ``<output>/flenwheel/<character>/
+    <datasets|edit_pairs>/vN`` (a prompt can hand a node a literal FLEN_DATASET dict, so its path is
+    untrusted). Returns (real folder, character)."""
+    raw = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(raw, (str, os.PathLike)) or not str(raw).strip():
+        raise FlenUserError("Connect a FLEN_DATASET from FLEN Dataset Writer or FLEN Edit Pair Writer.")
+    root = Path(os.path.realpath(workspace_root(output_dir)))
+    path = Path(os.path.realpath(str(raw)))
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or parts[1] not in folders or version_number(parts[2]) is None:
+        raise FlenUserError("This FLEN_DATASET does not name a dataset version of the pack (output/flenwheel/"
+                            "<character>/datasets/vN or edit_pairs/vN): connect FLEN Dataset Writer or FLEN Edit "
+                            "Pair Writer instead of typing a dataset.")
+    validate_character(parts[0])
+    if not (path / INFO_NAME).is_file():
+        raise FlenUserError(f"Dataset version {parts[0]}/{parts[1]}/{parts[2]} does not exist.")
+    return path, parts[0]
+
+
 def version_number(name: str) -> int | None:
     m = _VERSION_RE.fullmatch(name)
     return int(m.group(1)) if m else None
@@ -416,6 +445,18 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def incomplete_message(version_dir: Path, info: dict[str, Any]) -> str:
+    version = info.get("version", Path(version_dir).name)
+    marker = info.get("writing") if isinstance(info.get("writing"), dict) else {}
+    by = str(marker.get("by") or "a dataset writer")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(marker.get("started_at") or 0)))
+    records, _ = read_manifest(Path(version_dir) / MANIFEST_NAME)
+    return (f"Dataset {version} at {version_dir} is incomplete: {by} began writing it at {when} and did not finish "
+            f"(stopped, killed or the server crashed); {len(records)} images of it are on disk. Run FLEN Dataset "
+            f"Writer again with version = '{version}' and the same images to finish it (it repairs the version and "
+            "skips the images already written), or delete the folder to discard it.")
+
+
 def frozen_message(version_dir: Path, info: dict[str, Any]) -> str:
     users = ", ".join(u.get("by", "?") for u in info.get("frozen_by") or []) or "a trainer"
     return (f"Dataset {info.get('version', Path(version_dir).name)} at {version_dir} is frozen (used by {users}): "
@@ -461,6 +502,8 @@ def freeze(version_dir: str | os.PathLike, by: str, note: str = "") -> dict[str,
     version_dir = Path(version_dir)
     with folder_lock(version_dir):
         info = read_info(version_dir)
+        if info.get("writing"):  # we hold the lock, so no writer is still at it: it was killed
+            raise FlenUserError(incomplete_message(version_dir, info))
         if info.get("status") != "frozen":
             recover(version_dir)
             ds = load_dataset(version_dir, verify=True)
@@ -496,6 +539,11 @@ class Dataset:
     @property
     def frozen(self) -> bool:
         return self.info.get("status") == "frozen"
+
+    @property
+    def incomplete(self) -> bool:
+        """A writer began this version and has not finished it (or was killed)."""
+        return bool(self.info.get("writing"))
 
     @property
     def consistent(self) -> bool:
@@ -560,6 +608,8 @@ class WriteResult:
     dataset: Dataset
     items: list[dict[str, Any]]  # per input image: index, status (written|flagged|dropped), file, notes
     created: bool
+    finished_interrupted: bool = False  # this run repaired and finished a version a killed run left half done
+    incomplete_others: list[str] = field(default_factory=list)  # other versions a killed run left half done
 
     @property
     def written(self) -> int:
@@ -580,9 +630,20 @@ class WriteResult:
                 f"images ({self.flagged} flagged as near-duplicates, {self.dropped} near-duplicates dropped); "
                 f"the version now holds {c['images']} (head {c['head']}, body {c['body']}; pristine "
                 f"{c['pristine']}, enriched {c['enriched']}, synthetic {c['synthetic']}). Hash {ds.hash[:19]}…")
-        converted = [f"#{i['index']}: {', '.join(i['notes'])}" for i in self.items if i["notes"]]
+        if self.finished_interrupted:
+            skipped = sum(1 for i in self.items if "already written by the interrupted run" in i["notes"])
+            text += (f" Finished {ds.version}, which an interrupted run had left incomplete ({skipped} images were "
+                     "already there).")
+        converted = [f"#{i['index']}: {', '.join(i['notes'])}" for i in self.items
+                     if i["notes"] and "already written by the interrupted run" not in i["notes"]]
         if converted:
             text += " Converted: " + "; ".join(converted[:10]) + ("…" if len(converted) > 10 else "")
+        warned = [f"#{i['index']}: {', '.join(i['warnings'])}" for i in self.items if i.get("warnings")]
+        if warned:
+            text += " Warnings: " + "; ".join(warned[:10]) + ("…" if len(warned) > 10 else "")
+        if self.incomplete_others:
+            text += (f" Incomplete (a writer was interrupted): {', '.join(self.incomplete_others)}; finish one by "
+                     "writing into it again (version = its name), or delete its folder.")
         return text
 
 
@@ -652,13 +713,16 @@ def write_dataset(output_dir: str | os.PathLike, character: str, images: list[An
         kd = _choose(kind, KINDS, _auto_kind(meta), "pristine", "kind")
         caption = render_caption(template, token, meta, phase=ph, kind=kd, class_prompt=class_prompt,
                                  character=character)
-        prepared.append((k, pil, notes, meta, ph, kd, caption))
+        trunc = truncation_note(np.asarray(pil))
+        prepared.append((k, pil, notes, meta, ph, kd, caption, [trunc] if trunc else []))
 
     root = datasets_root(output_dir, character)
     trigger = token.split()[0]
+    marker = {"by": written_by or "a dataset writer", "pid": os.getpid(), "started_at": time.time(),
+              "images": len(prepared)}
     base_info = {"kind": "character", "character": character, "instance_token": token, "trigger_word": trigger,
                  "class_prompt": class_prompt, "caption_template": template, "hash": content_hash([]),
-                 "counts": counts_of([])}
+                 "counts": counts_of([]), "writing": marker}
     created = False
     if version in ("", "new"):
         vdir = create_version(root, base_info)
@@ -683,26 +747,37 @@ def write_dataset(output_dir: str | os.PathLike, character: str, images: list[An
             raise FlenUserError(f"Dataset {version} uses the instance token {info['instance_token']!r}, not "
                                 f"{token!r}: one version has one trigger word. Use that token or write a new "
                                 "version.")
-        recover(vdir)
+        # an earlier run into this version was killed half-way: this run repairs and finishes it
+        interrupted = not created and bool(info.get("writing"))
+        info["writing"] = marker
+        _write_info(vdir, info)
+        repaired = recover(vdir)
         existing, _ = read_manifest(vdir / MANIFEST_NAME)
         next_index = max((int(r.get("index", 0)) for r in existing), default=0) + 1
         pool = list(existing)
-        for k, pil, notes, meta, ph, kd, caption in prepared:
+        already = {r.get("sha256") for r in existing} if interrupted else set()
+        for k, pil, notes, meta, ph, kd, caption, warns in prepared:
             data = png_bytes(pil)
+            digest = sha256_bytes(data)
+            if digest in already:
+                report.append({"index": k, "status": "dropped", "file": None,
+                               "notes": [*notes, "already written by the interrupted run"], "near_duplicate_of": None})
+                continue
             rec: dict[str, Any] = {"phash": phash(pil), "mean_rgb": mean_colour(pil)}
             dup = None
             if near_duplicates != "keep":
                 dup = next((p for p in pool if is_near_duplicate(rec, p, phash_threshold)), None)
             if dup is not None and near_duplicates == "drop":
                 report.append({"index": k, "status": "dropped", "file": None, "notes": notes,
-                               "near_duplicate_of": dup.get("file")})
+                               "near_duplicate_of": dup.get("file"), "warnings": warns})
                 continue
             stem = f"{character}_{next_index:05d}"
             folder = f"{ph}/{kd}"
             rec.update({"index": next_index, "file": f"{folder}/{stem}.png", "caption_file": f"{folder}/{stem}.txt",
                         "caption": caption, "phase": ph, "kind": kd, "width": pil.width, "height": pil.height,
-                        "sha256": sha256_bytes(data), "labels": labels_of(meta),
+                        "sha256": digest, "labels": labels_of(meta),
                         "near_duplicate_of": dup.get("file") if dup else None, "conversions": notes,
+                        "warnings": warns,
                         "added_at": time.time(), "written_by": written_by, **_provenance(meta)})
             # caption first, then the image, then the manifest line: see the module docstring
             atomic_write(vdir / rec["caption_file"], caption.encode("utf-8"))
@@ -711,9 +786,23 @@ def write_dataset(output_dir: str | os.PathLike, character: str, images: list[An
             pool.append(rec)
             next_index += 1
             report.append({"index": k, "status": "flagged" if dup else "written", "file": rec["file"],
-                           "notes": notes, "near_duplicate_of": rec["near_duplicate_of"]})
+                           "notes": notes, "near_duplicate_of": rec["near_duplicate_of"], "warnings": warns})
         info.update(hash=content_hash(pool), counts=counts_of(pool), updated_at=time.time())
+        info.pop("writing", None)  # only now is the version whole
+        if interrupted:
+            info.setdefault("repaired", []).append({"at": time.time(), "by": marker["by"], "done": repaired[:50]})
         if class_prompt and not info.get("class_prompt"):
             info["class_prompt"] = class_prompt
         _write_info(vdir, info)
-    return WriteResult(load_dataset(vdir, verify=False), report, created)
+    return WriteResult(load_dataset(vdir, verify=False), report, created, interrupted,
+                       _incomplete_versions(root, exclude=vdir.name))
+
+
+def _incomplete_versions(root: Path, exclude: str = "") -> list[str]:
+    out = []
+    for name in list_versions(root):
+        if name != exclude:
+            with contextlib.suppress(FlenUserError):
+                if read_info(root / name).get("writing"):
+                    out.append(name)
+    return out

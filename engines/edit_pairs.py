@@ -35,6 +35,7 @@ from PIL import Image
 from . import dataset as ds
 from .errors import FlenUserError
 from .review_store import validate_character
+from .safe_images import open_image
 
 EDIT_PAIRS_DIR = "edit_pairs"
 MAX_CONTROLS = 3
@@ -94,8 +95,8 @@ def _load(image: Any, what: str) -> tuple[Image.Image, list[str]]:
         if not path.is_file():
             raise FlenUserError(f"{what} file {path.name} is missing")
         try:
-            with Image.open(path) as im:
-                im.load()
+            im, _ = open_image(path, f"{what} file {path.name}")
+            with im:
                 return ds.prepare_image(im)
         except FlenUserError:
             raise

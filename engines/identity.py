@@ -98,6 +98,10 @@ def list_packs(root: str | Path) -> list[str]:
 
 def pack_folder(root: str | Path, name: str) -> Path:
     """Checks that ``<root>/models/<name>`` holds ONNX files; returns the folder that holds them."""
+    # ComfyUI 0.3.64 does not check V3 combo values against their options: the name may be anything
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise FlenUserError(f"Face model pack {str(name)[:80]!r} is not a pack name: choose one of the packs listed "
+                            "(folders of models/insightface/models).")
     folder = Path(root) / "models" / name
     expected = ", ".join(KNOWN_PACKS.get(name, [])) or _GENERIC_FILES
     if not folder.is_dir():

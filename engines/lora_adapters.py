@@ -11,69 +11,51 @@ fraction of that and gives the same sum.
 from __future__ import annotations
 
 import os
+import re
 import types
+import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from .errors import FlenUserError
+from .lora_formats import ConvertedLora, guess_architecture, load_lora_file  # noqa: F401  (re-exported)
 from .lora_stack import LoraEntry, LoraStack
 
-_ARCH_LABEL = {"flux": "FLUX.1", "qwen_image": "Qwen-Image(-Edit)"}
 
+def load_adapter(transformer: torch.nn.Module, converted: ConvertedLora, adapter_name: str) -> None:
+    """Adds ``converted`` to ``transformer`` as the peft adapter ``adapter_name``. Each module's scale is
+    folded into its up matrix and every module gets lora_alpha == rank, so peft's scaling is 1 and the
+    adapter's effect at strength s is exactly s · scale · up · down, whatever layout the file had."""
+    from peft import LoraConfig
 
-def guess_architecture(keys: list[str]) -> str:
-    """A human label for what a LoRA was trained on, from its key names (for error messages)."""
-    joined = " ".join(keys[:2000])
-    if "img_mlp" in joined or "txt_mlp" in joined or "img_mod" in joined:
-        return "Qwen-Image(-Edit)"
-    if "single_transformer_blocks" in joined or "single_blocks" in joined:
-        return "FLUX.1"
-    if "down_blocks" in joined or "lora_unet_down" in joined or "input_blocks" in joined:
-        return "Stable Diffusion (UNet)"
-    return "an unknown architecture"
-
-
-def _module_targets(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
-    """Maps each transformer module a LoRA patches to (in_features, out_features)."""
-    targets: dict[str, list[int]] = {}
-    for key, tensor in state_dict.items():
-        if not key.startswith("transformer."):
-            continue
-        for marker, slot in ((".lora_A.", 0), (".lora_B.", 1)):
-            if marker in key:
-                module = key[len("transformer."):key.index(marker)]
-                dims = targets.setdefault(module, [-1, -1])
-                dims[slot] = int(tensor.shape[1] if slot == 0 else tensor.shape[0])
-    return {k: (v[0], v[1]) for k, v in targets.items()}
-
-
-def check_fits(entry_name: str, state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module,
-               architecture: str) -> None:
-    """Raises FlenUserError naming the LoRA and the mismatch when it does not fit ``transformer``."""
-    targets = _module_targets(state_dict)
-    label = _ARCH_LABEL.get(architecture, architecture)
-    if not targets:
-        raise FlenUserError(
-            f"LoRA '{entry_name}' has no transformer weights that {label} can use "
-            f"(it looks like a LoRA for {guess_architecture(list(state_dict))}). Pick a {label} LoRA."
-        )
-    modules = dict(transformer.named_modules())
-    missing = [m for m in targets if m not in modules]
-    wrong_shape = []
-    for name, (fan_in, fan_out) in targets.items():
-        mod = modules.get(name)
-        base = getattr(mod, "base_layer", mod)
-        if isinstance(base, torch.nn.Linear) and (base.in_features, base.out_features) != (fan_in, fan_out):
-            wrong_shape.append(f"{name} expects {base.in_features}→{base.out_features}, LoRA has {fan_in}→{fan_out}")
-    if missing or wrong_shape:
-        detail = (f"{len(missing)} of its {len(targets)} modules do not exist in this model "
-                  f"(e.g. '{missing[0]}')" if missing else f"shapes differ: {wrong_shape[0]}")
-        raise FlenUserError(
-            f"LoRA '{entry_name}' does not fit this {label} model: {detail}. It looks like a LoRA for "
-            f"{guess_architecture(list(state_dict))}; remove it from the stack or pick a {label} LoRA."
-        )
+    ranks = {name: int(m.down.shape[0]) for name, m in converted.modules.items()}
+    common = Counter(ranks.values()).most_common(1)[0][0]
+    # peft matches these as regexes ending a module path: anchor them so 'proj_out' is not also
+    # 'single_transformer_blocks.0.proj_out'.
+    odd = {f"^{re.escape(n)}": r for n, r in ranks.items() if r != common}
+    config = LoraConfig(r=common, lora_alpha=common, rank_pattern=odd, alpha_pattern=dict(odd),
+                        target_modules="^(?:" + "|".join(re.escape(n) for n in sorted(ranks)) + ")$",
+                        lora_dropout=0.0, init_lora_weights=False)
+    with warnings.catch_warnings():  # several adapters on one model is what a stack is
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        transformer.add_adapter(config, adapter_name=adapter_name)
+    _lift_fp8_lora_weights(transformer)  # before the copy: an fp8 LoRA weight would round the file's values
+    layers = dict(transformer.named_modules())
+    with torch.no_grad():
+        for name, module in converted.modules.items():
+            layer = layers[name]
+            if layer.scaling[adapter_name] != 1.0 or layer.r[adapter_name] != ranks[name]:
+                raise RuntimeError(f"peft gave {name} rank {layer.r[adapter_name]}, scaling "
+                                   f"{layer.scaling[adapter_name]}")  # a peft change: must not pass silently
+            a, b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
+            a.copy_(module.down.to(device=a.device, dtype=torch.float32))
+            b.copy_((module.up.float() * module.scale).to(device=b.device))
+    missing = [n for n in converted.modules if adapter_name not in getattr(layers[n], "lora_A", {})]
+    if missing:
+        raise RuntimeError(f"peft left out {missing[:3]}")
 
 
 _FP8 = {torch.float8_e4m3fn, torch.float8_e5m2}
@@ -173,25 +155,12 @@ class AdapterCache:
             return known.adapter
         if known is not None:
             self.pipe.delete_adapters(known.adapter)
-        state_dict = self._read(entry)
-        check_fits(entry.name, state_dict, self.pipe.transformer, self.architecture)
+        self.file_reads += 1
+        converted = load_lora_file(entry.name, entry.path, self.pipe.transformer, self.architecture)
         adapter = entry.adapter_name
-        self.pipe.load_lora_weights(state_dict, adapter_name=adapter)
-        _lift_fp8_lora_weights(self.pipe.transformer)
+        load_adapter(self.pipe.transformer, converted, adapter)
         self._loaded[entry.path] = _Loaded(adapter, stamp)
         return adapter
-
-    def _read(self, entry: LoraEntry) -> dict[str, torch.Tensor]:
-        from .lora_stack import read_safetensors_header
-
-        read_safetensors_header(entry.path)  # clear message for corrupt files before diffusers sees them
-        self.file_reads += 1
-        try:
-            result = self.pipe.lora_state_dict(entry.path)
-        except Exception as exc:  # diffusers raises many types for foreign formats
-            raise FlenUserError(f"LoRA '{entry.name}' could not be read as a LoRA: {exc}") from exc
-        state_dict = result[0] if isinstance(result, tuple) else result
-        return dict(state_dict)
 
     def apply(self, stack: LoraStack) -> None:
         unstack_adapters(self.pipe.transformer)
@@ -221,7 +190,7 @@ class PipelineHandle:
     files: object = None  # the ComfyUI split files it came from (FluxFiles / QwenEditFiles), else None
     adapters: AdapterCache = field(init=False)
 
-    architecture: ClassVar[str] = ""  # set by subclasses: which LoRAs fit (see check_fits)
+    architecture: ClassVar[str] = ""  # set by subclasses: the target of LoRA conversion (engines.lora_formats)
     module_names: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:

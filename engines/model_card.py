@@ -34,9 +34,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from . import identity
+from .atomic_files import chmod_like_open
 from .errors import FlenUserError
 from .lora_stack import LoraStack, read_safetensors_header
 from .prompt_templates import substitute_token
+from .safe_images import open_image
 
 CARD_FORMAT = 1
 PNG_KEY = "flen_model_card"
@@ -434,6 +436,7 @@ def _write_new(path: Path, data: bytes) -> bool:
     """Writes ``data`` to ``path`` atomically unless ``path`` exists (then returns False, writes nothing)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        chmod_like_open(fd)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -500,7 +503,8 @@ def load_card(path: str | Path) -> ModelCard:
     if not png_path.is_file():
         raise FlenUserError(f"Model card image {png_path} not found (it is written beside the card's .json).")
     try:
-        with Image.open(png_path) as im:
+        im, _ = open_image(png_path, f"Model card image {png_path.name}")
+        with im:
             grid = im.convert("RGB")
             embedded = im.info.get(PNG_KEY)
         report = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else json.loads(embedded)

@@ -11,6 +11,8 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from .atomic_files import chmod_like_open
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]+")
 
 
@@ -32,6 +34,7 @@ def write_png_new(folder: Path, name_for: callable, start: int, image: Image.Ima
         info.add_text(key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
     fd, tmp = tempfile.mkstemp(prefix=".flen-", suffix=".png.tmp", dir=folder)
     try:
+        chmod_like_open(fd)
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info, compress_level=4)
             f.flush()

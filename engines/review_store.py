@@ -34,6 +34,7 @@ from PIL import Image
 
 from .atomic_files import atomic_write
 from .errors import FlenUserError
+from .safe_images import open_image, open_rgb
 
 STATUSES = ("pending", "approved", "rejected", "corrected")
 ACTIONS = ("approve", "reject", "correct", "undo")
@@ -413,8 +414,15 @@ class ReviewStore:
 
     def load_image(self, candidate_id: int) -> np.ndarray:
         """HWC float32 array in 0..1."""
-        with Image.open(self.file_path(candidate_id, "image")) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        return self.load_image_checked(candidate_id)[0]
+
+    def load_image_checked(self, candidate_id: int) -> tuple[np.ndarray, bool]:
+        """(HWC float32 array in 0..1, whether the file on disk is truncated: what is there is decoded, the
+        rest black, and the caller flags it)."""
+        path = self.file_path(candidate_id, "image")
+        im, truncated = open_image(path, f"Candidate {candidate_id}'s image {path.name}", allow_truncated=True)
+        with im:
+            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, truncated
 
     # -- decisions --
 
@@ -436,12 +444,8 @@ class ReviewStore:
             raise FlenUserError("A correction needs a corrected instruction, a better candidate, or a fixed image.")
         fixed_name = ""
         if fixed_image:
-            try:
-                with Image.open(io.BytesIO(fixed_image)) as im:
-                    im.load()
-                    pil = im.convert("RGB")
-            except Exception as exc:
-                raise FlenUserError("The uploaded fixed image is not a readable image.") from exc
+            # the declared size is checked before decoding: a 20 KB PNG can claim 13000² pixels
+            pil = open_rgb(bytes(fixed_image), "The uploaded fixed image")
             fixed_name = f"corrections/{uuid.uuid4().hex}.png"
             atomic_write(self.root / fixed_name, _png_bytes(pil))
         with self._lock:

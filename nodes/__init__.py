@@ -22,4 +22,19 @@ class FlenwheelExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         # ComfyUI 0.3.64 never calls on_load; this runs once, after PromptServer exists.
         register_routes()
+        clean_after_crash()
         return NODES
+
+
+def clean_after_crash() -> None:
+    """A server crash leaves launcher_child.json (and maybe a trainer) behind; the next start tidies up."""
+    import logging
+
+    from . import comfy_bridge
+    from .training_nodes import clean_stale_children
+
+    try:
+        for line in clean_stale_children(comfy_bridge.output_directory()):
+            logging.getLogger("FLENwheel").warning("FLENwheel: %s", line)
+    except Exception:  # tidying must never stop the pack from loading
+        logging.getLogger("FLENwheel").exception("FLENwheel: cleaning up after a crash failed")

@@ -4,11 +4,31 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
+from ..engines import dataset as ds
 from ..engines import review_store
 from ..engines.errors import FlenUserError
 from ..training import ai_toolkit
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, DatasetType, LoraNameType
+
+
+def checkouts() -> dict:
+    return ai_toolkit.find_checkouts(ai_toolkit.configured_sources(bridge.user_directory()))
+
+
+def checkout_options() -> list[str]:
+    return list(checkouts()) or [ai_toolkit.NOT_CONFIGURED]
+
+
+def checkout_path(name: str):
+    """The configured checkout of this name (from the server's configuration, never from the prompt)."""
+    found = checkouts()
+    if name not in found:
+        if not found:
+            raise FlenUserError("No ai-toolkit checkout is configured on this server. " + ai_toolkit.configure_hint())
+        raise FlenUserError(f"ai-toolkit checkout {name!r} is not configured here; choose one of "
+                            f"{', '.join(found)}.")
+    return ai_toolkit.validate_checkout(found[name], bridge.client_writable_roots())
 
 
 class FLENAIToolkitLauncher(io.ComfyNode):
@@ -29,9 +49,11 @@ class FLENAIToolkitLauncher(io.ComfyNode):
                 io.Combo.Input("job_kind", options=list(ai_toolkit.JOB_KINDS), default="flux",
                                tooltip="flux: FLUX character LoRA (char_lora_vN) from a character dataset. "
                                        "qwen_image_edit_2509: editor LoRA (qwen_lora_vN) from an edit-pair set."),
-                io.String.Input("ai_toolkit_folder", default="",
-                                tooltip="Folder of your ai-toolkit checkout (git clone of ostris/ai-toolkit, the "
-                                        "folder with run.py). Its venv/ python is used when present."),
+                io.Combo.Input("ai_toolkit_folder", options=checkout_options(),
+                               tooltip="Which ai-toolkit checkout runs the job: one the server's operator "
+                                       f"configured ({ai_toolkit.CHECKOUT_ENV} or user/{ai_toolkit.SETTINGS_FILE}; "
+                                       "a prompt can never name a folder, since the checkout's run.py is "
+                                       "executed). Its venv/ python is used when present."),
                 io.Combo.Input("base_model", options=bridge.diffusers_folders(),
                                tooltip="The base model's diffusers folder in models/diffusers (FLUX.1-dev for flux, "
                                        "Qwen-Image-Edit-2509 for qwen_image_edit_2509)."),
@@ -62,10 +84,10 @@ class FLENAIToolkitLauncher(io.ComfyNode):
     def execute(cls, dataset: dict, job_kind: str, ai_toolkit_folder: str, base_model: str, steps: int, rank: int,
                 learning_rate: float, resolutions: str, sample_every: int, save_every: int,
                 character: str = "") -> io.NodeOutput:
-        if not isinstance(dataset, dict) or not dataset.get("path"):
-            raise FlenUserError("dataset must be a FLEN_DATASET from FLEN Dataset Writer or FLEN Edit Pair Writer.")
-        checkout = ai_toolkit.validate_checkout(ai_toolkit_folder)
-        character = (character or "").strip() or str(dataset.get("character") or "")
+        checkout = checkout_path(ai_toolkit_folder)
+        path, owner = ds.version_dir_of(dataset, bridge.output_directory())
+        dataset = {**dataset, "path": str(path), "character": owner}
+        character = (character or "").strip() or owner
         settings = ai_toolkit.AIToolkitSettings(
             kind=job_kind, base_model=bridge.diffusers_folder_path(base_model), character=character, steps=steps,
             rank=rank, learning_rate=float(learning_rate), resolutions=ai_toolkit.parse_resolutions(resolutions),
@@ -83,6 +105,7 @@ class FLENAIToolkitLauncher(io.ComfyNode):
             dataset, settings, checkout=checkout,
             workspace=review_store.workspace_root(bridge.output_directory()) / settings.character,
             loras_root=bridge.loras_root(), on_progress=on_progress, check_interrupt=bridge.check_interrupt,
+            refused=bridge.client_writable_roots(),
             freeze_by=f"FLENAIToolkitLauncher prompt {bridge.current_prompt_id()}")
         summary = result.summary()
         bridge.progress_text(summary)

@@ -14,6 +14,8 @@ import threading
 import weakref
 from pathlib import Path
 
+import comfy.lora
+import comfy.lora_convert
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.utils
@@ -115,6 +117,13 @@ def diffusers_folders() -> list[str]:
 
 
 def diffusers_folder_path(name: str) -> str:
+    # ComfyUI 0.3.64 does not check V3 combo values against their options, so a prompt could send
+    # '../../input/x': only a listed folder is accepted.
+    if name not in diffusers_folders():
+        roots = ", ".join(folder_paths.get_folder_paths("diffusers"))
+        raise FlenUserError(f"Model folder {str(name)[:120]!r} is not one of the diffusers folders under "
+                            f"models/diffusers ({roots}). Put the diffusers folder there and refresh the node "
+                            "list (press R).")
     for root in folder_paths.get_folder_paths("diffusers"):
         candidate = Path(root) / name
         if candidate.is_dir():
@@ -172,6 +181,36 @@ def lora_path(name: str) -> str:
 
 def output_directory() -> str:
     return folder_paths.get_output_directory()
+
+
+def user_directory() -> str:
+    return folder_paths.get_user_directory()
+
+
+def client_writable_roots() -> list:
+    """Folders anyone who reaches ComfyUI's port can write to (POST /upload/image with type input, output or
+    temp; /userdata under user/): nothing is ever run from them."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_input_directory()), "input"),
+            Root(Path(folder_paths.get_output_directory()), "output"),
+            Root(Path(folder_paths.get_temp_directory()), "temp"),
+            Root(Path(folder_paths.get_user_directory()), "user")]
+
+
+def pack_write_roots() -> list:
+    """Where a path from a prompt may point for the pack's own writes: the workspaces in output/flenwheel."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_output_directory()) / "flenwheel", "output/flenwheel")]
+
+
+def image_read_roots() -> list:
+    """Where a folder of images named in a prompt may be (class images): ComfyUI's input and output folders."""
+    from ..engines.safe_paths import Root
+
+    return [Root(Path(folder_paths.get_input_directory()), "input"),
+            Root(Path(folder_paths.get_output_directory()), "output")]
 
 
 # ---- progress ---------------------------------------------------------------------------------
@@ -284,21 +323,119 @@ def check_interrupt() -> None:
 
 # ---- native ComfyUI models --------------------------------------------------------------------
 
+class _ThreadLog(logging.Handler):
+    """Collects the log records this thread emits (ComfyUI reports unmatched LoRA keys and failed weight
+    calculations only as log lines; other threads' lines are not ours)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.thread = threading.get_ident()
+        self.messages: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append((record.levelno, record.getMessage()))
+
+
+def _patch_shape_problem(patch, shape: tuple[int, ...], key: str) -> str | None:
+    """Why a ComfyUI weight patch cannot apply to a weight of ``shape`` (None when it can)."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    if isinstance(patch, LoRAAdapter) and patch.weights[3] is None and patch.weights[5] is None:
+        up, down = patch.weights[0], patch.weights[1]
+        got = (up.shape[0], int(down[0].numel()) if down.ndim > 1 else 0)
+        want = (shape[0], int(torch.Size(shape[1:]).numel()))
+        if up.ndim < 2 or down.ndim < 2 or up.shape[1] != down.shape[0] or got != want:
+            return f"{key}: LoRA gives {tuple(up.shape)}·{tuple(down.shape)}, the weight is {tuple(shape)}"
+        return None
+    if isinstance(patch, tuple) and patch and patch[0] in ("diff", "set"):
+        got = tuple(patch[1][0].shape)
+        return None if got == tuple(shape) else f"{key}: {patch[0]} is {got}, the weight is {tuple(shape)}"
+    # LoHa, LoKr, GLoRA, OFT, LoCon mid weights: let ComfyUI compute it once on a zero weight and watch for the
+    # error it would otherwise only log at patch time
+    catch = _ThreadLog()
+    root = logging.getLogger()
+    root.addHandler(catch)
+    try:
+        comfy.lora.calculate_weight([(1.0, patch, 1.0, None, None)], torch.zeros(shape), key)
+    except Exception as exc:  # ComfyUI's adapters raise many types for misfits
+        return f"{key}: {exc}"
+    finally:
+        root.removeHandler(catch)
+    errors = [m for lvl, m in catch.messages if lvl >= logging.ERROR]
+    return f"{key}: {errors[0]}" if errors else None
+
+
 def apply_lora_to_native_model(model, lora_path: str, lora_name: str, strength: float):
-    """Patches a ComfyUI MODEL exactly as ComfyUI's LoraLoaderModelOnly does; refuses a LoRA none of
-    whose weights map onto the model (ComfyUI itself would only log and do nothing)."""
-    import comfy.sd
+    """Patches a ComfyUI MODEL exactly as ComfyUI's LoraLoaderModelOnly does, after checking that every
+    tensor of the file maps onto a weight of the model with a matching shape. ComfyUI itself would only log
+    'lora key not loaded' (part of the LoRA silently missing) or 'shape … is invalid' at patch time (a LoRA
+    for another architecture silently doing nothing); both are refused here."""
+    from ..engines.lora_formats import describe_keys, metadata_alphas, read_lora_file
 
     if strength == 0:
         return model  # LoraLoaderModelOnly's own shortcut
-    lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
-    patched, _ = comfy.sd.load_lora_for_models(model, None, lora, strength, 0)
-    before = sum(len(v) for v in model.patches.values())
-    after = sum(len(v) for v in patched.patches.values())
-    if after == before:
-        arch = type(model.model.model_config).__name__ if hasattr(model.model, "model_config") else "this model"
-        raise FlenUserError(f"LoRA '{lora_name}' does not fit {arch}: none of its {len(lora)} tensors map onto "
-                            "the model's weights. It was made for another architecture; remove it from the stack.")
+    tensors, metadata = read_lora_file(lora_path)
+    layout, arch_guess = describe_keys(tensors)
+    # ComfyUI reads alphas from tensors only; peft's metadata alpha would be lost (a ×alpha/rank error)
+    extra_alphas = metadata_alphas(tensors, metadata)
+    arch = type(model.model.model_config).__name__ if hasattr(model.model, "model_config") else "this model"
+    who = f"LoRA '{lora_name}'"
+    seen = f" FLENwheel read it as {layout}, apparently for {arch_guess}."
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    lora = comfy.lora_convert.convert_lora({**tensors, **extra_alphas})
+    catch = _ThreadLog()
+    root = logging.getLogger()
+    root.addHandler(catch)
+    try:
+        patches = comfy.lora.load_lora(lora, key_map)
+    finally:
+        root.removeHandler(catch)
+    prefix = "lora key not loaded: "
+    unused = sorted({m[len(prefix):] for _, m in catch.messages if m.startswith(prefix)})
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    wrong = []
+    for target, patch in patches.items():
+        key, piece = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
+        shape = shapes.get(key)
+        if shape is None:
+            wrong.append(f"{key}: no such weight")
+            continue
+        if piece is not None:  # (dim, offset, size): a slice of a fused weight
+            shape = tuple(piece[2] if d == piece[0] else n for d, n in enumerate(shape))
+        problem = _patch_shape_problem(patch, shape, key)
+        if problem:
+            wrong.append(problem)
+
+    def some(items: list[str], n: int = 3) -> str:
+        return ", ".join(f"'{x}'" for x in items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+    if not patches or len(wrong) == len(patches):
+        detail = f"; shapes differ ({some(list(dict.fromkeys(wrong)), 2)})" if wrong else ""
+        if wrong and unused:
+            detail += f", and {len(unused)} tensors map onto nothing ({some(unused, 2)})"
+        raise FlenUserError(f"{who} does not fit {arch}: none of its {len(tensors)} tensors applies to the model's "
+                            f"weights{detail}. Either it was made for another architecture, or ComfyUI does not know "
+                            "this layout for this model (FLENwheel's own FLUX and Qwen edit nodes convert more "
+                            "layouts). Remove it from the stack or pick a LoRA for this model." + seen)
+    if unused or wrong:
+        parts = []
+        if unused:
+            parts.append(f"{len(unused)} of its {len(tensors)} tensors map onto no weight of the model "
+                         f"({some(unused)})")
+        if wrong:
+            parts.append(f"{len(wrong)} patches do not fit the weight they map onto "
+                         f"({some(list(dict.fromkeys(wrong)), 2)})")
+        raise FlenUserError(f"{who} cannot be applied completely to {arch}: " + "; ".join(parts) + ". ComfyUI would "
+                            "apply the rest and skip these silently; FLENwheel refuses a partial LoRA. Use a "
+                            "LoRA made for this model (text-encoder parts need ComfyUI's LoraLoader with a CLIP)."
+                            + seen)
+    patched = model.clone()
+    applied = set(patched.add_patches(patches, strength))
+    left = [str(k) for k in patches if k not in applied]
+    if left:
+        raise FlenUserError(f"{who} cannot be applied completely to {arch}: ComfyUI did not take the patches for "
+                            f"{some(left)}. Remove it from the stack." + seen)
     return patched
 
 

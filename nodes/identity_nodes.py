@@ -57,6 +57,11 @@ class FLENIdentityReference(io.ComfyNode):
 
     @classmethod
     def execute(cls, images: torch.Tensor, face_model: str, det_size: int) -> io.NodeOutput:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] == 0:
+            raise FlenUserError("FLEN Identity Reference got an empty image batch: no photos arrived, so there is "
+                                "nothing to find faces in. Check the loader before it (e.g. the folder of "
+                                "LoadImageSetFromFolder exists in ComfyUI's input folder and holds the "
+                                "character's pristine photos).")
         root = bridge.insightface_root()
         model = engine.load_face_model(root, face_model, det_size)
         photos = engine.to_uint8(images)

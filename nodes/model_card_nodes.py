@@ -120,16 +120,22 @@ class FLENModelCard(io.ComfyNode):
 _STEM_OK = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
+CARD_SUFFIXES = (".card.json", ".card.png")
+
+
 def _resolve_card(line: str) -> str:
-    path = Path(line).expanduser()
-    if path.is_absolute():
-        if path.is_file():
-            return str(path)
-        raise FlenUserError(f"Model card file {path} not found.")
+    """A saved card by its name under models/loras; anything else is refused with the same words whether or
+    not such a file exists (a prompt must not learn what is on the server's disk)."""
+    name = line.strip().replace("\\", "/")
+    if (Path(name).is_absolute() or name.startswith("~") or ".." in Path(name).parts
+            or not name.endswith(CARD_SUFFIXES)):
+        raise FlenUserError(f"card_files: {name[:80]!r} is not a model card name. Name a card saved beside its LoRA, "
+                            "relative to models/loras, e.g. flenwheel/<character>/char_lora_v1.card.json; paths "
+                            "outside models/loras are refused.")
     try:
-        return bridge.lora_path(line)
+        return bridge.lora_path(name)
     except FlenUserError:
-        raise FlenUserError(f"Model card '{line}' not found under models/loras. Cards are saved beside their LoRA, "
+        raise FlenUserError(f"Model card '{name}' not found under models/loras. Cards are saved beside their LoRA, "
                             "e.g. flenwheel/<character>/char_lora_v1.card.json.") from None
 
 
@@ -160,9 +166,9 @@ class FLENCompareVersions(io.ComfyNode):
                 ModelCardType.Input("card_b", optional=True, tooltip="Another card from FLEN Model Card."),
                 ModelCardType.Input("card_c", optional=True, tooltip="A third card (optional)."),
                 io.String.Input("card_files", multiline=True, default="", optional=True,
-                                tooltip="Saved cards, one per line: a path relative to models/loras (e.g. "
-                                        "flenwheel/alice/char_lora_v1.card.json) or an absolute path. They come "
-                                        "after the connected cards; the first card of all is the baseline."),
+                                tooltip="Saved cards, one per line: a name relative to models/loras (e.g. "
+                                        "flenwheel/alice/char_lora_v1.card.json); other paths are refused. They "
+                                        "come after the connected cards; the first card of all is the baseline."),
                 io.Boolean.Input("save", default=True, optional=True,
                                  tooltip="Write the comparison (.compare.json, .compare.png, .chart.png) under "
                                          "output/flenwheel/<character>/model_cards, never overwriting."),

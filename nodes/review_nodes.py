@@ -12,6 +12,7 @@ from PIL import Image
 
 from ..engines import review_store
 from ..engines.errors import FlenUserError
+from ..engines.safe_images import truncation_note
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, MetaType
 
@@ -37,9 +38,28 @@ def queue_candidates(images: torch.Tensor, meta: list | None, character: str, ru
         raise FlenUserError("meta must be a FLEN_META list (one record per image).")
     run_id = run_id.strip() or _default_run_id()
     sources = [] if source_images is None else [source_images[k] for k in range(source_images.shape[0])]
-    ids = store.add_candidates([images[k] for k in range(images.shape[0])], meta, run_id=run_id,
+    warned = flag_truncated(images, meta)
+    ids = store.add_candidates([images[k] for k in range(images.shape[0])], warned, run_id=run_id,
                                version=version.strip(), sources=sources)
     return store, run_id, ids
+
+
+def flag_truncated(images: torch.Tensor, meta: list | None) -> list | None:
+    """``meta`` with a ``warnings`` entry on each image that looks like a cut-off file decoded half black/grey
+    (ComfyUI's loaders decode truncated PNG/JPEG files without a word)."""
+    notes = [truncation_note(images[k].cpu().numpy()) for k in range(images.shape[0])]
+    if not any(notes):
+        return meta
+    records = [dict(m) if isinstance(m, dict) else {} for m in (meta or [{} for _ in notes])]
+    for record, note in zip(records, notes, strict=False):
+        if note:
+            record["warnings"] = [*(record.get("warnings") or []), note]
+    return records
+
+
+def truncation_summary(meta: list | None) -> str:
+    n = sum(1 for m in meta or [] if isinstance(m, dict) and m.get("warnings"))
+    return f" {n} images look truncated (bottom rows flat black/grey): see their meta 'warnings'." if n else ""
 
 
 def _inputs_common() -> list:
@@ -89,8 +109,12 @@ class FLENReviewQueue(io.ComfyNode):
         store, run_id, ids = queue_candidates(images, meta, character, run_id, version, source_images)
         counts = store.counts()
         summary = (f"Queued {len(ids)} candidates for review ({character}, run {run_id}); "
-                   f"{counts['pending']} pending in total.")
+                   f"{counts['pending']} pending in total." + truncation_summary(store_metas(store, ids)))
         return io.NodeOutput(summary, run_id, len(ids))
+
+
+def store_metas(store: review_store.ReviewStore, ids: list[int]) -> list[dict]:
+    return [store.get(i).get("meta") or {} for i in ids]
 
 
 def _to_batch(paths: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
@@ -110,10 +134,15 @@ def _to_batch(paths: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
 def approved_outputs(store: review_store.ReviewStore, items: list[dict]) -> tuple[torch.Tensor, list[dict], bool]:
     if not items:
         return torch.zeros((0, 64, 64, 3), dtype=torch.float32), [], False
-    batch, resized = _to_batch([store.load_image(item["id"]) for item in items])
+    loaded = [store.load_image_checked(item["id"]) for item in items]
+    batch, resized = _to_batch([arr for arr, _ in loaded])
     metas = [{**item["meta"], "candidate_id": item["id"], "character": item["character"], "run_id": item["run_id"],
               "version": item["version"], "status": item["status"], "identity_score": item["score"],
               "label": item["label"], "review_image": str(store.root / item["image"])} for item in items]
+    for record, (_, truncated) in zip(metas, loaded, strict=True):
+        if truncated:
+            record["warnings"] = [*(record.get("warnings") or []),
+                                  "truncated file in the review store: its missing part decodes black"]
     return batch, metas, resized
 
 
@@ -168,6 +197,7 @@ class FLENLoadApproved(io.ComfyNode):
             msg = f"Loaded {len(items)} approved images ({scope}); {len(corrections)} corrections."
             if resized:
                 msg += " Some images were resized to the first image's size."
+            msg += truncation_summary(metas)
         else:
             msg = f"Nothing approved yet ({scope}): judge candidates in the FLENwheel review gallery."
         return io.NodeOutput(batch, metas, json.dumps(corrections, ensure_ascii=False), msg)

@@ -126,6 +126,8 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
         body = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise HttpError(400, "The request body must be a JSON object.") from None
+    except RecursionError:  # json.loads recurses once per nesting level: 10,000 '[' fit in 64 KB
+        raise HttpError(400, "The request body is nested too deeply; send a flat JSON object.") from None
     if not isinstance(body, dict):
         raise HttpError(400, "The request body must be a JSON object.")
     return body

@@ -6,12 +6,21 @@ from pathlib import Path
 
 import torch
 from comfy_api.v0_0_2 import io, ui
+from PIL import Image
 
 from ..engines.errors import FlenUserError
 from ..engines.png_files import safe_label, write_png_new
 from ..engines.qwen_edit import tensor_to_pil
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, MetaType
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """RGB as ComfyUI's IMAGE, and also RGBA (kept: PNG holds transparency) or one channel (grayscale)."""
+    if image.shape[-1] == 3:
+        return tensor_to_pil(image)
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(arr[:, :, 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(arr, mode="RGBA")
 
 
 class FLENSaveImages(io.ComfyNode):
@@ -41,6 +50,9 @@ class FLENSaveImages(io.ComfyNode):
     def execute(cls, images: torch.Tensor, filename_prefix: str, meta: list[dict] | None = None) -> io.NodeOutput:
         if images.ndim != 4 or images.shape[0] == 0:
             raise FlenUserError("FLEN Save Images got an empty batch: nothing to save.")
+        if images.shape[-1] not in (1, 3, 4):
+            raise FlenUserError(f"FLEN Save Images got images with {images.shape[-1]} channels; it saves grayscale "
+                                "(1), RGB (3) or RGBA (4) images.")
         if meta is not None and len(meta) != images.shape[0]:
             raise FlenUserError(f"'meta' has {len(meta)} records for {images.shape[0]} images; connect the meta "
                                 "output that belongs to this image batch.")
@@ -59,7 +71,7 @@ class FLENSaveImages(io.ComfyNode):
                 text["flen_meta"] = record
             # stem_00001_label.png keeps ComfyUI's counter scan working for the next save.
             path, counter = write_png_new(Path(folder), lambda n, lb=label: f"{stem}_{n:05}_{lb}.png", counter,
-                                          tensor_to_pil(image), text)
+                                          _to_pil(image), text)
             counter += 1
             results.append(ui.SavedResult(path.name, subfolder, io.FolderType.output))
         return io.NodeOutput(ui=ui.SavedImages(results))

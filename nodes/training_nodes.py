@@ -26,7 +26,11 @@ from pathlib import Path
 from comfy_api.v0_0_2 import io
 from PIL import Image
 
+from ..engines import dataset as ds
+from ..engines import edit_pairs
 from ..engines.errors import FlenUserError
+from ..engines.lora_stack import read_safetensors_header
+from ..engines.safe_paths import Root, resolve_inside
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
 
@@ -80,8 +84,9 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
     proc = subprocess.Popen(cmd, cwd=str(PACK_DIR), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             bufsize=1, env=env, start_new_session=True)
     child_file = train_dir / CHILD_FILE
-    child_file.write_text(json.dumps({"pid": proc.pid, "cmd": cmd, "config": str(config_path),
-                                      "prompt_id": bridge.current_prompt_id(), "started": time.time()}))
+    ds.atomic_write(child_file, json.dumps({"pid": proc.pid, "cmd": cmd, "config": str(config_path),
+                                            "server_pid": os.getpid(), "prompt_id": bridge.current_prompt_id(),
+                                            "started": time.time()}).encode("utf-8"))
     events: queue.Queue = queue.Queue()
     stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
 
@@ -156,6 +161,72 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
     return str(done["lora"]), done
 
 
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if os.name == "posix" and not Path("/proc/self").exists():  # pragma: no cover - no procfs
+            try:
+                os.kill(pid, 0)
+                return True
+            except (ProcessLookupError, PermissionError):
+                return False
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _is_our_trainer(pid: int, record: dict) -> bool:
+    """The pid still runs the trainer the file names (pids get reused): its command line holds the config."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    config = str(record.get("config") or "")
+    return bool(config) and config.encode() in cmdline and b"--config" in cmdline
+
+
+def clean_stale_children(output_dir: str) -> list[str]:
+    """At server start: a ``launcher_child.json`` whose server is gone was left by a crash. A trainer it
+    names that still runs is an orphan holding the GPU: it is stopped (re-queueing resumes from its last
+    checkpoint). The file goes either way. Returns what was done, for the log."""
+    done: list[str] = []
+    root = Path(output_dir) / "flenwheel"
+    for child_file in sorted(root.glob(f"*/training/{CHILD_FILE}")) if root.is_dir() else []:
+        try:
+            record = json.loads(child_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            record = {}
+        record = record if isinstance(record, dict) else {}
+        server = record.get("server_pid")
+        if server != os.getpid() and _pid_alive(server) and _is_comfy(server):
+            continue  # another ComfyUI on the same output folder runs this trainer
+        pid = record.get("pid")
+        if _pid_alive(pid) and _is_our_trainer(pid, record):
+            for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, sig)
+                deadline = time.monotonic() + wait
+                while _pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                if not _pid_alive(pid):
+                    break
+            done.append(f"stopped orphaned trainer pid {pid} ({child_file.parent.parent.name})")
+        with contextlib.suppress(OSError):
+            child_file.unlink()
+            done.append(f"removed stale {child_file}")
+    return done
+
+
+def _is_comfy(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"main.py" in cmdline or b"comfy" in cmdline.lower()
+
+
 def lora_name(path: str) -> str:
     """The LoRA's name as models/loras lists it (relative, forward slashes)."""
     root = Path(bridge.loras_root()).resolve()
@@ -167,18 +238,33 @@ def lora_name(path: str) -> str:
 
 # ---- settings --------------------------------------------------------------------------------------------
 
-def _advanced(text: str) -> dict:
+# Keys of the trainer config that name files: the node sets them from its own inputs (combos, the dataset
+# socket), so a prompt's 'advanced' text can never point the trainer at a folder of its choosing.
+PATH_KEYS = ("model", "dataset", "output_dir", "init_lora", "class_images", "character")
+
+
+def _advanced(text: str, workspace: Path) -> dict:
     if not text or not text.strip():
         return {}
     import yaml
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise FlenUserError(f"advanced settings are not valid YAML: {exc}") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise FlenUserError(f"advanced settings are not valid YAML: {str(exc)[:300]}") from None
     if not isinstance(data, dict):
         raise FlenUserError("advanced settings must be 'key: value' lines (trainer config keys), e.g. "
                             "'max_grad_norm: 1.0'.")
+    fixed = [k for k in data if k in PATH_KEYS]
+    if fixed:
+        raise FlenUserError(f"advanced cannot set {', '.join(repr(k) for k in fixed)}: files come from the node's "
+                            "own inputs (model, dataset, init_lora, class_images), and the LoRA always goes to "
+                            "models/loras/flenwheel/<character>/.")
+    if "run_dir" in data:
+        if not isinstance(data["run_dir"], str):
+            raise FlenUserError("advanced: 'run_dir' must be a folder name.")
+        root = Root(workspace / "training", f"output/flenwheel/{workspace.name}/training")
+        data["run_dir"] = str(resolve_inside(data["run_dir"], [root], "advanced: 'run_dir'"))
     return data
 
 
@@ -189,13 +275,31 @@ def _dataset(dataset: dict, kind: str, node: str) -> tuple[Path, str]:
         other = "FLEN Train Editor LoRA" if kind == "character" else "FLEN Train Character LoRA"
         raise FlenUserError(f"{node} trains on a '{kind}' set; this is a '{dataset.get('kind')}' set "
                             f"(use {other} for it).")
-    path = Path(dataset["path"])
-    return path, str(dataset.get("character") or path.parent.parent.name)
+    folder = ds.DATASETS_DIR if kind == "character" else edit_pairs.EDIT_PAIRS_DIR
+    return ds.version_dir_of(dataset, bridge.output_directory(), (folder,))
 
 
 def _init_lora(name: str) -> str:
     name = (name or "").strip()
-    return bridge.lora_path(name) if name and name.lower() != "none" else ""
+    if not name or name.lower() == "none":
+        return ""
+    path = bridge.lora_path(name)
+    try:
+        read_safetensors_header(path)
+    except FlenUserError:
+        raise FlenUserError(f"init_lora '{name}' is not a readable .safetensors file (damaged or cut short): "
+                            "choose another LoRA, or leave init_lora empty to train from scratch.") from None
+    return path
+
+
+def _class_images(text: str, prior_preservation: bool) -> str:
+    text = (text or "").strip()
+    if not text and not prior_preservation:
+        return ""
+    if not text:
+        raise FlenUserError("prior_preservation needs class_images: a folder of class images inside ComfyUI's "
+                            "input folder, e.g. 'class_person'.")
+    return str(resolve_inside(text, bridge.image_read_roots(), "class_images", must_exist="dir"))
 
 
 def _common_inputs(default_res: int) -> list:
@@ -226,7 +330,9 @@ def _common_inputs(default_res: int) -> list:
         io.String.Input("advanced", default="", multiline=True, optional=True,
                         tooltip="More trainer settings as 'key: value' lines (YAML), e.g. 'batch_size: 2', "
                                 "'extra_target_modules: [proj_out]', 'sample_prompts: [...]'. Unknown keys are "
-                                "refused with the list of known ones."),
+                                "refused with the list of known ones; so are file keys (model, dataset, "
+                                "output_dir, init_lora, class_images): they come from the inputs. run_dir is a "
+                                "folder name inside the character's training folder."),
     ]
 
 
@@ -250,14 +356,12 @@ def _base_model(model: str, pipe, slot: str, node: str) -> dict:
 
 def _common_config(model: dict, dataset_path: Path, precision: str, steps: int, rank: int, alpha: float,
                    learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
-                   init_lora: str, resume: bool, advanced: str) -> dict:
-    config = {**model, "dataset": str(dataset_path),
-              "output_dir": bridge.loras_root(), "precision": precision, "steps": steps, "rank": rank,
-              "alpha": alpha, "learning_rate": learning_rate, "resolution": resolution, "seed": seed,
-              "checkpoint_every": checkpoint_every, "sample_every": sample_every, "init_lora": _init_lora(init_lora),
-              "resume": bool(resume)}
-    config.update(_advanced(advanced))
-    return config
+                   init_lora: str, resume: bool) -> dict:
+    return {**model, "dataset": str(dataset_path),
+            "output_dir": bridge.loras_root(), "precision": precision, "steps": steps, "rank": rank,
+            "alpha": alpha, "learning_rate": learning_rate, "resolution": resolution, "seed": seed,
+            "checkpoint_every": checkpoint_every, "sample_every": sample_every, "init_lora": _init_lora(init_lora),
+            "resume": bool(resume)}
 
 
 def _summary(label: str, name: str, done: dict) -> str:
@@ -296,7 +400,9 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
                                  tooltip="Also train on class images (captioned with class_prompt) so the class "
                                          "does not drift."),
                 io.String.Input("class_images", default="", optional=True,
-                                tooltip="Folder of class images for prior preservation (absolute path)."),
+                                tooltip="Folder of class images for prior preservation, inside ComfyUI's input "
+                                        "folder (e.g. 'class_person'; output/ also works). Paths elsewhere are "
+                                        "refused."),
                 io.String.Input("class_prompt", default="", optional=True,
                                 tooltip="Caption of the class images; empty: the dataset's class prompt."),
                 FluxPipeType.Input("flux_pipe", optional=True,
@@ -318,10 +424,11 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
         path, character = _dataset(dataset, "character", "FLEN Train Character LoRA")
         base = _base_model(model, flux_pipe, "flux_pipe", "FLEN Train Character LoRA")
         config = _common_config(base, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
-                                checkpoint_every, sample_every, init_lora, resume, "")
-        config.update(phase=phase, prior_preservation=bool(prior_preservation), class_images=class_images.strip(),
+                                checkpoint_every, sample_every, init_lora, resume)
+        config.update(phase=phase, prior_preservation=bool(prior_preservation),
+                      class_images=_class_images(class_images, bool(prior_preservation)),
                       class_prompt=class_prompt.strip(), character=character)
-        config.update(_advanced(advanced))
+        config.update(_advanced(advanced, path.parent.parent))
         lora, done = run_trainer("training.train_char_lora", config, path.parent.parent, "char LoRA")
         name = lora_name(lora)
         summary = _summary("FLEN Train Character LoRA", name, done)
@@ -365,9 +472,9 @@ class FLENTrainEditorLoRA(io.ComfyNode):
         path, character = _dataset(edit_pairs, "edit_pairs", "FLEN Train Editor LoRA")
         base = _base_model(model, qwen_pipe, "qwen_pipe", "FLEN Train Editor LoRA")
         config = _common_config(base, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
-                                checkpoint_every, sample_every, init_lora, resume, "")
+                                checkpoint_every, sample_every, init_lora, resume)
         config.update(control_resolution=int(control_resolution), character=character)
-        config.update(_advanced(advanced))
+        config.update(_advanced(advanced, path.parent.parent))
         lora, done = run_trainer("training.train_editor_lora", config, path.parent.parent, "editor LoRA")
         name = lora_name(lora)
         summary = _summary("FLEN Train Editor LoRA", name, done)

@@ -83,9 +83,20 @@ def make_checkout(folder: str | os.PathLike, **behaviour) -> Path:
     """Writes (or rewrites the behaviour of) a fake checkout; returns its folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for marker in ("toolkit", "jobs"):  # what makes a folder look like an ai-toolkit checkout
+        (folder / marker).mkdir(exist_ok=True)
     (folder / "run.py").write_text(RUN_PY)
     (folder / "behaviour.json").write_text(json.dumps(behaviour))
     return folder
+
+
+def configure(base: str | os.PathLike, *folders: str | os.PathLike) -> Path:
+    """Names ``folders`` (checkouts, or folders holding checkouts) in the server's ``user/flenwheel.json``, as
+    an operator would; returns the settings file."""
+    settings = Path(base) / "user" / "flenwheel.json"
+    settings.parent.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps({"ai_toolkit": [str(f) for f in folders]}))
+    return settings
 
 
 def alive(pid: int) -> bool:

@@ -6,6 +6,10 @@ argv: COMFYUI_PATH PACK_PARENT MODELS_DIR --trained LORA_FILE flux|qwen_image: i
 pack's trainers wrote against the native ComfyUI model of that tiny transformer: which of its keys
 ComfyUI's own key mapping leaves unused, and the largest difference between ComfyUI's patched weights and
 diffusers' fused weights (``load_lora_weights`` + ``fuse_lora``), compared under ComfyUI's key names.
+
+argv: COMFYUI_PATH PACK_PARENT MODELS_DIR --matrix flux|qwen_image OUT_DIR: instead, writes every layout of
+tests/lora_layouts.py to OUT_DIR, applies each through FLENApplyLoraStack and reports each native weight's change
+against the reference (or the refusal), plus the messages for files that must be refused.
 """
 
 import json
@@ -116,8 +120,76 @@ def check_trained(lora_file, arch):
             "native_keys_missing_in_diffusers": missing}
 
 
+def check_matrix(arch, out_dir, strength=0.75):
+    """Every layout of tests/lora_layouts.py through FLENApplyLoraStack on the native model: the change of
+    every native weight against the reference (converted to ComfyUI's names by ComfyUI's own converter),
+    and the messages for files that must be refused."""
+    from lora_layouts import deltas, layouts, make_reference, write_layout
+    from safetensors.torch import save_file
+
+    model, tdir = build_native(arch)
+    if arch == "flux":
+        from diffusers import FluxTransformer2DModel as Cls
+    else:
+        from diffusers import QwenImageTransformer2DModel as Cls
+    dtr = Cls.from_pretrained(tdir)
+    linears = {n: (m.in_features, m.out_features) for n, m in dtr.named_modules() if isinstance(m, torch.nn.Linear)}
+    base = weights(model)
+    result = {"layouts": {}, "refused": {}}
+    for layout in layouts(arch):
+        ref = make_reference(linears, seed=len(layout))
+        tensors, meta, covered, dtype = write_layout(layout, ref, linears, arch)
+        path = f"{out_dir}/{arch}_{layout}.safetensors"
+        save_file(tensors, path, metadata=meta)
+        rounded = {n: (d.to(dtype).float(), u.to(dtype).float(), a) for n, (d, u, a) in ref.items()}
+        want = {k: torch.zeros_like(v) for k, v in dtr.state_dict().items()}
+        for name, delta in deltas(rounded, covered).items():
+            want[f"{name}.weight"] = strength * delta
+        if arch == "flux":
+            want = comfy.model_detection.convert_diffusers_mmdit(want, "")
+        try:
+            patched = FLENApplyLoraStack.execute(model, LoraStack((LoraEntry(layout, path, strength),))).result[0]
+        except FlenUserError as exc:  # a layout ComfyUI does not map for this model must be refused, not ignored
+            result["layouts"][layout] = {"refused": str(exc)}
+            continue
+        got = weights(patched)
+        diffs = [float((got[k].float() - base[k].float() - want[k].float()).abs().max()) for k in base]
+        result["layouts"][layout] = {"max_abs_diff": max(diffs), "keys_missing": sorted(set(base) - set(want)),
+                                     "largest_change": max(float(w.abs().max()) for w in want.values())}
+
+    def refused(label, tensors):
+        path = f"{out_dir}/{label}.safetensors"
+        save_file(tensors, path)
+        try:
+            FLENApplyLoraStack.execute(model, LoraStack((LoraEntry(f"{label}.safetensors", path, 1.0),)))
+            result["refused"][label] = None
+        except FlenUserError as exc:
+            result["refused"][label] = str(exc)
+
+    good, _, _, _ = write_layout("peft", make_reference(linears, 5), linears, arch)
+    # the pack's tiny LoRA for the other architecture: the same diffusers module names, other widths
+    refused("other_arch_same_names",
+            load_file(f"{models_dir}/loras/flen-tiny/{'qwen_edit' if arch == 'flux' else 'flux'}_lora_a.safetensors"))
+    refused("partial", {**good, "transformer.transformer_blocks.9.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+                        "transformer.transformer_blocks.9.attn.to_q.lora_B.weight": torch.zeros(8, 4)})
+    refused("with_text_encoder", {**good, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight":
+                                  torch.zeros(4, 32), "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight":
+                                  torch.zeros(32, 4)})
+    fan_in, fan_out = linears["proj_out"]
+    refused("lokr_wrong_shape", {"transformer.proj_out.lokr_w1": torch.ones(2, 2),
+                                 "transformer.proj_out.lokr_w2": torch.ones(fan_out // 2, fan_in // 2 + 1)})
+    refused("lokr_fits", {"transformer.proj_out.lokr_w1": torch.ones(2, 2),
+                          "transformer.proj_out.lokr_w2": torch.ones(fan_out // 2, fan_in // 2)})
+    return result
+
+
 if len(sys.argv) > 4 and sys.argv[4] == "--trained":
     print("RESULT " + json.dumps(check_trained(sys.argv[5], sys.argv[6])))
+    sys.exit(0)
+if len(sys.argv) > 4 and sys.argv[4] == "--matrix":
+    from safetensors.torch import load_file  # noqa: E402
+
+    print("RESULT " + json.dumps(check_matrix(sys.argv[5], sys.argv[6])))
     sys.exit(0)
 
 model, _tdir = build_native("flux")

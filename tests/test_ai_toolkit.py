@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from fake_ai_toolkit import alive, make_checkout
+from fake_ai_toolkit import alive, configure, make_checkout
 from PIL import Image
 
 from engines import dataset as ds
@@ -371,10 +371,12 @@ def test_interrupt_ends_the_child_and_its_workers(env, tmp_path, monkeypatch):
 def test_checkout_is_validated(tmp_path):
     with pytest.raises(FlenUserError, match="does not exist"):
         at.validate_checkout(tmp_path / "nope")
-    with pytest.raises(FlenUserError, match="has no run.py"):
-        at.validate_checkout(tmp_path)
+    (tmp_path / "run.py").write_text("print('not ai-toolkit')")
+    with pytest.raises(FlenUserError, match="is not an ai-toolkit checkout"):
+        at.validate_checkout(tmp_path)  # a run.py alone is not a checkout
     with pytest.raises(FlenUserError, match="No ai-toolkit checkout"):
         at.validate_checkout("  ")
+    (tmp_path / "run.py").unlink()
     assert at.venv_python(tmp_path) == sys.executable
     py = tmp_path / "venv" / "bin" / "python"
     py.parent.mkdir(parents=True)
@@ -390,3 +392,40 @@ def test_command_line_writes_a_config(env, capsys):
     assert rc == 0
     path = Path(capsys.readouterr().out.strip())
     assert_structure(yaml.safe_load(path.read_text()), QWEN_EDIT_EXPECTED)
+
+
+def test_checkouts_come_from_the_server_configuration(tmp_path):
+    """$FLENWHEEL_AI_TOOLKIT and user/flenwheel.json name checkouts (or folders of them); nothing else does."""
+    a = make_checkout(tmp_path / "tools" / "ai-toolkit")
+    b = make_checkout(tmp_path / "tools" / "ai-toolkit-dev")
+    (tmp_path / "tools" / "not-a-checkout").mkdir()
+    other = make_checkout(tmp_path / "elsewhere" / "ai-toolkit")
+    user = tmp_path / "user"
+    configure(tmp_path, other)
+    sources = at.configured_sources(user, environ={at.CHECKOUT_ENV: str(tmp_path / "tools")})
+    found = at.find_checkouts(sources)
+    assert found == {"ai-toolkit": a.resolve(), "ai-toolkit-dev": b.resolve(), "elsewhere/ai-toolkit": other.resolve()}
+    assert at.find_checkouts(at.configured_sources(None, environ={})) == {}
+    (user / "flenwheel.json").write_text("{not json")
+    assert at.configured_sources(user, environ={}) == []
+
+
+def test_checkout_in_a_client_writable_folder_is_refused(tmp_path):
+    from engines.safe_paths import Root
+
+    inputs = tmp_path / "input"
+    checkout = make_checkout(inputs / "sub" / "ai-toolkit")
+    with pytest.raises(FlenUserError, match="input folder") as exc:
+        at.validate_checkout(checkout, [Root(inputs, "input")])
+    assert str(tmp_path) not in str(exc.value)
+    # a symlink from a safe place into input/ is followed
+    link = tmp_path / "safe-looking"
+    link.symlink_to(checkout)
+    with pytest.raises(FlenUserError, match="input folder"):
+        at.validate_checkout(link, [Root(inputs, "input")])
+    # run.py linked in from input/ is refused too
+    safe = make_checkout(tmp_path / "opt" / "ai-toolkit")
+    (safe / "run.py").unlink()
+    (safe / "run.py").symlink_to(checkout / "run.py")
+    with pytest.raises(FlenUserError, match="run.py lies in"):
+        at.validate_checkout(safe, [Root(inputs, "input")])

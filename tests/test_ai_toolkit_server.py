@@ -1,6 +1,7 @@
-"""FLENAIToolkitLauncher in a real ComfyUI through POST /prompt, with a fake ai-toolkit checkout: a dataset
-written in the same prompt, the config run, the LoRA installed under its FLENwheel name; POST /interrupt
-ends the child; a missing checkout is a clear execution error."""
+"""FLENAIToolkitLauncher in a real ComfyUI through POST /prompt, with a fake ai-toolkit checkout configured
+in the server's user/flenwheel.json (as an operator would): a dataset written in the same prompt, the config
+run, the LoRA installed under its FLENwheel name; POST /interrupt ends the child; an unconfigured or broken
+checkout is a clear error."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import uuid
 
 import pytest
 import yaml
-from fake_ai_toolkit import alive, make_checkout
+from fake_ai_toolkit import alive, configure, make_checkout
 from flux_prompts import add_lora_driven_generation
 
 from engines import dataset as ds
@@ -43,8 +44,8 @@ def base_model(comfy) -> str:
 
 def test_launcher_trains_through_the_queue_and_installs_the_lora(comfy, comfy_server, tmp_path, base_model):
     character = "at_" + uuid.uuid4().hex[:10]
-    checkout = make_checkout(tmp_path / "ai-toolkit")
-    outputs = comfy.run(launcher_prompt(character, str(checkout), base_model))
+    configure(comfy_server.base, make_checkout(tmp_path / "ai-toolkit"))
+    outputs = comfy.run(launcher_prompt(character, "ai-toolkit", base_model))
     text = outputs["train"]["text"][0]
     assert f"flenwheel/{character}/char_lora_v1.safetensors" in text and "after 4 steps" in text
     lora = comfy_server.base / "models" / "loras" / "flenwheel" / character / "char_lora_v1.safetensors"
@@ -62,7 +63,7 @@ def test_launcher_trains_through_the_queue_and_installs_the_lora(comfy, comfy_se
     assert config["config"]["process"][0]["datasets"][0]["folder_path"] == str(vdir / "head" / "pristine")
     assert config["config"]["process"][0]["model"]["name_or_path"].endswith(base_model)
     # a second run (another dataset version) never overwrites: v2
-    prompt = launcher_prompt(character, str(checkout), base_model, steps=3)
+    prompt = launcher_prompt(character, "ai-toolkit", base_model, steps=3)
     outputs = comfy.run(prompt)
     assert f"flenwheel/{character}/char_lora_v2.safetensors" in outputs["train"]["text"][0]
 
@@ -72,8 +73,8 @@ def test_launcher_lora_name_drives_a_lora_stack_in_the_same_prompt(comfy, comfy_
     FLUX pipeline (the fake checkout hands back a real tiny FLUX LoRA's tensors) and an image is saved."""
     character = "at_" + uuid.uuid4().hex[:10]
     real_lora = comfy_server.base / "models" / "loras" / "flen-tiny" / "flux_lora_a.safetensors"
-    checkout = make_checkout(tmp_path / "ai-toolkit", final_from=str(real_lora))
-    prompt = launcher_prompt(character, str(checkout), base_model, steps=2)
+    configure(comfy_server.base, make_checkout(tmp_path / "ai-toolkit", final_from=str(real_lora)))
+    prompt = launcher_prompt(character, "ai-toolkit", base_model, steps=2)
     add_lora_driven_generation(prompt, ["train", 0], character)
     outputs = comfy.run(prompt)
     assert f"flenwheel/{character}/char_lora_v1.safetensors" in outputs["train"]["text"][0]
@@ -82,21 +83,33 @@ def test_launcher_lora_name_drives_a_lora_stack_in_the_same_prompt(comfy, comfy_
     assert (comfy_server.base / "output" / saved["subfolder"] / saved["filename"]).is_file()
 
 
-def test_missing_checkout_is_a_clear_execution_error(comfy, tmp_path, base_model):
+def test_unconfigured_checkout_or_a_typed_path_is_refused(comfy, comfy_server, tmp_path, base_model):
     character = "at_" + uuid.uuid4().hex[:10]
-    error = comfy.run_error(launcher_prompt(character, str(tmp_path / "no-such-checkout"), base_model))
+    configure(comfy_server.base, tmp_path / "no-checkouts-here")
+    spec = comfy.get("/object_info/FLENAIToolkitLauncher").json()["FLENAIToolkitLauncher"]
+    assert spec["input"]["required"]["ai_toolkit_folder"][1]["options"] == ["(none configured)"]
+    error = comfy.run_error(launcher_prompt(character, "(none configured)", base_model))
     assert error["node_type"] == "FLENAIToolkitLauncher"
-    assert "does not exist" in error["exception_message"] and "run.py" in error["exception_message"]
-    (tmp_path / "empty").mkdir()
-    error = comfy.run_error(launcher_prompt(character, str(tmp_path / "empty"), base_model))
-    assert "has no run.py" in error["exception_message"]
+    assert "No ai-toolkit checkout is configured" in error["exception_message"]
+    assert "FLENWHEEL_AI_TOOLKIT" in error["exception_message"]
+    # a folder path typed into the prompt is not one of the configured names (ComfyUI 0.3.64 does not check
+    # V3 combo values; the node does): refused, nothing runs
+    checkout = make_checkout(tmp_path / "ai-toolkit")
+    error = comfy.run_error(launcher_prompt(character, str(checkout), base_model))
+    assert "No ai-toolkit checkout is configured" in error["exception_message"]
+    configure(comfy_server.base, make_checkout(tmp_path / "configured" / "ai-toolkit"))
+    error = comfy.run_error(launcher_prompt(character, str(checkout), base_model))
+    assert "is not configured here; choose one of ai-toolkit" in error["exception_message"]
+    assert not (checkout / "last_argv.json").exists()
+    assert not (tmp_path / "configured" / "ai-toolkit" / "last_argv.json").exists()
 
 
-def test_interrupt_ends_the_child(comfy, tmp_path, base_model):
+def test_interrupt_ends_the_child(comfy, comfy_server, tmp_path, base_model):
     character = "at_" + uuid.uuid4().hex[:10]
     pid_file = tmp_path / "pids.json"
-    checkout = make_checkout(tmp_path / "ai-toolkit", step_sleep=0.2, spawn_worker=True, pid_file=str(pid_file))
-    prompt_id = comfy.queue(launcher_prompt(character, str(checkout), base_model, steps=5000))
+    configure(comfy_server.base, make_checkout(tmp_path / "ai-toolkit", step_sleep=0.2, spawn_worker=True,
+                                               pid_file=str(pid_file)))
+    prompt_id = comfy.queue(launcher_prompt(character, "ai-toolkit", base_model, steps=5000))
     deadline = time.monotonic() + 60
     while not pid_file.exists() and time.monotonic() < deadline:
         time.sleep(0.1)

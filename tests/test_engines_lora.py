@@ -118,7 +118,8 @@ def test_lora_for_another_architecture_is_refused_by_name(flux, tiny_models):
         _gen(flux, stack)
     msg = str(err.value)
     assert "qwen_edit_lora_a.safetensors" in msg and "does not fit this FLUX.1 model" in msg
-    assert "do not exist in this model (e.g. 'transformer_blocks." in msg
+    assert "do not exist in this FLUX.1 model ('transformer.transformer_blocks.1." in msg
+    assert "other shapes than the model's layers ('transformer.transformer_blocks.0.attn." in msg
 
 
 def test_architecture_guess_from_key_names():

@@ -43,12 +43,14 @@ import yaml
 
 try:  # inside ComfyUI the pack is a package (custom_nodes/FLENwheel); from the repo root it is not
     from ..engines import dataset as ds
-    from ..engines import edit_pairs
+    from ..engines import edit_pairs, safe_paths
+    from ..engines.atomic_files import chmod_like_open
     from ..engines.errors import FlenUserError
     from ..engines.review_store import validate_character
 except ImportError:
     from engines import dataset as ds
-    from engines import edit_pairs
+    from engines import edit_pairs, safe_paths
+    from engines.atomic_files import chmod_like_open
     from engines.errors import FlenUserError
     from engines.review_store import validate_character
 
@@ -302,19 +304,84 @@ def venv_python(checkout: str | os.PathLike) -> str:
     return sys.executable
 
 
-def validate_checkout(checkout: str | os.PathLike) -> Path:
+CHECKOUT_ENV = "FLENWHEEL_AI_TOOLKIT"
+SETTINGS_FILE = "flenwheel.json"  # in ComfyUI's user folder, beside (not inside) the per-user folders
+SETTINGS_KEY = "ai_toolkit"
+NOT_CONFIGURED = "(none configured)"
+# what every ai-toolkit checkout since 2023 has: the entry script, the library and the job classes
+CHECKOUT_MARKERS = (("run.py", "file"), ("toolkit", "dir"), ("jobs", "dir"))
+
+
+def configure_hint() -> str:
+    return (f"Set the environment variable {CHECKOUT_ENV} to the folder of your checkout (git clone of "
+            "https://github.com/ostris/ai-toolkit), or to a folder holding several, before starting ComfyUI; or "
+            f"write {{\"{SETTINGS_KEY}\": [\"/path/to/ai-toolkit\"]}} into {SETTINGS_FILE} in ComfyUI's user "
+            "folder. Then refresh the node list (press R).")
+
+
+def configured_sources(user_dir: str | os.PathLike | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+    """The folders the server's operator named: ``$FLENWHEEL_AI_TOOLKIT`` (os.pathsep-separated) and the
+    ``ai_toolkit`` entry (a text or a list) of ``<user dir>/flenwheel.json``. Never anything from a prompt."""
+    env = os.environ if environ is None else environ
+    out = [Path(os.path.expanduser(p)) for p in env.get(CHECKOUT_ENV, "").split(os.pathsep) if p.strip()]
+    if user_dir:
+        settings = Path(user_dir) / SETTINGS_FILE
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(settings.read_text(encoding="utf-8"))
+            value = data.get(SETTINGS_KEY) if isinstance(data, dict) else None
+            for p in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+                if isinstance(p, str) and p.strip():
+                    out.append(Path(os.path.expanduser(p.strip())))
+    return out
+
+
+def looks_like_checkout(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return all((p / name).is_file() if kind == "file" else (p / name).is_dir() for name, kind in CHECKOUT_MARKERS)
+
+
+def find_checkouts(sources: list[Path]) -> dict[str, Path]:
+    """Checkout name → folder: each source that is a checkout, else its sub-folders that are."""
+    found: list[Path] = []
+    for src in sources:
+        if looks_like_checkout(src):
+            found.append(src)
+        elif src.is_dir():
+            with contextlib.suppress(OSError):
+                found.extend(sorted(d for d in src.iterdir() if d.is_dir() and looks_like_checkout(d)))
+    names: dict[str, Path] = {}
+    for path in found:
+        real = Path(os.path.realpath(path))
+        if real in names.values():
+            continue
+        name = path.name
+        if name in names:
+            name = f"{path.parent.name}/{path.name}"
+        k = 2
+        while name in names:
+            name, k = f"{path.name} ({k})", k + 1
+        names[name] = real
+    return names
+
+
+def validate_checkout(checkout: str | os.PathLike, refused: list[Any] | tuple = ()) -> Path:
+    """A checkout the operator configured: it must look like ai-toolkit, and neither it, its run.py nor its
+    venv python may lie in a folder clients can write to (``refused``: engines.safe_paths.Root)."""
     text = str(checkout or "").strip()
     if not text:
-        raise FlenUserError("No ai-toolkit checkout given: write the folder where you cloned "
-                            "https://github.com/ostris/ai-toolkit (the one with run.py).")
-    path = Path(os.path.expanduser(text))
+        raise FlenUserError("No ai-toolkit checkout given. " + configure_hint())
+    path = Path(os.path.realpath(os.path.expanduser(text)))
     if not path.is_dir():
-        raise FlenUserError(f"ai-toolkit checkout {path} does not exist: write the folder where you cloned "
-                            "https://github.com/ostris/ai-toolkit (the one with run.py).")
-    if not (path / "run.py").is_file():
-        raise FlenUserError(f"{path} is not an ai-toolkit checkout: it has no run.py. Point at the folder where "
-                            "you cloned https://github.com/ostris/ai-toolkit.")
-    return path.resolve()
+        raise FlenUserError(f"The configured ai-toolkit checkout '{Path(text).name}' does not exist any more. "
+                            + configure_hint())
+    if not looks_like_checkout(path):
+        need = ", ".join(f"{n}{'/' if k == 'dir' else ''}" for n, k in CHECKOUT_MARKERS)
+        raise FlenUserError(f"The configured folder '{path.name}' is not an ai-toolkit checkout (it needs {need}, "
+                            "as https://github.com/ostris/ai-toolkit has). " + configure_hint())
+    for what, p in (("The ai-toolkit checkout", path), ("Its run.py", path / "run.py"),
+                    ("Its python", Path(venv_python(path)))):
+        safe_paths.refuse_inside(p, list(refused), what)
+    return path
 
 
 @dataclass
@@ -523,6 +590,7 @@ def install_lora(src: str | os.PathLike, loras_root: str | os.PathLike, characte
     folder = lora_folder(loras_root, character)
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
+    chmod_like_open(fd)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -614,9 +682,10 @@ def launch(dataset: dict[str, Any] | str | os.PathLike, settings: AIToolkitSetti
            on_progress: Callable[[ProgressLine], None] | None = None,
            check_interrupt: Callable[[], None] | None = None, on_start: Callable[[int], None] | None = None,
            on_config: Callable[[Path], None] | None = None, freeze_by: str = "ai-toolkit launcher",
-           python: str | None = None) -> LaunchResult:
-    """Config → ai-toolkit run → LoRA installed under its FLENwheel name (see the module docstring)."""
-    checkout = validate_checkout(checkout)
+           python: str | None = None, refused: list[Any] | tuple = ()) -> LaunchResult:
+    """Config → ai-toolkit run → LoRA installed under its FLENwheel name (see the module docstring).
+    ``refused``: folders (engines.safe_paths.Root) the checkout must not lie in."""
+    checkout = validate_checkout(checkout, refused)
     config, config_path, name, metadata = prepare_job(dataset, settings, workspace, loras_root, freeze_by=freeze_by)
     if on_config is not None:
         on_config(config_path)

@@ -674,9 +674,13 @@ class Trainer:
                               "e.g. models/loras/flenwheel/<character>/char_lora_v1.safetensors).")
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-            sd = {k: fh.get_tensor(k) for k in fh.keys()}
+        try:
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata() or {}
+                sd = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # safetensors raises its own SafetensorError (and OSError for a short file)
+            raise ConfigError(f"init_lora {path.name} is not a readable .safetensors file ({exc}): it is damaged or "
+                              "cut short. Choose another LoRA or leave init_lora empty.") from None
         sd = {k[len("transformer."):]: v for k, v in sd.items() if k.startswith("transformer.")}
         # our files fold alpha into lora_B with lora_alpha == rank: undo this run's own scale
         scale = self.cfg.effective_alpha() / self.cfg.rank

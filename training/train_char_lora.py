@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from PIL import Image
 
 from engines import dataset as ds
 from engines.diffusers_folder import read_model_index
+from engines.review_store import validate_character
+from engines.safe_images import open_image
 from training.lora_training import (
     ConfigError,
     Example,
@@ -127,7 +128,7 @@ class CharLoraTask(TrainTask):
         else:
             read_model_index(cfg.model, ("FluxPipeline",))
         self.dataset = freeze_dataset(cfg.dataset, by="training.train_char_lora", kind="character")
-        self.character = cfg.character or str(self.dataset.info.get("character") or "character")
+        self.character = validate_character(cfg.character or str(self.dataset.info.get("character") or "character"))
         self.items = [it for it in self.dataset.items if cfg.phase == "all" or it.get("phase") == cfg.phase]
         if not self.items:
             raise ConfigError(f"dataset {self.dataset.version} has no '{cfg.phase}' images "
@@ -199,8 +200,8 @@ class CharLoraTask(TrainTask):
             return texts[prompt]
 
         def latents(path: Path) -> tuple[tuple[int, int], torch.Tensor]:
-            with Image.open(path) as im:
-                im.load()
+            im, _ = open_image(path)
+            with im:
                 bucket = pick_bucket(im.width, im.height, buckets)
                 x = image_to_tensor(fit_image(im, bucket)).to(device, dtype)
             with torch.no_grad():

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 
 from engines.diffusers_folder import read_model_index
+from engines.review_store import validate_character
+from engines.safe_images import open_rgb
 from training.lora_training import (
     ConfigError,
     Example,
@@ -74,7 +76,7 @@ class EditorLoraTask(TrainTask):
         else:
             read_model_index(cfg.model, ("QwenImageEditPlusPipeline",))
         self.dataset = freeze_dataset(cfg.dataset, by="training.train_editor_lora", kind="edit_pairs")
-        self.character = cfg.character or str(self.dataset.info.get("character") or "character")
+        self.character = validate_character(cfg.character or str(self.dataset.info.get("character") or "character"))
         self.items = list(self.dataset.items)
         self.control_side = cfg.control_resolution or cfg.resolution
         self.vae = None
@@ -113,14 +115,12 @@ class EditorLoraTask(TrainTask):
 
         train, samples = [], []
         for n, it in enumerate(self.items):
-            with Image.open(root / it["file"]) as im:
-                target = im.convert("RGB")
+            target = open_rgb(root / it["file"])
             bucket = pick_bucket(target.width, target.height, buckets)
             z = vae_latents(fit_image(target, bucket))[0]
             controls, shapes, conditions = [], [], []
             for c in it.get("controls") or []:
-                with Image.open(root / c["file"]) as im:
-                    control = im.convert("RGB")
+                control = open_rgb(root / c["file"])
                 ratio = control.width / control.height
                 cw, ch = _dims(self.control_side, ratio)
                 cz = vae_latents(control.resize((cw, ch), Image.Resampling.LANCZOS))
