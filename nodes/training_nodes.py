@@ -240,7 +240,7 @@ def lora_name(path: str) -> str:
 
 # Keys of the trainer config that name files: the node sets them from its own inputs (combos, the dataset
 # socket), so a prompt's 'advanced' text can never point the trainer at a folder of its choosing.
-PATH_KEYS = ("model", "dataset", "output_dir", "init_lora", "class_images", "character")
+PATH_KEYS = ("model", "files", "dataset", "output_dir", "init_lora", "class_images", "character")
 
 
 def _advanced(text: str, workspace: Path) -> dict:
