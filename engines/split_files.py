@@ -602,9 +602,21 @@ def tokenizer_folder(info: FileInfo, fallback: str | Path | None, what: str) -> 
 
     raw = info.metadata.get("flen_tokenizer")
     if raw:
-        folder = Path(tempfile.mkdtemp(prefix="flen_tok_"))
-        for name, text in json.loads(raw).items():
-            (folder / Path(name).name).write_text(text, encoding="utf-8")
+        import hashlib
+        import os
+
+        # one folder per tokenizer content, reused by later loads (no growing pile of temporary folders)
+        folder = Path(tempfile.gettempdir()) / f"flen_tok_{hashlib.sha256(raw.encode()).hexdigest()[:16]}"
+        if not folder.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix="flen_tok_tmp_"))
+            for name, text in json.loads(raw).items():
+                (tmp / Path(name).name).write_text(text, encoding="utf-8")
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another process wrote the same folder first
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
         return str(folder)
     if fallback is None or not Path(fallback).is_dir():
         raise FlenUserError(f"The {what} tokenizer that ComfyUI ships ({fallback}) is missing from this ComfyUI "
