@@ -131,12 +131,12 @@ def test_angle_catalogue_presets_and_custom_lines():
     yaw = next(line for line in lines if line.label == "yaw_left_45")
     assert yaw.instruction("zh") == "将镜头向左旋转45度"
     assert yaw.instruction("en") == "Rotate the camera 45 degrees to the left"
-    assert yaw.instruction("zh+en") == "将镜头向左旋转45度 (Rotate the camera 45 degrees to the left)"
+    assert yaw.instruction("zh+en") == "将镜头向左旋转45度 Rotate the camera 45 degrees to the left."
     assert parse_custom_lines("# comment\n\n") == []
     with pytest.raises(FlenUserError, match="angle list is empty"):
         sweep_lines("custom lines only", "  \n# nothing\n")
     with pytest.raises(FlenUserError, match="appears twice"):
-        sweep_lines("model-card head angles", "front: again")
+        sweep_lines("model-card head angles", "yaw_left_45: again")
 
 
 def test_loras_on_an_fp8_stored_transformer_run_in_bf16(tiny_models, face):

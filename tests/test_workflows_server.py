@@ -77,7 +77,7 @@ def test_api_workflow_runs_to_success_on_the_tiny_models(comfy, comfy_server, in
         assert lora in outputs[train]["text"][0] and (loras / lora).is_file()
         assert Path(comfy_server.base, "output", "flenwheel", character, "edit_pairs", "v1").is_dir()
         (preview,) = _by_class(prompt, "PreviewImage")
-        assert len(outputs[preview]["images"]) == 3 * 5
+        assert len(outputs[preview]["images"]) == 3 * 4
     if name == "compare_versions":
         (cmp_id,) = _by_class(prompt, "FLENCompareVersions")
         assert "flux_lora_b vs flux_lora_a" in outputs[cmp_id]["text"][0]
@@ -104,7 +104,7 @@ def test_interactive_gate_waits_for_the_reviewer_and_feeds_the_dataset(comfy, co
     else:
         raise AssertionError("the review gate never waited")
     ids = [i["id"] for i in comfy.get(f"/flenwheel/review/{character}/items").json()["items"]]
-    assert len(ids) == 3 * 5  # 3 source photos × the preset's 5 head angles, all rejected (no face)
+    assert len(ids) == 3 * 4  # 3 source photos × the preset's 4 head angles, all rejected (no face)
     r = comfy.post(f"/flenwheel/review/{character}/decide", {"ids": ids[:2], "action": "approve"})
     assert r.status_code == 200, r.text
     time.sleep(0.5)
