@@ -57,6 +57,46 @@ def load_flux(folder: str | Path, name: str, precision: str, device: torch.devic
 
 
 @dataclass(frozen=True)
+class FluxFiles:
+    """ComfyUI's split files of FLUX.1 (full paths) and ComfyUI's bundled tokenizer folders."""
+
+    diffusion_model: str
+    clip_l: str
+    t5xxl: str
+    vae: str
+    clip_tokenizer: str | None = None
+    t5_tokenizer: str | None = None
+
+
+def flux_pipe_from_files(files: FluxFiles, dtypes, with_transformer: bool = True):
+    """A FluxPipeline from ComfyUI's split files (see engines/split_files.py); without the transformer for the
+    trainer's encoding pass. fp8 files stay fp8 in memory."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from . import split_files as sf
+
+    dm_info = sf.expect(files.diffusion_model, ("flux_transformer", "flux_transformer_diffusers"), "diffusion_models",
+                        "a FLUX.1 diffusion model (e.g. flux1-dev.safetensors)")
+    transformer = sf.load_flux_transformer(files.diffusion_model, dtypes) if with_transformer else None
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(sf.config_for(dm_info, sf.FLUX_CONFIGS, "scheduler"))
+    clip = sf.load_clip_l(files.clip_l, dtypes)
+    t5 = sf.load_t5(files.t5xxl, dtypes)
+    vae = sf.load_flux_vae(files.vae, dtypes)
+    tokenizer = sf.clip_tokenizer(sf.tokenizer_folder(sf.inspect_file(files.clip_l), files.clip_tokenizer, "CLIP"))
+    tokenizer_2 = sf.t5_tokenizer(sf.tokenizer_folder(sf.inspect_file(files.t5xxl), files.t5_tokenizer, "T5"))
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tokenizer, text_encoder_2=t5,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def load_flux_files(files: FluxFiles, name: str, precision: str, device: torch.device) -> FluxHandle:
+    """FLUX.1 from ComfyUI's split files: fp8 files stay fp8 in memory."""
+    from . import split_files as sf
+
+    pipe = flux_pipe_from_files(files, sf.file_dtypes(precision, device))
+    return FluxHandle(name=name, folder=str(files.diffusion_model), precision=precision, pipe=pipe, files=files)
+
+
+@dataclass(frozen=True)
 class FluxRequest:
     prompts: tuple[str, ...]
     width: int = 1024

@@ -71,7 +71,9 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
-        if x.is_cuda and k % 16 == 0 and n % 16 == 0 and fp8_matmul_available(x.device):
+        # _scaled_mm has no backward: a LoRA trained over a frozen fp8 base needs the gradient through x.
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if x.is_cuda and not needs_grad and k % 16 == 0 and n % 16 == 0 and fp8_matmul_available(x.device):
             shape = x.shape
             x2 = x.reshape(-1, k).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
             one = torch.ones((), device=x.device, dtype=torch.float32)

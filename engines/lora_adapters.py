@@ -16,7 +16,7 @@ import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -137,7 +137,7 @@ class _Loaded:
 
 
 class AdapterCache:
-    def __init__(self, pipe: object, architecture: str) -> None:
+    def __init__(self, pipe: Any, architecture: str) -> None:
         self.pipe = pipe
         self.architecture = architecture
         self._loaded: dict[str, _Loaded] = {}  # by absolute path
@@ -186,7 +186,8 @@ class PipelineHandle:
     name: str
     folder: str
     precision: str
-    pipe: object
+    pipe: Any
+    files: object = None  # the ComfyUI split files it came from (FluxFiles / QwenEditFiles), else None
     adapters: AdapterCache = field(init=False)
 
     architecture: ClassVar[str] = ""  # set by subclasses: the target of LoRA conversion (engines.lora_formats)

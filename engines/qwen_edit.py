@@ -87,6 +87,48 @@ def load_qwen_edit(folder: str | Path, name: str, precision: str, device: torch.
 
 
 @dataclass(frozen=True)
+class QwenEditFiles:
+    """ComfyUI's split files of Qwen-Image-Edit-2509 (full paths) and ComfyUI's bundled Qwen2.5 tokenizer."""
+
+    diffusion_model: str
+    text_encoder: str
+    vae: str
+    tokenizer: str | None = None
+
+
+def qwen_edit_pipe_from_files(files: QwenEditFiles, dtypes, with_transformer: bool = True):
+    """A QwenImageEditPlusPipeline from ComfyUI's split files (see engines/split_files.py); without the transformer
+    for the trainer's encoding pass. fp8 files stay fp8 in memory."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    from . import split_files as sf
+
+    dm_info = sf.expect(files.diffusion_model, ("qwen_image_transformer",), "diffusion_models",
+                        "a Qwen-Image-Edit-2509 diffusion model (e.g. qwen_image_edit_2509_fp8_e4m3fn.safetensors)")
+    transformer = sf.load_qwen_transformer(files.diffusion_model, dtypes) if with_transformer else None
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        sf.config_for(dm_info, sf.QWEN_EDIT_CONFIGS, "scheduler"))
+    text_encoder = sf.load_qwen_vl(files.text_encoder, dtypes)
+    vae = sf.load_qwen_vae(files.vae, dtypes)
+    tokenizer = sf.qwen_tokenizer(sf.tokenizer_folder(sf.inspect_file(files.text_encoder), files.tokenizer, "Qwen2.5"))
+    # Qwen-Image-Edit's processor settings are the Qwen2-VL image processor's defaults.
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor())
+    return QwenImageEditPlusPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     processor=processor, transformer=transformer)
+
+
+def load_qwen_edit_files(files: QwenEditFiles, name: str, precision: str, device: torch.device) -> QwenEditHandle:
+    """Qwen-Image-Edit-2509 from ComfyUI's split files: fp8 files stay fp8 in memory."""
+    from . import split_files as sf
+
+    pipe = qwen_edit_pipe_from_files(files, sf.file_dtypes(precision, device))
+    return QwenEditHandle(name=name, folder=str(files.diffusion_model), precision=precision, pipe=pipe, files=files)
+
+
+@dataclass(frozen=True)
 class EditRequest:
     instruction: str
     negative_prompt: str = ""

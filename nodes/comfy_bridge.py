@@ -133,6 +133,34 @@ def diffusers_folder_path(name: str) -> str:
                         "Put the diffusers folder there and refresh the node list (press R).")
 
 
+# ComfyUI's split model files: the folder names its own loaders use (each also covers the legacy name:
+# diffusion_models ← unet, text_encoders ← clip).
+MODEL_FILE_FOLDERS = ("diffusion_models", "text_encoders", "vae")
+
+
+def model_files(folder: str) -> list[str]:
+    """The files ComfyUI lists in one of its model folders (all of them: a .ckpt or a GGUF that ComfyUI-GGUF lists
+    gets a clear message from the loader rather than vanishing from the list)."""
+    return list(folder_paths.get_filename_list(folder))
+
+
+def model_file_path(folder: str, name: str) -> str:
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths(folder))
+        raise FlenUserError(f"'{name}' not found in models/{folder} ({roots}). Put the file there and refresh the "
+                            "node list (press R).")
+    return path
+
+
+def comfy_tokenizer_folder(name: str) -> str:
+    """A tokenizer folder ComfyUI ships (``qwen25_tokenizer``, ``t5_tokenizer``, ``sd1_tokenizer``)."""
+    import comfy.sd1_clip  # ``comfy`` itself is a namespace package without a __file__
+
+    root = Path(comfy.sd1_clip.__file__).resolve().parent
+    return str(root / name if name == "sd1_tokenizer" else root / "text_encoders" / name)
+
+
 def loras_root() -> str:
     """The first models/loras folder: where the pack writes new LoRAs."""
     return folder_paths.get_folder_paths("loras")[0]

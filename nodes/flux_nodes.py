@@ -8,6 +8,7 @@ from ..engines import flux_pipeline, prompt_templates
 from ..engines.diffusers_folder import PRECISIONS
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
+from ..engines.split_files import FILE_PRECISIONS
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, FluxPipeType, LoraStackType, MetaType
 from .pipeline_cache import PipelineCache
@@ -40,6 +41,49 @@ class FLENFluxLoader(io.ComfyNode):
         return io.NodeOutput(_flux_cache.get(model, precision))
 
 
+class FLENFluxFileLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .qwen_nodes import FILE_PRECISION_TOOLTIP
+
+        return io.Schema(
+            node_id="FLENFluxFileLoader",
+            display_name="FLEN FLUX Loader (ComfyUI files)",
+            category=f"{CATEGORY}/synthesis",
+            description="Loads FLUX.1 from ComfyUI's own split files (diffusion model, CLIP-L, T5-XXL, ae VAE) in "
+                        "bf16, fp8_e4m3fn or fp8 scaled; fp8 stays fp8 in memory. Nothing is downloaded: configs "
+                        "ship with the pack, the tokenizers with ComfyUI.",
+            inputs=[
+                io.Combo.Input("diffusion_model", options=bridge.model_files("diffusion_models"),
+                               tooltip="models/diffusion_models (or unet): flux1-dev.safetensors or "
+                                       "flux1-dev-fp8.safetensors."),
+                io.Combo.Input("clip_l", options=bridge.model_files("text_encoders"),
+                               tooltip="models/text_encoders (or clip): clip_l.safetensors."),
+                io.Combo.Input("t5xxl", options=bridge.model_files("text_encoders"),
+                               tooltip="models/text_encoders (or clip): t5xxl_fp16.safetensors or "
+                                       "t5xxl_fp8_e4m3fn(_scaled).safetensors."),
+                io.Combo.Input("vae", options=bridge.model_files("vae"), tooltip="models/vae: ae.safetensors."),
+                io.Combo.Input("precision", options=list(FILE_PRECISIONS), default="auto",
+                               tooltip=FILE_PRECISION_TOOLTIP),
+            ],
+            outputs=[FluxPipeType.Output(display_name="flux_pipe", tooltip="The loaded FLUX pipeline.")],
+        )
+
+    @classmethod
+    def execute(cls, diffusion_model: str, clip_l: str, t5xxl: str, vae: str, precision: str) -> io.NodeOutput:
+        files = flux_pipeline.FluxFiles(
+            diffusion_model=bridge.model_file_path("diffusion_models", diffusion_model),
+            clip_l=bridge.model_file_path("text_encoders", clip_l),
+            t5xxl=bridge.model_file_path("text_encoders", t5xxl),
+            vae=bridge.model_file_path("vae", vae),
+            clip_tokenizer=bridge.comfy_tokenizer_folder("sd1_tokenizer"),
+            t5_tokenizer=bridge.comfy_tokenizer_folder("t5_tokenizer"))
+        name = diffusion_model.rsplit("/", 1)[-1].removesuffix(".safetensors")
+        return io.NodeOutput(_flux_cache.get_with(
+            ("files", files, precision), name,
+            lambda: flux_pipeline.load_flux_files(files, name, precision, bridge.compute_device())))
+
+
 class FLENFluxGenerate(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -50,7 +94,8 @@ class FLENFluxGenerate(io.ComfyNode):
             description="FLUX text-to-image under a LoRA stack: one image per prompt line × batch, "
                         "with step previews. Returns the images and one FLEN_META record per image.",
             inputs=[
-                FluxPipeType.Input("flux_pipe", tooltip="From FLEN FLUX Loader."),
+                FluxPipeType.Input("flux_pipe", tooltip="From FLEN FLUX Loader (a diffusers folder or ComfyUI's "
+                                                        "split files)."),
                 io.String.Input("prompts", multiline=True, default="a photo of ohwx_char person, neutral expression",
                                 tooltip="One prompt per line; empty lines are ignored. {token} is replaced by "
                                         "instance_token. With variations > 0 the lines are templates: {expression}, "
@@ -101,4 +146,4 @@ class FLENFluxGenerate(io.ComfyNode):
         return io.NodeOutput(images, metas)
 
 
-NODES = [FLENFluxLoader, FLENFluxGenerate]
+NODES = [FLENFluxLoader, FLENFluxFileLoader, FLENFluxGenerate]

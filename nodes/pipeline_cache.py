@@ -28,20 +28,25 @@ class PipelineCache(Generic[H]):
     def __init__(self, load: Callable[[str, str, str, torch.device], H]) -> None:
         self._load = load
         self._lock = threading.Lock()
-        self._key: tuple[str, str] | None = None
+        self._key: tuple | None = None
         self._handle: H | None = None
 
     def get(self, name: str, precision: str) -> H:
         folder = bridge.diffusers_folder_path(name)
+        return self.get_with((folder, precision), name,
+                             lambda: self._load(folder, name, precision, bridge.compute_device()))
+
+    def get_with(self, key: tuple, name: str, load: Callable[[], H]) -> H:
+        """The cached handle for ``key`` (e.g. the split files and precision), else ``load()``'s."""
         with self._lock:
-            if self._handle is not None and self._key == (folder, precision):
+            if self._handle is not None and self._key == key:
                 return self._handle
             if self._handle is not None:
                 for module in self._handle.modules.values():
                     bridge.release(module)
                 self._handle = self._key = None
-            handle = self._load(folder, name, precision, bridge.compute_device())
+            handle = load()
             for label, module in handle.modules.items():
                 bridge.register(module, f"{name}/{label}")
-            self._handle, self._key = handle, (folder, precision)
+            self._handle, self._key = handle, key
             return handle

@@ -12,6 +12,7 @@ from ..engines.angle_catalogue import LANGUAGES, PRESETS, sweep_lines
 from ..engines.diffusers_folder import PRECISIONS
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
+from ..engines.split_files import FILE_PRECISIONS
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, LoraStackType, MetaType, QwenEditPipeType
 from .pipeline_cache import PipelineCache
@@ -78,6 +79,50 @@ class FLENQwenEditLoader(io.ComfyNode):
         return io.NodeOutput(_qwen_cache.get(model, precision))
 
 
+FILE_PRECISION_TOOLTIP = ("auto: as the files store it — fp8 files stay fp8 (e4m3, with ComfyUI's scale for 'scaled' "
+                          "files), 16-bit files become bf16 on a GPU (fp32 on the CPU). bf16 / fp32: that compute "
+                          "dtype (fp32 dequantises fp8 files). fp8: quantise a bf16 diffusion model to e4m3 while "
+                          "loading (half the memory).")
+
+
+class FLENQwenEditFileLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENQwenEditFileLoader",
+            display_name="FLEN Qwen Edit Loader (ComfyUI files)",
+            category=f"{CATEGORY}/enrich",
+            description="Loads Qwen-Image-Edit-2509 from ComfyUI's own split files (diffusion model, Qwen2.5-VL "
+                        "text encoder, VAE) in bf16, fp8_e4m3fn or fp8 scaled; fp8 stays fp8 in memory. Nothing is "
+                        "downloaded: configs ship with the pack, the tokenizer with ComfyUI.",
+            inputs=[
+                io.Combo.Input("diffusion_model", options=bridge.model_files("diffusion_models"),
+                               tooltip="models/diffusion_models (or unet): qwen_image_edit_2509_fp8_e4m3fn.safetensors "
+                                       "or qwen_image_edit_2509_bf16.safetensors."),
+                io.Combo.Input("text_encoder", options=bridge.model_files("text_encoders"),
+                               tooltip="models/text_encoders (or clip): qwen_2.5_vl_7b_fp8_scaled.safetensors or "
+                                       "qwen_2.5_vl_7b.safetensors."),
+                io.Combo.Input("vae", options=bridge.model_files("vae"),
+                               tooltip="models/vae: qwen_image_vae.safetensors."),
+                io.Combo.Input("precision", options=list(FILE_PRECISIONS), default="auto",
+                               tooltip=FILE_PRECISION_TOOLTIP),
+            ],
+            outputs=[QwenEditPipeType.Output(display_name="qwen_pipe", tooltip="The loaded editor.")],
+        )
+
+    @classmethod
+    def execute(cls, diffusion_model: str, text_encoder: str, vae: str, precision: str) -> io.NodeOutput:
+        files = qwen_edit.QwenEditFiles(
+            diffusion_model=bridge.model_file_path("diffusion_models", diffusion_model),
+            text_encoder=bridge.model_file_path("text_encoders", text_encoder),
+            vae=bridge.model_file_path("vae", vae),
+            tokenizer=bridge.comfy_tokenizer_folder("qwen25_tokenizer"))
+        name = diffusion_model.rsplit("/", 1)[-1].removesuffix(".safetensors")
+        return io.NodeOutput(_qwen_cache.get_with(
+            ("files", files, precision), name,
+            lambda: qwen_edit.load_qwen_edit_files(files, name, precision, bridge.compute_device())))
+
+
 def _sources(images: torch.Tensor, name: str) -> list:
     qwen_edit.check_image_batch(name, images)
     return [qwen_edit.tensor_to_pil(img) for img in images]
@@ -93,7 +138,8 @@ class FLENQwenEdit(io.ComfyNode):
             description="Edits 1–3 input images with an instruction under a LoRA stack. Each image of "
                         "image1's batch is edited separately (image2/3 are shared or matched by index).",
             inputs=[
-                QwenEditPipeType.Input("qwen_pipe", tooltip="From FLEN Qwen Edit Loader."),
+                QwenEditPipeType.Input("qwen_pipe", tooltip="From FLEN Qwen Edit Loader (a diffusers folder or "
+                                                            "ComfyUI's split files)."),
                 io.Image.Input("image1", tooltip="The image to edit (a batch edits each image in turn)."),
                 io.String.Input("instruction", multiline=True, default="将镜头向左旋转45度",
                                 tooltip="What to change, in Chinese or English."),
@@ -139,7 +185,8 @@ class FLENAngleSweep(io.ComfyNode):
             description="Runs the edit for every source image × camera angle / expression of a preset plus "
                         "custom lines; returns a labelled batch and the prompt list for native edit nodes.",
             inputs=[
-                QwenEditPipeType.Input("qwen_pipe", tooltip="From FLEN Qwen Edit Loader."),
+                QwenEditPipeType.Input("qwen_pipe", tooltip="From FLEN Qwen Edit Loader (a diffusers folder or "
+                                                            "ComfyUI's split files)."),
                 io.Image.Input("images", tooltip="Source photos; each is swept through every line."),
                 io.Combo.Input("preset", options=list(PRESETS), default="model-card head angles",
                                tooltip="A named set of camera angles / expressions (see the node's doc page)."),
@@ -184,4 +231,4 @@ class FLENAngleSweep(io.ComfyNode):
         return io.NodeOutput(images, metas, prompts, [line.label for line in lines])
 
 
-NODES = [FLENQwenEditLoader, FLENQwenEdit, FLENAngleSweep]
+NODES = [FLENQwenEditLoader, FLENQwenEditFileLoader, FLENQwenEdit, FLENAngleSweep]

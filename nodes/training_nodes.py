@@ -32,7 +32,7 @@ from ..engines.errors import FlenUserError
 from ..engines.lora_stack import read_safetensors_header
 from ..engines.safe_paths import Root, resolve_inside
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, DatasetType, LoraNameType
+from .flen_types import CATEGORY, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 EVENT_KEY = "flen_event"  # training.lora_training.EVENT_KEY (the node imports nothing from training/)
@@ -240,7 +240,7 @@ def lora_name(path: str) -> str:
 
 # Keys of the trainer config that name files: the node sets them from its own inputs (combos, the dataset
 # socket), so a prompt's 'advanced' text can never point the trainer at a folder of its choosing.
-PATH_KEYS = ("model", "dataset", "output_dir", "init_lora", "class_images", "character")
+PATH_KEYS = ("model", "files", "dataset", "output_dir", "init_lora", "class_images", "character")
 
 
 def _advanced(text: str, workspace: Path) -> dict:
@@ -336,10 +336,28 @@ def _common_inputs(default_res: int) -> list:
     ]
 
 
-def _common_config(model: str, dataset_path: Path, precision: str, steps: int, rank: int, alpha: float,
+FROM_PIPE = "(the connected base pipe)"  # the `model` choice that defers to the optional pipe input
+
+
+def _base_model(model: str, pipe, slot: str, node: str) -> dict:
+    """The trainer's base model: the connected loader's diffusers folder or ComfyUI split files, else ``model``.
+    Only paths go to the child process; it loads the weights itself."""
+    import dataclasses
+
+    if pipe is not None:
+        if getattr(pipe, "files", None) is not None:
+            return {"model": "", "files": {k: v for k, v in dataclasses.asdict(pipe.files).items() if v}}
+        return {"model": pipe.folder}
+    if model == FROM_PIPE:
+        raise FlenUserError(f"{node}: 'model' is '{FROM_PIPE}' but nothing is connected to '{slot}'. Connect a "
+                            "loader (diffusers folder or ComfyUI split files) there, or pick a diffusers folder.")
+    return {"model": bridge.diffusers_folder_path(model)}
+
+
+def _common_config(model: dict, dataset_path: Path, precision: str, steps: int, rank: int, alpha: float,
                    learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
                    init_lora: str, resume: bool) -> dict:
-    return {"model": bridge.diffusers_folder_path(model), "dataset": str(dataset_path),
+    return {**model, "dataset": str(dataset_path),
             "output_dir": bridge.loras_root(), "precision": precision, "steps": steps, "rank": rank,
             "alpha": alpha, "learning_rate": learning_rate, "resolution": resolution, "seed": seed,
             "checkpoint_every": checkpoint_every, "sample_every": sample_every, "init_lora": _init_lora(init_lora),
@@ -372,8 +390,9 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
                         "its provenance, and outputs its name. Cancel stops the trainer.",
             inputs=[
                 DatasetType.Input("dataset", tooltip="A character dataset version (from FLEN Dataset Writer)."),
-                io.Combo.Input("model", options=bridge.diffusers_folders(),
-                               tooltip="The diffusers FLUX.1 folder in models/diffusers (e.g. FLUX.1-dev)."),
+                io.Combo.Input("model", options=[*bridge.diffusers_folders(), FROM_PIPE],
+                               tooltip="The diffusers FLUX.1 folder in models/diffusers (e.g. FLUX.1-dev); ignored "
+                                       "when flux_pipe is connected."),
                 *_common_inputs(512),
                 io.Combo.Input("phase", options=["all", "head", "body"], default="all", optional=True,
                                tooltip="Train on all of the dataset's images, or only its head or body phase."),
@@ -386,6 +405,11 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
                                         "refused."),
                 io.String.Input("class_prompt", default="", optional=True,
                                 tooltip="Caption of the class images; empty: the dataset's class prompt."),
+                FluxPipeType.Input("flux_pipe", optional=True,
+                                   tooltip="Train on what this FLUX loader names instead of 'model': its diffusers "
+                                           "folder or ComfyUI split files (fp8 files train over their fp8 "
+                                           "weights; nf4 needs the diffusers folder). The trainer loads the files "
+                                           "itself in its own process."),
             ],
             outputs=_OUTPUTS,
             is_output_node=True,
@@ -395,9 +419,11 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
     def execute(cls, dataset: dict, model: str, precision: str, steps: int, rank: int, alpha: float,
                 learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
                 init_lora: str = "", resume: bool = True, advanced: str = "", phase: str = "all",
-                prior_preservation: bool = False, class_images: str = "", class_prompt: str = "") -> io.NodeOutput:
+                prior_preservation: bool = False, class_images: str = "", class_prompt: str = "",
+                flux_pipe=None) -> io.NodeOutput:
         path, character = _dataset(dataset, "character", "FLEN Train Character LoRA")
-        config = _common_config(model, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
+        base = _base_model(model, flux_pipe, "flux_pipe", "FLEN Train Character LoRA")
+        config = _common_config(base, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
                                 checkpoint_every, sample_every, init_lora, resume)
         config.update(phase=phase, prior_preservation=bool(prior_preservation),
                       class_images=_class_images(class_images, bool(prior_preservation)),
@@ -422,12 +448,17 @@ class FLENTrainEditorLoRA(io.ComfyNode):
                         "qwen_lora_vN.safetensors and outputs its name.",
             inputs=[
                 DatasetType.Input("edit_pairs", tooltip="An edit-pair set (from FLEN Edit Pair Writer)."),
-                io.Combo.Input("model", options=bridge.diffusers_folders(),
-                               tooltip="The diffusers Qwen-Image-Edit-2509 folder in models/diffusers."),
+                io.Combo.Input("model", options=[*bridge.diffusers_folders(), FROM_PIPE],
+                               tooltip="The diffusers Qwen-Image-Edit-2509 folder in models/diffusers; ignored when "
+                                       "qwen_pipe is connected."),
                 *_common_inputs(512),
                 io.Int.Input("control_resolution", default=0, min=0, max=2048, step=16, optional=True,
                              tooltip="Side of the (square-equivalent) area the control images are encoded at; "
                                      "0: the training resolution."),
+                QwenEditPipeType.Input("qwen_pipe", optional=True,
+                                       tooltip="Train on what this Qwen edit loader names instead of 'model': its "
+                                               "diffusers folder or ComfyUI split files (fp8 files train over their "
+                                               "fp8 weights; nf4 needs the diffusers folder)."),
             ],
             outputs=_OUTPUTS,
             is_output_node=True,
@@ -437,9 +468,10 @@ class FLENTrainEditorLoRA(io.ComfyNode):
     def execute(cls, edit_pairs: dict, model: str, precision: str, steps: int, rank: int, alpha: float,
                 learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
                 init_lora: str = "", resume: bool = True, advanced: str = "",
-                control_resolution: int = 0) -> io.NodeOutput:
+                control_resolution: int = 0, qwen_pipe=None) -> io.NodeOutput:
         path, character = _dataset(edit_pairs, "edit_pairs", "FLEN Train Editor LoRA")
-        config = _common_config(model, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
+        base = _base_model(model, qwen_pipe, "qwen_pipe", "FLEN Train Editor LoRA")
+        config = _common_config(base, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
                                 checkpoint_every, sample_every, init_lora, resume)
         config.update(control_resolution=int(control_resolution), character=character)
         config.update(_advanced(advanced, path.parent.parent))

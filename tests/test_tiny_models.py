@@ -58,11 +58,16 @@ def test_cli_writes_the_four_folders(tiny_models_dir):
 
 def test_write_tiny_models_returns_paths(tmp_path):
     paths = tm.write_tiny_models(tmp_path / "models", seed=3)
-    assert set(paths) == {"qwen_edit", "flux", "insightface_root", "insightface_pack", "loras"}
+    assert set(paths) == {"qwen_edit", "flux", "insightface_root", "insightface_pack", "loras", "split_files"}
     assert paths["insightface_root"] == tmp_path / "models" / "insightface"
     assert paths["insightface_pack"] == paths["insightface_root"] / "models" / "flen-tiny"
+    split = paths.pop("split_files")
     for p in paths.values():
         assert p.is_dir()
+    # ComfyUI's own folders, one file per component and variant
+    assert {p.parent.parent.name for p in split.values()} == {"diffusion_models", "text_encoders", "vae"}
+    assert all(p.is_file() and p.suffix == ".safetensors" for p in split.values())
+    assert len(split) == 13
 
 
 def test_deterministic_and_seed_dependent(tiny_models_dir, tmp_path):
@@ -77,7 +82,9 @@ def test_deterministic_and_seed_dependent(tiny_models_dir, tmp_path):
     changed = {k for k in h0 if h0[k] != h2[k]}
     for name in ("diffusers/flen-tiny-flux/transformer/diffusion_pytorch_model.safetensors",
                  "diffusers/flen-tiny-qwen-image-edit/transformer/diffusion_pytorch_model.safetensors",
-                 "loras/flen-tiny/flux_lora_a.safetensors", "loras/flen-tiny/qwen_edit_lora_b.safetensors"):
+                 "loras/flen-tiny/flux_lora_a.safetensors", "loras/flen-tiny/qwen_edit_lora_b.safetensors",
+                 "diffusion_models/flen-tiny/flux1-dev-tiny_fp8_scaled.safetensors",
+                 "text_encoders/flen-tiny/qwen_2.5_vl_tiny.safetensors", "vae/flen-tiny/ae_tiny.safetensors"):
         assert name in changed
 
 

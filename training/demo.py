@@ -116,6 +116,30 @@ def load_api_workflow(name: str, tiny: bool = True) -> dict:
     return prompt
 
 
+# The tiny models as ComfyUI split files (training/tiny_split_files.py), for the split-file loaders.
+TINY_SPLIT_LOADERS = {
+    "FLENQwenEditLoader": ("FLENQwenEditFileLoader", {
+        "diffusion_model": "flen-tiny/qwen_image_edit_2509_tiny_bf16.safetensors",
+        "text_encoder": "flen-tiny/qwen_2.5_vl_tiny.safetensors",
+        "vae": "flen-tiny/qwen_image_vae_tiny.safetensors", "precision": "auto"}),
+    "FLENFluxLoader": ("FLENFluxFileLoader", {
+        "diffusion_model": "flen-tiny/flux1-dev-tiny.safetensors", "clip_l": "flen-tiny/clip_l_tiny.safetensors",
+        "t5xxl": "flen-tiny/t5xxl_tiny_bf16.safetensors", "vae": "flen-tiny/ae_tiny.safetensors",
+        "precision": "auto"}),
+}
+
+
+def with_split_files(prompt: dict, **overrides: str) -> dict:
+    """Every diffusers-folder loader of the prompt becomes the split-file loader on the tiny kit's split files
+    (same node id); ``overrides`` change its inputs (e.g. diffusion_model=... for an fp8 variant)."""
+    for node in prompt.values():
+        swap = TINY_SPLIT_LOADERS.get(node["class_type"])
+        if swap is not None:
+            node["class_type"] = swap[0]
+            node["inputs"] = {**swap[1], **{k: v for k, v in overrides.items() if k in swap[1]}}
+    return prompt
+
+
 def with_character(prompt: dict, character: str) -> dict:
     """Every node of the prompt that names a character gets this one (the FLEN Character node, in the shipped
     workflows: the inputs it feeds are links and stay so)."""

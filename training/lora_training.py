@@ -73,6 +73,7 @@ class TrainConfig:
     """Settings shared by both trainers. Every field may appear in the YAML/JSON config file."""
 
     model: str = ""                    # diffusers pipeline folder of the base model
+    files: dict[str, str] = field(default_factory=dict)  # or ComfyUI's split files of it (engines.split_files)
     dataset: str = ""                  # dataset / edit-pair version folder (engines.dataset layout)
     output_dir: str = ""               # ComfyUI's models/loras (the LoRA goes to flenwheel/<character>/)
     character: str = ""                # default: the dataset's character
@@ -158,6 +159,10 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: '{key}' must be a number, got {value!r}.")
         return float(value)
+    if get_origin(tp) is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+            raise ConfigError(f"{where}: '{key}' must be a mapping of texts (component: file path), got {value!r}.")
+        return dict(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: '{key}' must be a text, got {value!r}.")
@@ -187,6 +192,8 @@ def config_from_dict(cls: type, data: Any, where: str = "config") -> Any:
 
 def validate_config(cfg: Any, where: str = "config") -> None:
     for key in _REQUIRED:
+        if key == "model" and cfg.files:
+            continue
         if not getattr(cfg, key):
             raise ConfigError(f"{where}: '{key}' is required ({_describe_required(key)}).")
     for key, choices in {**_CHOICES, **getattr(cfg, "CHOICES", {})}.items():
@@ -208,7 +215,8 @@ def validate_config(cfg: Any, where: str = "config") -> None:
 
 
 def _describe_required(key: str) -> str:
-    return {"model": "the diffusers folder of the base model", "dataset": "a dataset version folder, e.g. "
+    return {"model": "the diffusers folder of the base model, or 'files': its ComfyUI split files",
+            "dataset": "a dataset version folder, e.g. "
             "output/flenwheel/<character>/datasets/v1", "output_dir": "ComfyUI's models/loras folder"}[key]
 
 
@@ -345,9 +353,25 @@ def quantization_config(cfg: TrainConfig, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
+def split_file_dtypes(cfg: TrainConfig, dtype: torch.dtype):
+    """How the trainers read ComfyUI's split files: fp8 weights stay fp8 (the frozen base), the rest ``dtype``."""
+    from engines.split_files import FileDtypes
+
+    if cfg.precision == "nf4":
+        raise ConfigError("precision 'nf4' quantises a diffusers folder with bitsandbytes; ComfyUI's split files "
+                          "train in 'bf16' (an fp8_e4m3fn or fp8 scaled file then trains on its fp8 weights) or "
+                          "'fp32'. Choose bf16, or pick the diffusers folder for nf4.")
+    return FileDtypes(dtype, quantise=False, keep_fp8=cfg.precision != "fp32")
+
+
 def load_transformer(model_cls, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """The base transformer of ``cfg.model``: NF4 (bitsandbytes places it on the GPU itself) or ``dtype`` on
-    ``device``."""
+    ``device``; or from ``cfg.files['diffusion_model']`` (ComfyUI's split file)."""
+    if cfg.files:
+        from engines import split_files as sf
+
+        load = sf.load_flux_transformer if model_cls.__name__.startswith("Flux") else sf.load_qwen_transformer
+        return load(cfg.files["diffusion_model"], split_file_dtypes(cfg, dtype)).to(device)
     q = quantization_config(cfg, dtype)
     kwargs = {"quantization_config": q} if q is not None else {}
     model = model_cls.from_pretrained(cfg.model, subfolder="transformer", dtype=dtype, **kwargs)
@@ -886,7 +910,8 @@ class Trainer:
                for k, v in sorted(sd.items())}
         folder = Path(cfg.output_dir) / "flenwheel" / self.task.character
         provenance = {
-            "base_model": Path(cfg.model).name, "base_model_path": str(cfg.model),
+            "base_model": Path(cfg.files.get("diffusion_model") or cfg.model).name,
+            "base_model_path": str(cfg.files.get("diffusion_model") or cfg.model),
             "architecture": self.task.architecture, "trainer": self.task.trainer_name,
             "hyperparameters": config_dict(cfg), "optimizer_used": opt_name, "device": str(self.device),
             "steps_done": steps, "final_loss": loss,

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from . import tiny_split_files
+
 QWEN_EDIT_DIRNAME = "flen-tiny-qwen-image-edit"
 FLUX_DIRNAME = "flen-tiny-flux"
 INSIGHTFACE_PACK = "flen-tiny"
@@ -173,6 +175,10 @@ def _seeded(seed: int, build):
 
     torch.manual_seed(seed)
     model = build()
+    with torch.no_grad():
+        for param in model.parameters():
+            # bf16 values in fp32: ComfyUI's bf16 split files of these models then hold exactly the same weights
+            param.copy_(param.to(torch.bfloat16).float())
     return model.eval()
 
 
@@ -236,8 +242,10 @@ def build_tiny_qwen_edit(seed: int = 0):
         patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
         num_attention_heads=3, joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
     ))
+    # The Qwen-Image VAE's real layout (4 levels of 2 residual blocks), only narrow: Wan's key names (ComfyUI's
+    # qwen_image_vae.safetensors) and diffusers' converter assume it.
     vae = _seeded(seed + 1, lambda: AutoencoderKLQwenImage(
-        base_dim=4 * 6, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
     ))
     te_cfg = Qwen2_5_VLConfig(
@@ -681,11 +689,15 @@ def write_tiny_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
         _save_pipeline(flux, paths["flux"])
         qwen = build_tiny_qwen_edit(seed)
         _save_pipeline(qwen, paths["qwen_edit"])
+        # before the LoRAs below wrap the transformers' layers
+        split = {f"flux_{k}": v for k, v in tiny_split_files.write_flux(flux, models_dir).items()}
+        split.update({f"qwen_edit_{k}": v for k, v in tiny_split_files.write_qwen_edit(qwen, models_dir).items()})
     for key, pipe in (("flux", flux), ("qwen_edit", qwen)):
         for k, fname in enumerate(LORA_FILES[key]):
             sd = _lora_state_dict(pipe.transformer, _LORA_TARGETS[key], seed * 1000 + 101 + 17 * k)
             _write_lora(paths["loras"] / fname, sd, base=key)
     write_insightface_pack(paths["insightface_pack"], seed)
+    paths["split_files"] = split
     return paths
 
 
@@ -699,6 +711,10 @@ def main(argv=None) -> int:
     start = time.time()
     paths = write_tiny_models(args.models_dir, seed=args.seed)
     for key, path in paths.items():
+        if isinstance(path, dict):
+            for sub, file in path.items():
+                print(f"{sub:37s} {file}  ({file.stat().st_size / 1e6:.2f} MB)")
+            continue
         files = [p for p in sorted(path.rglob("*")) if p.is_file()] if path.is_dir() else []
         size = sum(p.stat().st_size for p in files)
         print(f"{key:17s} {path}  ({len(files)} files, {size / 1e6:.2f} MB)")

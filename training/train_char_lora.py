@@ -37,6 +37,7 @@ from training.lora_training import (
     main_for,
     pick_bucket,
     release_memory,
+    split_file_dtypes,
     tensor_to_image,
 )
 
@@ -68,6 +69,36 @@ def run_name(prefix: str, version: str, cfg: TrainConfig) -> str:
     return f"{prefix}-{version}-{digest}"
 
 
+def base_model_key(cfg: TrainConfig) -> str | dict[str, str]:
+    """What identifies the base model in the cache key: the diffusers folder, or the split files."""
+    if cfg.files:
+        return {k: str(Path(v).resolve()) for k, v in sorted(cfg.files.items())}
+    return str(Path(cfg.model).resolve())
+
+
+def flux_files(files: dict[str, str]):
+    from engines.flux_pipeline import FluxFiles
+
+    return _split_files(FluxFiles, files, "FLUX.1")
+
+
+def _split_files(cls, files: dict[str, str], what: str):
+    import dataclasses as dc
+
+    names = [f.name for f in dc.fields(cls)]
+    required = [f.name for f in dc.fields(cls) if f.default is dc.MISSING]
+    unknown = [k for k in files if k not in names]
+    missing = [k for k in required if not files.get(k)]
+    if unknown or missing:
+        raise ConfigError(f"'files' of the {what} base model needs {', '.join(required)} (optional: "
+                          f"{', '.join(n for n in names if n not in required)}); "
+                          + (f"unknown: {', '.join(unknown)}" if unknown else f"missing: {', '.join(missing)}") + ".")
+    for key in required:
+        if not Path(files[key]).is_file():
+            raise ConfigError(f"'files.{key}' is {files[key]}, which is not a file.")
+    return cls(**files)
+
+
 def freeze_dataset(path: str, by: str, kind: str) -> ds.Dataset:
     p = Path(path)
     if not (p / ds.INFO_NAME).is_file():
@@ -92,7 +123,10 @@ class CharLoraTask(TrainTask):
 
     def __init__(self, cfg: CharLoraConfig) -> None:
         super().__init__(cfg)
-        read_model_index(cfg.model, ("FluxPipeline",))
+        if cfg.files:
+            self.files = flux_files(cfg.files)
+        else:
+            read_model_index(cfg.model, ("FluxPipeline",))
         self.dataset = freeze_dataset(cfg.dataset, by="training.train_char_lora", kind="character")
         self.character = validate_character(cfg.character or str(self.dataset.info.get("character") or "character"))
         self.items = [it for it in self.dataset.items if cfg.phase == "all" or it.get("phase") == cfg.phase]
@@ -134,7 +168,7 @@ class CharLoraTask(TrainTask):
 
     def cache_key(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"trainer": self.trainer_name, "model": str(Path(cfg.model).resolve()), "dataset": self.dataset.hash,
+        return {"trainer": self.trainer_name, "model": base_model_key(cfg), "dataset": self.dataset.hash,
                 "items": [it["file"] for it in self.items], "resolution": cfg.resolution,
                 "multiple": cfg.bucket_multiple, "precision": cfg.precision, "msl": cfg.max_sequence_length,
                 "class": [str(p) for p in self.class_files], "class_prompt": self.class_prompt,
@@ -145,7 +179,12 @@ class CharLoraTask(TrainTask):
         from diffusers import FluxPipeline
 
         cfg = self.cfg
-        pipe = FluxPipeline.from_pretrained(cfg.model, transformer=None, dtype=dtype)
+        if cfg.files:
+            from engines.flux_pipeline import flux_pipe_from_files
+
+            pipe = flux_pipe_from_files(self.files, split_file_dtypes(cfg, dtype), with_transformer=False)
+        else:
+            pipe = FluxPipeline.from_pretrained(cfg.model, transformer=None, dtype=dtype)
         for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
             m.eval().requires_grad_(False).to(device)
         buckets = bucket_sizes(cfg.resolution, cfg.bucket_multiple)
@@ -201,6 +240,10 @@ class CharLoraTask(TrainTask):
     def decode(self, latents: torch.Tensor, device: torch.device, dtype: torch.dtype):
         from diffusers import AutoencoderKL
 
+        if self.vae is None and self.cfg.files:
+            from engines.split_files import load_flux_vae
+
+            self.vae = load_flux_vae(self.files.vae, split_file_dtypes(self.cfg, dtype))
         if self.vae is None:
             self.vae = AutoencoderKL.from_pretrained(self.cfg.model, subfolder="vae", dtype=dtype).eval()
         vae = self.vae.to(device)

@@ -35,9 +35,10 @@ from training.lora_training import (
     main_for,
     pick_bucket,
     release_memory,
+    split_file_dtypes,
     tensor_to_image,
 )
-from training.train_char_lora import freeze_dataset, pack, run_name, unpack
+from training.train_char_lora import _split_files, base_model_key, freeze_dataset, pack, run_name, unpack
 
 
 @dataclass
@@ -68,7 +69,12 @@ class EditorLoraTask(TrainTask):
         if cfg.batch_size != 1:
             raise ConfigError("batch_size must be 1 for the editor trainer (pairs differ in control and "
                               "instruction lengths); raise 'steps' instead.")
-        read_model_index(cfg.model, ("QwenImageEditPlusPipeline",))
+        if cfg.files:
+            from engines.qwen_edit import QwenEditFiles
+
+            self.files = _split_files(QwenEditFiles, cfg.files, "Qwen-Image-Edit-2509")
+        else:
+            read_model_index(cfg.model, ("QwenImageEditPlusPipeline",))
         self.dataset = freeze_dataset(cfg.dataset, by="training.train_editor_lora", kind="edit_pairs")
         self.character = validate_character(cfg.character or str(self.dataset.info.get("character") or "character"))
         self.items = list(self.dataset.items)
@@ -82,7 +88,7 @@ class EditorLoraTask(TrainTask):
 
     def cache_key(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"trainer": self.trainer_name, "model": str(Path(cfg.model).resolve()), "dataset": self.dataset.hash,
+        return {"trainer": self.trainer_name, "model": base_model_key(cfg), "dataset": self.dataset.hash,
                 "resolution": cfg.resolution, "multiple": cfg.bucket_multiple, "control": self.control_side,
                 "condition": cfg.condition_resolution, "precision": cfg.precision, "msl": cfg.max_sequence_length,
                 "samples": cfg.sample_pairs if cfg.sample_every else 0}
@@ -91,7 +97,12 @@ class EditorLoraTask(TrainTask):
         from diffusers import QwenImageEditPlusPipeline
 
         cfg = self.cfg
-        pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.model, transformer=None, dtype=dtype)
+        if cfg.files:
+            from engines.qwen_edit import qwen_edit_pipe_from_files
+
+            pipe = qwen_edit_pipe_from_files(self.files, split_file_dtypes(cfg, dtype), with_transformer=False)
+        else:
+            pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.model, transformer=None, dtype=dtype)
         for m in (pipe.text_encoder, pipe.vae):
             m.eval().requires_grad_(False).to(device)
         buckets = bucket_sizes(cfg.resolution, cfg.bucket_multiple)
@@ -144,6 +155,10 @@ class EditorLoraTask(TrainTask):
     def decode(self, latents: torch.Tensor, device: torch.device, dtype: torch.dtype):
         from diffusers import AutoencoderKLQwenImage
 
+        if self.vae is None and self.cfg.files:
+            from engines.split_files import load_qwen_vae
+
+            self.vae = load_qwen_vae(self.files.vae, split_file_dtypes(self.cfg, dtype))
         if self.vae is None:
             self.vae = AutoencoderKLQwenImage.from_pretrained(self.cfg.model, subfolder="vae", dtype=dtype).eval()
         vae = self.vae.to(device)
