@@ -210,10 +210,16 @@ def test_corrupt_init_lora_is_named(comfy, comfy_server):
 
 
 @pytest.mark.server
-def test_identity_reference_with_an_empty_batch_says_so(comfy):
+def test_identity_reference_with_an_empty_batch_says_so(comfy, comfy_server):
+    from engines import review_store
+
     spec = comfy.get("/object_info/FLENIdentityReference").json()["FLENIdentityReference"]["input"]["required"]
+    # A character whose workspace exists but holds nothing approved: FLEN Load Approved gives an empty batch
+    # (an unknown character fails earlier, naming the known ones).
+    character = "nobody_" + uuid.uuid4().hex[:6]
+    review_store.open_store(comfy_server.base / "output", character).close()
     prompt = {"load": {"class_type": "FLENLoadApproved",
-                       "inputs": {"character": "nobody_" + uuid.uuid4().hex[:6], "run_id": "", "version": ""}},
+                       "inputs": {"character": character, "run_id": "", "version": ""}},
               "ref": {"class_type": "FLENIdentityReference",
                       "inputs": {"images": ["load", 0], "face_model": spec["face_model"][1]["options"][0],
                                  "det_size": 640}},
