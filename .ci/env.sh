@@ -30,12 +30,15 @@ PY="$FLEN_VENV/bin/python"
 export PATH="$FLEN_VENV/bin:$PATH"
 
 want_tests="${FLEN_WITH_TESTS:-0}"
-stamp_src="$(cat "$FLEN_ROOT/requirements.txt" "$FLEN_ROOT/requirements-dev.txt" \
-  "$COMFYUI_PATH/requirements.txt" "$FLEN_ROOT/.ci/env.sh"; echo "tests=$want_tests")"
+# Two stamps: the runtime set (what the demo needs) and the test extras on top. Switching between
+# .ci/demo and .ci/test must never reinstall the runtime set, so whether the extras are wanted is not
+# part of the runtime stamp; the extras' stamp covers the runtime stamp and requirements-dev.txt.
+stamp_src="$(cat "$FLEN_ROOT/requirements.txt" "$COMFYUI_PATH/requirements.txt" "$FLEN_ROOT/.ci/env.sh")"
 stamp="$(printf '%s' "$stamp_src" | sha256sum | cut -c1-16)"
 stamp_file="$FLEN_VENV/.flenwheel-stamp"
 if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   say "installing Python packages into $FLEN_VENV (first run: several minutes)"
+  rm -f "$FLEN_VENV/.flenwheel-test-stamp"  # the extras go on top of this set: check them again after it
   "$PY" -m pip install -q --upgrade pip
   "$PY" -m pip install -q torch==2.14.1 torchvision==0.29.1
   # ComfyUI's own list, less the torch family pinned above (torchaudio is optional for ComfyUI).
@@ -47,10 +50,16 @@ if [ "$(cat "$stamp_file" 2>/dev/null)" != "$stamp" ]; then
   # keep only the GPU build (it runs on the CPU too) so CUDA is used where there is one.
   "$PY" -m pip uninstall -q -y onnxruntime onnxruntime-gpu
   "$PY" -m pip install -q --no-deps "$(grep -E '^onnxruntime-gpu' "$FLEN_ROOT/requirements.txt")"
-  if [ "$want_tests" = 1 ]; then
-    "$PY" -m pip install -q -r "$FLEN_ROOT/requirements-dev.txt"
-  fi
   echo "$stamp" > "$stamp_file"
+fi
+if [ "$want_tests" = 1 ]; then
+  test_stamp="$(printf '%s\n%s' "$stamp" "$(cat "$FLEN_ROOT/requirements-dev.txt")" | sha256sum | cut -c1-16)"
+  test_stamp_file="$FLEN_VENV/.flenwheel-test-stamp"
+  if [ "$(cat "$test_stamp_file" 2>/dev/null)" != "$test_stamp" ]; then
+    say "installing the test extras (requirements-dev.txt) into $FLEN_VENV"
+    "$PY" -m pip install -q -r "$FLEN_ROOT/requirements-dev.txt"
+    echo "$test_stamp" > "$test_stamp_file"
+  fi
 fi
 
 if [ "$want_tests" = 1 ] && [ ! -x /usr/bin/chromium ]; then

@@ -526,6 +526,8 @@ class ScoreRow:
     pitch: float | None
     roll: float | None
     box: list[float] | None
+    # cosine to each reference photo, in the bank's order (the gallery's detail view lists them)
+    reference_scores: list[float] | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -560,7 +562,8 @@ def score_images(bank: IdentityBank, model: FaceBackend, images: Sequence[np.nda
                 reason = None
             yaw, pitch, roll = a.pose or (None, None, None)
             rows.append(ScoreRow(i, reason is None, reason, a.count, round(score, 4), round(s_mean, 4),
-                                 round(s_best, 4), bank.references[best].index, yaw, pitch, roll, a.box))
+                                 round(s_best, 4), bank.references[best].index, yaw, pitch, roll, a.box,
+                                 [round(float(x), 4) for x in sims]))
         if on_image is not None:
             on_image(i + 1, len(images))
     return rows

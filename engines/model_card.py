@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -309,18 +310,69 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, fnt, width: int) -> str:
     return text + "…"
 
 
+def _text_w(text: str, fnt) -> float:
+    return fnt.getlength(text) if hasattr(fnt, "getlength") else len(text) * 7
+
+
+def wrap(text: str, fnt, width: float) -> list[str]:
+    """The text in lines of at most ``width`` pixels: broken at spaces, a word longer than a line broken inside.
+    Labels are wrapped, never cut: at a small cell size a cut label ('three-quar…') says nothing."""
+    width = max(width, _text_w("W", fnt))
+    lines: list[str] = []
+    line = ""
+    text = str(text)
+    # words, and the parts of hyphenated words ('three-' 'quarter'): a line may end after a hyphen
+    for m in re.finditer(r"[^\s-]*-+(?=\S)|\S+", text):
+        word = m.group()
+        joiner = " " if m.start() > 0 and text[m.start() - 1].isspace() else ""
+        candidate = f"{line}{joiner}{word}" if line else word
+        if _text_w(candidate, fnt) <= width:
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        while _text_w(word, fnt) > width:  # a word wider than the line: split it where it must
+            k = len(word)
+            while k > 1 and _text_w(word[:k], fnt) > width:
+                k -= 1
+            lines.append(word[:k])
+            word = word[k:]
+        line = word
+    if line or not lines:
+        lines.append(line)
+    return lines
+
+
+# The longest captions a cell can get (cell_status): the caption area is tall enough for the longest, wrapped.
+_CAPTION_SAMPLES = ("sim -0.000 low", "NO FACE", "9 FACES", "not in the set")
+_LINE_H = 15
+
+
 class _Geometry:
     LABEL_W = 120
     TITLE_H = 44
-    HEAD_H = 22
-    CAPTION_H = 20
     GAP = 6
     MIN_W = 520
 
-    def __init__(self, rows: Sequence[str], cols: Sequence[str], cell_px: int, sub: int = 1) -> None:
+    def __init__(self, rows: Sequence[str], cols: Sequence[str], cell_px: int, sub: int = 1,
+                 captions: Sequence[str] = _CAPTION_SAMPLES, caption_rows: int = 1,
+                 title: Sequence[str] | None = None) -> None:
         self.rows, self.cols, self.cell, self.sub = list(rows), list(cols), int(cell_px), int(sub)
         self.slot_w = self.sub * self.cell + (self.sub - 1) * 2
-        self.slot_h = self.cell + self.CAPTION_H
+        f_head, f_cap = font(13), font(12)
+        self.col_lines = {c: wrap(c, f_head, self.slot_w) for c in self.cols}
+        self.row_lines = {r: wrap(r, f_head, self.LABEL_W - 12) for r in self.rows}
+        self.HEAD_H = 8 + _LINE_H * max([len(v) for v in self.col_lines.values()] + [1])
+        self.caption_lines = max(len(wrap(c, f_cap, self.slot_w - 4)) for c in captions)
+        self.CAPTION_H = 6 + 14 * self.caption_lines * caption_rows
+        row_need = _LINE_H * max([len(v) for v in self.row_lines.values()] + [1])
+        self.slot_h = max(self.cell + self.CAPTION_H, row_need + 4)
+        # a title known up front (the comparison's) is wrapped and the title area grows to hold it; the model
+        # card's two lines (LoRA name, aggregates) are laid out before its scores exist and keep two lines
+        self.title_lines = None
+        if title is not None:
+            self.title_lines = [part for line in title for part in wrap(line, font(14), self.size[0] - 16)]
+            self.TITLE_H = max(44, 8 + 18 * len(self.title_lines))
 
     @property
     def size(self) -> tuple[int, int]:
@@ -340,16 +392,32 @@ class _Geometry:
 
     def draw_axes(self, draw: ImageDraw.ImageDraw, title: list[str]) -> None:
         f_title, f_head = font(14), font(13)
-        for i, line in enumerate(title[:2]):
-            draw.text((8, 4 + 18 * i), _fit(draw, line, f_title, self.size[0] - 16), fill=FG, font=f_title)
+        if self.title_lines is not None:
+            for i, line in enumerate(self.title_lines):
+                draw.text((8, 4 + 18 * i), line, fill=FG, font=f_title)
+        else:
+            for i, line in enumerate(title[:2]):
+                draw.text((8, 4 + 18 * i), _fit(draw, line, f_title, self.size[0] - 16), fill=FG, font=f_title)
         for col in self.cols:
             x, _ = self.slot_origin(self.rows[0], col)
-            text = _fit(draw, col, f_head, self.slot_w)
-            tw = draw.textlength(text, font=f_head)
-            draw.text((x + (self.slot_w - tw) / 2, self.TITLE_H + 2), text, fill=FG, font=f_head)
+            lines = self.col_lines[col]
+            y0 = self.TITLE_H + 2 + (self.HEAD_H - 8 - _LINE_H * len(lines))  # bottom-aligned, over its column
+            for i, text in enumerate(lines):
+                tw = draw.textlength(text, font=f_head)
+                draw.text((x + (self.slot_w - tw) / 2, y0 + _LINE_H * i), text, fill=FG, font=f_head)
         for row in self.rows:
             _, y = self.slot_origin(row, self.cols[0])
-            draw.text((8, y + self.cell // 2 - 8), _fit(draw, row, f_head, self.LABEL_W - 12), fill=FG, font=f_head)
+            lines = self.row_lines[row]
+            y0 = y + max(0, (self.cell - _LINE_H * len(lines)) // 2)
+            for i, text in enumerate(lines):
+                draw.text((8, y0 + _LINE_H * i), text, fill=FG, font=f_head)
+
+    def caption(self, draw: ImageDraw.ImageDraw, x: int, y: int, text: str, color, fnt) -> int:
+        """Draws a caption wrapped to the slot; returns the y below it."""
+        for line in wrap(text, fnt, self.slot_w - 4):
+            draw.text((x, y), line, fill=color, font=fnt)
+            y += 14
+        return y
 
 
 def _to_pil(img: np.ndarray, px: int) -> Image.Image:
@@ -402,13 +470,13 @@ def render_grid(report: dict, images: Sequence[np.ndarray]) -> Image.Image:
         text, color = cell_status(cell)
         if color != GOOD:
             _mark_failed(draw, box, color)
-        draw.text((box[0] + 2, box[3] + 3), _fit(draw, text, f_cap, geometry.cell - 4), fill=color, font=f_cap)
+        geometry.caption(draw, box[0] + 2, box[3] + 3, text, color, f_cap)
     for row in geometry.rows:
         for col in geometry.cols:
             if (row, col) not in filled:
                 x, y = geometry.slot_origin(row, col)
                 draw.rectangle([x, y, x + geometry.slot_w - 1, y + geometry.cell - 1], fill=EMPTY)
-                draw.text((x + 4, y + geometry.cell + 3), "not in the set", fill=(140, 140, 140), font=f_cap)
+                geometry.caption(draw, x + 4, y + geometry.cell + 3, "not in the set", (140, 140, 140), f_cap)
     return canvas
 
 
@@ -671,14 +739,15 @@ def _group_deltas(per_cell: list[dict], versions: list[str], by: str) -> dict:
 def _comparison_grid(report: dict, indices: list[list[int]], cards: Sequence[ModelCard], px: int) -> Image.Image:
     versions = report["versions"]
     rows, cols = layout_axes([CardCell(c["row"], c["column"], 0, "") for c in report["cells"]])
-    geometry = _Geometry(rows, cols, px, sub=len(versions))
-    geometry.CAPTION_H = 20 * len(versions)
-    geometry.slot_h = geometry.cell + geometry.CAPTION_H
+    letters = [chr(ord("A") + k) if k < 26 else str(k + 1) for k in range(len(versions))]
+    title = ["Versions: " + "  ".join(f"{a} = {v}" for a, v in zip(letters, versions, strict=True)),
+             " ; ".join(report["summary"][:1])]
+    geometry = _Geometry(rows, cols, px, sub=len(versions),
+                         captions=[f"{letters[-1]}: {c} (-0.000)" for c in _CAPTION_SAMPLES],
+                         caption_rows=len(versions), title=title)
     canvas = Image.new("RGB", geometry.size, BG)
     draw = ImageDraw.Draw(canvas)
-    letters = [chr(ord("A") + k) if k < 26 else str(k + 1) for k in range(len(versions))]
-    geometry.draw_axes(draw, ["Versions: " + "  ".join(f"{a} = {v}" for a, v in zip(letters, versions, strict=True)),
-                              " ; ".join(report["summary"][:1])])
+    geometry.draw_axes(draw, title)
     f_cap = font(12)
     for j, cell in enumerate(report["cells"]):
         for k, v in enumerate(versions):
@@ -694,8 +763,7 @@ def _comparison_grid(report: dict, indices: list[list[int]], cards: Sequence[Mod
             x, y = geometry.slot_origin(cell["row"], cell["column"])
             d = cell["delta"][v]
             line = f"{letters[k]}: {text}" + ("" if k == 0 or d is None else f" ({fmt(d, True)})")
-            draw.text((x + 2, y + geometry.cell + 3 + 18 * k), _fit(draw, line, f_cap, geometry.slot_w - 4),
-                      fill=color, font=f_cap)
+            geometry.caption(draw, x + 2, y + geometry.cell + 3 + 14 * geometry.caption_lines * k, line, color, f_cap)
     return canvas
 
 
@@ -707,17 +775,26 @@ def _comparison_chart(report: dict) -> Image.Image:
     against the baseline (bars up = better)."""
     versions = report["versions"]
     cells = report["cells"]
-    w_left, w_right, h = 360, max(360, 28 * len(cells) + 60), 300
+    w_left, w_right, h = 360, max(400, 28 * len(cells) + 104), 300
     img = Image.new("RGB", (w_left + w_right, h), BG)
     d = ImageDraw.Draw(img)
     f = font(12)
     top, bottom = 40, h - 60
     d.text((10, 8), "metrics per version (0..1)", fill=FG, font=f)
-    group_w = (w_left - 40) / len(METRICS)
+    axis = 44  # the y axis, with its values left of it
+    group_w = (w_left - axis - 10) / len(METRICS)
     bar_w = max(4.0, (group_w - 12) / len(versions))
-    d.line([30, bottom, w_left - 10, bottom], fill=FG)
+    d.line([axis, bottom, w_left - 10, bottom], fill=FG)
+    d.line([axis, top, axis, bottom], fill=FG)
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        y = bottom - t * (bottom - top)
+        label = f"{t:.2f}"
+        d.line([axis - 3, y, axis, y], fill=FG)
+        if t:
+            d.line([axis + 1, y, w_left - 10, y], fill=(60, 60, 60))
+        d.text((axis - 5 - d.textlength(label, font=f), y - 7), label, fill=FG, font=f)
     for gi, m in enumerate(METRICS):
-        x0 = 30 + gi * group_w + 6
+        x0 = axis + gi * group_w + 6
         for k, v in enumerate(versions):
             val = report["metrics"][m][v]
             hgt = 0 if val is None else max(0.0, min(1.0, val)) * (bottom - top)
@@ -728,13 +805,19 @@ def _comparison_chart(report: dict) -> Image.Image:
         d.rectangle([30 + 120 * k, h - 22, 40 + 120 * k, h - 12], fill=_BAR_COLORS[k % len(_BAR_COLORS)])
         d.text((44 + 120 * k, h - 25), _fit(d, v, f, 100), fill=FG, font=f)
     # per-cell deltas
-    x_base = w_left + 20
+    x_base = w_left + 64  # room for the delta axis' values
     mid = (top + bottom) / 2
-    d.text((x_base, 8), f"similarity delta per cell vs {versions[0]}", fill=FG, font=f)
+    d.text((w_left + 20, 8), f"similarity delta per cell vs {versions[0]}", fill=FG, font=f)
     deltas = [c["delta"][v] for c in cells for v in versions[1:] if c["delta"][v] is not None]
     scale = max([abs(x) for x in deltas] + [0.05])
-    d.line([x_base, mid, x_base + w_right - 40, mid], fill=FG)
-    slot = (w_right - 40) / max(1, len(cells))
+    d.line([x_base, mid, x_base + w_right - 84, mid], fill=FG)
+    d.line([x_base - 2, top, x_base - 2, bottom], fill=FG)
+    for t in (1.0, 0.5, 0.0, -0.5, -1.0):
+        y = mid - t * (mid - top)
+        label = fmt(t * scale, True) if t else "0"
+        d.line([x_base - 5, y, x_base - 2, y], fill=FG)
+        d.text((x_base - 7 - d.textlength(label, font=f), y - 7), label, fill=FG, font=f)
+    slot = (w_right - 84) / max(1, len(cells))
     sub = max(2.0, (slot - 4) / max(1, len(versions) - 1))
     for j, c in enumerate(cells):
         for k, v in enumerate(versions[1:], start=1):
@@ -746,7 +829,7 @@ def _comparison_chart(report: dict) -> Image.Image:
             d.rectangle([x, min(mid, y), x + sub - 1, max(mid, y)], fill=GOOD if dv > TIE else BAD if dv < -TIE else FG)
         if math.isfinite(slot) and slot >= 14:
             d.text((x_base + j * slot, bottom + 6 + 12 * (j % 2)), str(j + 1), fill=(150, 150, 150), font=f)
-    d.text((x_base, h - 25), f"±{scale:.3f} full scale; cells numbered as in the report", fill=FG, font=f)
+    d.text((x_base, h - 25), "cells numbered as in the report", fill=FG, font=f)
     return img
 
 

@@ -41,6 +41,9 @@ STATUSES = ("pending", "approved", "rejected", "corrected")
 ACTIONS = ("approve", "reject", "correct", "undo")
 # Order matters: the gallery's reason digits 1–6 map onto this tuple.
 REASONS = ("identity_drift", "artefacts", "wrong_angle", "wrong_expression", "pixel_shift", "other")
+# Orders the gallery offers (fixed SQL, chosen by key: nothing from a client reaches the statement).
+SORTS = {"id": "id", "score_desc": "score IS NULL, score DESC, id", "score_asc": "score IS NULL, score ASC, id",
+         "newest": "id DESC"}
 THUMB_SIZE = 256
 DB_NAME = "review.sqlite"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -111,6 +114,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE decisions ADD COLUMN undoes INTEGER;
     CREATE INDEX candidates_label ON candidates(label, id);
     CREATE INDEX candidates_score ON candidates(score);
+    """,
+    # v3: reference photos per candidate (the identity bank's photos, for the gallery's A/B view), kept apart
+    # from ``sources``, which are only the images the edit itself took (the controls of its edit pair)
+    """
+    ALTER TABLE candidates ADD COLUMN refs TEXT NOT NULL DEFAULT '[]';
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -191,8 +199,57 @@ class Page:
     limit: int
 
 
-_COLUMNS = ("id, character, run_id, version, image, thumb, width, height, sources, prompt, loras, seed, model, "
-            "score, label, pose, meta, created_at, status")
+_COLUMNS = ("id, character, run_id, version, image, thumb, width, height, sources, refs, prompt, loras, seed, "
+            "model, score, label, pose, meta, created_at, status")
+
+
+def meta_score(meta: dict[str, Any]) -> float | None:
+    """The identity score of a FLEN_META record: FLENIdentityFilter writes it to ``scores.identity`` (and
+    ``identity.score``); hand-made records may carry a top-level ``identity_score`` or ``score``."""
+    candidates: list[Any] = [meta.get("identity_score"), meta.get("score")]
+    scores = meta.get("scores")
+    if isinstance(scores, dict):
+        candidates.append(scores.get("identity"))
+    identity = meta.get("identity")
+    if isinstance(identity, dict):
+        candidates.append(identity.get("score"))
+    for value in candidates:
+        if value in (None, "") or isinstance(value, bool):
+            continue
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            continue
+        if score == score:  # NaN is no score
+            return score
+    return None
+
+
+def _source_index(meta: dict[str, Any], n_sources: int) -> int | None:
+    idx = meta.get("source_index")
+    if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < n_sources:
+        return None
+    return idx
+
+
+def own_sources(meta: dict[str, Any], k: int, n_images: int, source_names: list[str]) -> list[str]:
+    """The source images candidate k was made from: they become the controls of its edit pair.
+
+    The edit nodes record ``source_index`` (which image of their input batch an edit came from), so a
+    candidate gets exactly its own source even when every source photo is wired to the queue. A synthetic
+    image (FLUX, made from text) has none. Without an index: one source per candidate when the counts match,
+    a single source shared by all; several sources that match nothing are only references, never controls
+    (an edit never takes 15 inputs)."""
+    idx = _source_index(meta, len(source_names))
+    if idx is not None:
+        return [source_names[idx]]
+    if meta.get("kind") == "synthetic" or not source_names:
+        return []
+    if len(source_names) == n_images:
+        return [source_names[k]]
+    if len(source_names) == 1:
+        return list(source_names)
+    return []
 
 
 class ReviewStore:
@@ -222,9 +279,10 @@ class ReviewStore:
                        version: str = "", sources: list[Any] | None = None) -> list[int]:
         """Stores images (HWC 0..1 arrays or PIL) as pending candidates; returns their ids.
 
-        ``sources``: reference images shown beside the candidates — one per candidate, or a few
-        shared by all. Files are written before the rows that name them, so a crash leaves at
-        worst an unreferenced file, never a row without its image."""
+        ``sources``: the source photos the batch came from. Each candidate keeps its own source (see
+        :func:`own_sources`); all of them are its references (the identity bank's photos, for the A/B
+        view). Files are written before the rows that name them, so a crash leaves at worst an
+        unreferenced file, never a row without its image."""
         run_id = _clip_text(run_id, "run_id") or time.strftime("run-%Y%m%d-%H%M%S")
         metas = list(metas or [])
         source_names = [self._store_source(s) for s in (sources or [])]
@@ -236,11 +294,9 @@ class ReviewStore:
             image_name, thumb_name = f"candidates/{stem}.png", f"candidates/{stem}.thumb.jpg"
             atomic_write(self.root / image_name, _png_bytes(pil))
             atomic_write(self.root / thumb_name, _thumb_bytes(pil))
-            if len(source_names) == len(images) and len(images) > 1:
-                mine = [source_names[k]]
-            else:
-                mine = list(source_names)
-            rows.append(self._candidate_row(meta, run_id, version, image_name, thumb_name, pil.size, mine))
+            mine = own_sources(meta, k, len(images), source_names)
+            refs = list(dict.fromkeys(source_names))
+            rows.append(self._candidate_row(meta, run_id, version, image_name, thumb_name, pil.size, mine, refs))
         ids = []
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
@@ -248,8 +304,8 @@ class ReviewStore:
                 for row in rows:
                     cur = self._conn.execute(
                         "INSERT INTO candidates (character, run_id, version, image, thumb, width, height, sources, "
-                        "prompt, loras, seed, model, score, label, pose, meta, created_at, status) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')", row)
+                        "refs, prompt, loras, seed, model, score, label, pose, meta, created_at, status) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')", row)
                     # lastrowid is set after every successful INSERT.
                     assert cur.lastrowid is not None
                     ids.append(cur.lastrowid)
@@ -267,18 +323,14 @@ class ReviewStore:
         return name
 
     def _candidate_row(self, meta: dict[str, Any], run_id: str, version: str, image: str, thumb: str,
-                       size: tuple[int, int], sources: list[str]) -> tuple:
+                       size: tuple[int, int], sources: list[str], refs: list[str]) -> tuple:
         def first(*keys: str) -> Any:
             for key in keys:
                 if meta.get(key) not in (None, ""):
                     return meta[key]
             return None
 
-        score = first("identity_score", "score")
-        try:
-            score = None if score is None else float(score)
-        except (TypeError, ValueError):
-            score = None
+        score = meta_score(meta)
         seed = first("seed")
         try:
             seed = None if seed is None else int(seed)
@@ -287,7 +339,8 @@ class ReviewStore:
         label = first("label", "angle", "expression") or ""
         pose = first("pose")
         return (self.character, run_id, str(version or meta.get("version") or ""), image, thumb, size[0], size[1],
-                _json(sources), str(first("instruction", "prompt") or ""), _json(meta.get("loras") or []), seed,
+                _json(sources), _json(refs), str(first("instruction", "prompt") or ""), _json(meta.get("loras") or []),
+                seed,
                 str(first("model") or ""), score, str(label), _json(pose) if pose is not None else "", _json(meta),
                 time.time())
 
@@ -296,6 +349,7 @@ class ReviewStore:
     def _row_dict(self, row: sqlite3.Row) -> dict[str, Any]:
         d = dict(row)
         d["sources"] = json.loads(d["sources"])
+        d["refs"] = json.loads(d["refs"])
         d["loras"] = json.loads(d["loras"])
         d["meta"] = json.loads(d["meta"])
         d["pose"] = json.loads(d["pose"]) if d.get("pose") else None
@@ -306,7 +360,27 @@ class ReviewStore:
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates WHERE id=?", (candidate_id,)).fetchone()
         if row is None:
             raise KeyError(candidate_id)
-        return self._row_dict(row)
+        return self._with_corrections([self._row_dict(row)])[0]
+
+    def _with_corrections(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Adds ``correction`` (the one in force, or None) to corrected items, so the gallery shows it on the
+        card and in the detail view without a request per item."""
+        ids = [i["id"] for i in items if i["status"] == "corrected"]
+        found: dict[int, dict[str, Any]] = {}
+        if ids:
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT candidate_id, instruction, better_id, fixed_image, reasons, note, who, at FROM decisions "
+                    f"WHERE action='correct' AND undone_by IS NULL AND candidate_id IN ({','.join('?' * len(ids))}) "
+                    "ORDER BY id", ids).fetchall()
+            for r in rows:  # later rows win: the latest correction not undone is the one in force
+                found[r["candidate_id"]] = {"instruction": r["instruction"], "better_id": r["better_id"],
+                                            "has_fixed_image": bool(r["fixed_image"]),
+                                            "reasons": json.loads(r["reasons"]), "note": r["note"],
+                                            "who": r["who"], "at": r["at"]}
+        for item in items:
+            item["correction"] = found.get(item["id"])
+        return items
 
     def exists(self, candidate_id: int) -> bool:
         with self._lock:
@@ -343,14 +417,17 @@ class ReviewStore:
             args.extend(int(i) for i in ids)
         return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
 
-    def list(self, offset: int = 0, limit: int = 60, **filters: Any) -> Page:
+    def list(self, offset: int = 0, limit: int = 60, sort: str = "id", **filters: Any) -> Page:
+        """One page of candidates; ``sort`` is one of SORTS (unscored items last when sorting by score)."""
         offset, limit = max(0, int(offset)), max(1, min(500, int(limit)))
+        if sort not in SORTS:
+            raise FlenUserError(f"Unknown sort {sort!r}; one of {', '.join(SORTS)}.")
         where, args = self._where(**filters)
         with self._lock:
             total = self._conn.execute(f"SELECT COUNT(*) FROM candidates{where}", args).fetchone()[0]
-            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY id LIMIT ? OFFSET ?",
-                                      [*args, limit, offset]).fetchall()
-        return Page([self._row_dict(r) for r in rows], total, offset, limit)
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY {SORTS[sort]} "
+                                      "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        return Page(self._with_corrections([self._row_dict(r) for r in rows]), total, offset, limit)
 
     def counts(self, **filters: Any) -> dict[str, int]:
         filters.pop("status", None)
@@ -394,7 +471,7 @@ class ReviewStore:
         return out
 
     def file_path(self, candidate_id: int, kind: str, index: int = 0) -> Path:
-        """The store's own file for a candidate: kind is image, thumb, source (index) or fixed."""
+        """The store's own file for a candidate: kind is image, thumb, source (index), ref (index) or fixed."""
         item = self.get(candidate_id)
         if kind == "image":
             name = item["image"]
@@ -404,6 +481,10 @@ class ReviewStore:
             if not 0 <= index < len(item["sources"]):
                 raise KeyError(index)
             name = item["sources"][index]
+        elif kind == "ref":
+            if not 0 <= index < len(item["refs"]):
+                raise KeyError(index)
+            name = item["refs"][index]
         elif kind == "fixed":
             corr = self.correction(candidate_id)
             if not corr or not corr["fixed_image"]:
@@ -446,12 +527,25 @@ class ReviewStore:
             reasons = ["other"]
         if action == "correct" and not (instruction or better_id is not None or fixed_image):
             raise FlenUserError("A correction needs a corrected instruction, a better candidate, or a fixed image.")
-        fixed_name = ""
+        inherited = self.correction(candidate_id) if action == "correct" else None
+        if inherited and self.get(candidate_id)["status"] == "corrected":
+            # A correction is built up in steps (the panel saves the instruction, then uploads the fixed image):
+            # what this step does not give is kept from the correction in force.
+            instruction = instruction or inherited["instruction"]
+            if better_id is None and not fixed_image:
+                better_id = inherited["better_id"]
+            reasons = reasons or inherited["reasons"]
+            note = note or inherited["note"]
+            inherited_fixed = "" if fixed_image or better_id is not None else inherited["fixed_image"]
+        else:
+            inherited_fixed = ""
         if fixed_image:
             # the declared size is checked before decoding: a 20 KB PNG can claim 13000² pixels
             pil = open_rgb(bytes(fixed_image), "The uploaded fixed image")
             fixed_name = f"corrections/{uuid.uuid4().hex}.png"
             atomic_write(self.root / fixed_name, _png_bytes(pil))
+        else:
+            fixed_name = inherited_fixed
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:

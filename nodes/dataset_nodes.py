@@ -9,7 +9,7 @@ from ..engines import dataset, edit_pairs, review_store
 from ..engines.errors import FlenUserError
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, DatasetType, MetaType
-from .review_nodes import review_store_fingerprint
+from .review_nodes import review_store_fingerprint, unknown_character
 
 CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
                      "'_' or '-'.")
@@ -152,8 +152,7 @@ class FLENEditPairWriter(io.ComfyNode):
         character = character.strip()
         store = review_store.existing_store(bridge.output_directory(), character)
         if store is None:
-            raise FlenUserError(f"No review store for '{character}' yet: queue candidates with FLEN Review Queue "
-                                "and correct some in the review gallery first.")
+            raise unknown_character(character, "FLEN Edit Pair Writer reads its corrections")
         pairs, skipped = edit_pairs.pairs_from_review(store, include, run_id.strip() or None,
                                                       version.strip() or None)
         result = edit_pairs.write_edit_pairs(bridge.output_directory(), character, pairs, n_controls=controls,

@@ -65,10 +65,11 @@ class FLENQwenEditLoader(io.ComfyNode):
                 io.Combo.Input("model", options=bridge.diffusers_folders(),
                                tooltip="A diffusers Qwen-Image-Edit-2509 folder (with model_index.json) "
                                        "in models/diffusers."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="bf16",
-                               tooltip="bf16: full quality (≈41 GB transformer, needs offloading on 24 GB). "
-                                       "fp8: e4m3 transformer weights. nf4: 4-bit bitsandbytes transformer. "
-                                       "fp8 and nf4 need an NVIDIA GPU."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="fp8",
+                               tooltip="fp8 (default): e4m3 transformer weights, what fits a 24 GB card. bf16: "
+                                       "full quality (≈41 GB transformer, needs offloading on 24 GB). nf4: 4-bit "
+                                       "bitsandbytes transformer. fp8 and nf4 need an NVIDIA GPU (fp32: CPU "
+                                       "tests)."),
             ],
             outputs=[QwenEditPipeType.Output(display_name="qwen_pipe", tooltip="The loaded editor.")],
         )

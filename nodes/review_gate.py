@@ -135,10 +135,21 @@ class FLENReviewGate(io.ComfyNode):
         with _lock:
             _gates[key] = gate
         how = "all judged"
+        # The bar shows how much of the batch is judged, and the node's text says it waits for a person: a gate
+        # at 0 % with no word looked stuck.
+        progress = bridge.Progress(len(ids))
+        judged = -1
         try:
             last_activity = time.monotonic()
             token = store.state_token()
             while True:
+                pending = gate.pending()
+                if len(ids) - pending != judged:
+                    judged = len(ids) - pending
+                    progress.update(judged, len(ids), text=f"waiting for your review: {pending} items (judged "
+                                                         f"{judged} of {len(ids)}); open the FLEN review gallery")
+                if pending == 0:
+                    break
                 bridge.check_interrupt()
                 if gate.released:
                     how = "released from the gallery"
@@ -151,8 +162,6 @@ class FLENReviewGate(io.ComfyNode):
                 now_token = store.state_token()
                 if now_token != token:  # decisions from another process or path
                     token, last_activity = now_token, time.monotonic()
-                if gate.pending() == 0:
-                    break
                 if timeout_s and time.monotonic() - last_activity > timeout_s:
                     how = _apply_timeout_policy(gate, timeout_policy, score_threshold)
                     break
@@ -163,7 +172,7 @@ class FLENReviewGate(io.ComfyNode):
         approved = [i for i in items if i["status"] == "approved"]
         batch, metas, _ = approved_outputs(store, approved)
         summary = f"Review gate ({how}): {len(approved)} of {len(ids)} approved, run {run_id}."
-        return io.NodeOutput(batch, metas, summary)
+        return io.NodeOutput(batch, metas, summary, ui={"text": [summary]})
 
 
 NODES = [FLENReviewGate]

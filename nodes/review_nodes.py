@@ -20,6 +20,16 @@ CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<characte
                      "'_' or '-'.")
 
 
+def unknown_character(character: str, what: str) -> FlenUserError:
+    """The error of a node that reads a character's workspace when there is none: names the known ones, since
+    the usual cause is a typo (which would otherwise read as 'nothing there yet')."""
+    known = review_store.list_characters(bridge.output_directory())
+    listed = ", ".join(known) if known else "none yet"
+    return FlenUserError(f"No character '{character}' in output/flenwheel/ ({what}). Known characters: {listed}. "
+                         "Check the name in the workflow's FLEN Character node, or queue candidates for this "
+                         "character first (FLEN Review Queue).")
+
+
 def _store(character: str) -> review_store.ReviewStore:
     return review_store.open_store(bridge.output_directory(), character.strip())
 
@@ -72,8 +82,10 @@ def _inputs_common() -> list:
         MetaType.Input("meta", optional=True,
                        tooltip="One FLEN_META record per image (prompt, seed, LoRAs, score, angle label…)."),
         io.Image.Input("source_images", optional=True,
-                       tooltip="Reference/source images shown beside each candidate: one per candidate, "
-                               "or a few shared by all."),
+                       tooltip="The source photos the batch was made from (wire all of them): each candidate "
+                               "keeps its own, by the source_index its record carries (the edit nodes write "
+                               "it), as its edit pair's control and the gallery's A/B image; all are kept as "
+                               "its identity references."),
     ]
 
 
@@ -110,7 +122,7 @@ class FLENReviewQueue(io.ComfyNode):
         counts = store.counts()
         summary = (f"Queued {len(ids)} candidates for review ({character}, run {run_id}); "
                    f"{counts['pending']} pending in total." + truncation_summary(store_metas(store, ids)))
-        return io.NodeOutput(summary, run_id, len(ids))
+        return io.NodeOutput(summary, run_id, len(ids), ui={"text": [summary]})
 
 
 def store_metas(store: review_store.ReviewStore, ids: list[int]) -> list[dict]:
@@ -180,8 +192,7 @@ class FLENLoadApproved(io.ComfyNode):
         character = character.strip()
         store = review_store.existing_store(bridge.output_directory(), character)
         if store is None:
-            msg = f"No review store for '{character}' yet: queue candidates with FLEN Review Queue first."
-            return io.NodeOutput(torch.zeros((0, 64, 64, 3)), [], "[]", msg)
+            raise unknown_character(character, "FLEN Load Approved reads its approved candidates")
         items = store.approved(run_id=run_id.strip() or None, version=version.strip() or None)
         batch, metas, resized = approved_outputs(store, items)
         corrections = store.corrections(run_id=run_id.strip() or None, version=version.strip() or None)
@@ -200,7 +211,40 @@ class FLENLoadApproved(io.ComfyNode):
             msg += truncation_summary(metas)
         else:
             msg = f"Nothing approved yet ({scope}): judge candidates in the FLENwheel review gallery."
-        return io.NodeOutput(batch, metas, json.dumps(corrections, ensure_ascii=False), msg)
+        return io.NodeOutput(batch, metas, json.dumps(corrections, ensure_ascii=False), msg, ui={"text": [msg]})
 
 
-NODES = [FLENReviewQueue, FLENLoadApproved]
+class FLENCharacter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENCharacter",
+            display_name="FLEN Character",
+            category=f"{CATEGORY}/review",
+            description="The character a workflow works on, typed once: its output feeds the character input of "
+                        "every FLENwheel node of the workflow. It shows whether that workspace exists and which "
+                        "characters do, so a typo shows up before a run writes into a new, empty workspace.",
+            inputs=[io.String.Input("character", default="my_character",
+                                    tooltip=CHARACTER_TOOLTIP + " The one place to type it in a workflow.")],
+            outputs=[io.String.Output(display_name="character",
+                                      tooltip="The character name, for the character inputs of the other nodes.")],
+            is_output_node=True,  # its text (workspace found or not) shows even when nothing else runs
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, character: str) -> str:
+        return ",".join(review_store.list_characters(bridge.output_directory()))  # the text lists them
+
+    @classmethod
+    def execute(cls, character: str) -> io.NodeOutput:
+        name = review_store.validate_character(character.strip())
+        known = review_store.list_characters(bridge.output_directory())
+        if name in known:
+            text = f"Character '{name}': existing workspace output/flenwheel/{name}/."
+        else:
+            text = (f"Character '{name}': no workspace yet (a writing node creates output/flenwheel/{name}/). "
+                    f"Known characters: {', '.join(known) if known else 'none yet'}.")
+        return io.NodeOutput(name, ui={"text": [text]})
+
+
+NODES = [FLENCharacter, FLENReviewQueue, FLENLoadApproved]

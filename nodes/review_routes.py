@@ -35,8 +35,9 @@ PAGE_HTML = """<!doctype html>
 <div id="flen-review-root"></div>
 <script type="module">
 import { mountGallery } from "/extensions/FLENwheel/js/review_gallery.js";
-const character = new URLSearchParams(location.search).get("character") || undefined;
-mountGallery(document.getElementById("flen-review-root"), { fullPage: true, character });
+const q = new URLSearchParams(location.search);  // ?character=&run=&status= (run empty: all runs)
+mountGallery(document.getElementById("flen-review-root"), { fullPage: true, character: q.get("character") || undefined,
+  run: q.has("run") ? q.get("run") : undefined, status: q.get("status") ?? undefined });
 </script>
 </body></html>
 """
@@ -140,8 +141,9 @@ def _who(request: web.Request, body: dict[str, Any] | None = None) -> str:
 
 def public_item(item: dict[str, Any]) -> dict[str, Any]:
     """What the browser sees of a candidate: ids and data, not the store's file names."""
-    out = {k: v for k, v in item.items() if k not in ("image", "thumb", "sources")}
+    out = {k: v for k, v in item.items() if k not in ("image", "thumb", "sources", "refs")}
     out["n_sources"] = len(item.get("sources") or [])
+    out["n_refs"] = len(item.get("refs") or [])
     return out
 
 
@@ -205,7 +207,10 @@ def register(routes: web.RouteTableDef) -> None:
         offset = _int(q.get("offset", 0), "offset")
         limit = _int(q.get("limit", 60), "limit", 1, 500)
         filters = _filters(q)
-        page = await asyncio.to_thread(store.list, offset, limit, **filters)
+        sort = q.get("sort") or "id"
+        if sort not in review_store.SORTS:
+            raise HttpError(400, f"Unknown sort {sort!r}; one of {', '.join(review_store.SORTS)}.")
+        page = await asyncio.to_thread(store.list, offset, limit, sort, **filters)
         return web.json_response({"items": [public_item(i) for i in page.items], "total": page.total,
                                   "offset": page.offset, "limit": page.limit})
 
@@ -305,3 +310,4 @@ def register(routes: web.RouteTableDef) -> None:
     routes.get(PREFIX + r"/{character}/image/{id:\d+}")(_file_route("image"))
     routes.get(PREFIX + r"/{character}/fixed/{id:\d+}")(_file_route("fixed"))
     routes.get(PREFIX + r"/{character}/source/{id:\d+}/{n:\d+}")(_file_route("source"))
+    routes.get(PREFIX + r"/{character}/ref/{id:\d+}/{n:\d+}")(_file_route("ref"))

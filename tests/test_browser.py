@@ -34,3 +34,18 @@ def test_ui_workflow_converts_to_its_api_twin(comfy_page, name):
     strip = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     got = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in converted.items()}
     assert got == strip
+
+
+def test_template_browser_shows_the_workflows_titles_and_descriptions(comfy_page):
+    page = comfy_page
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    page.click("li:has-text('FLENwheel')")
+    for path in sorted((REPO / "workflows").glob("*.json")):
+        extra = json.loads(path.read_text())["extra"]
+        card = page.locator(f'[data-testid="template-workflow-{path.stem}"]')
+        card.scroll_into_view_if_needed()
+        title, text = card.locator("h3"), card.locator("p")
+        title.wait_for(state="visible")
+        page.wait_for_function("([el, want]) => el.textContent === want", arg=[title.element_handle(), extra["title"]])
+        assert title.is_visible() and text.text_content() == extra["description"]
+        assert path.stem not in title.inner_text()  # not the bare file name

@@ -322,3 +322,44 @@ def test_templates_give_exactly_n_varied_reproducible_prompts():
 def test_bad_templates_are_explained(call, message):
     with pytest.raises(FlenUserError, match=message):
         call()
+
+
+@pytest.fixture
+def drawn_text(monkeypatch):
+    """Every string the model card draws (a spy on PIL's ImageDraw.text, which still draws)."""
+    from PIL import ImageDraw
+
+    seen: list[str] = []
+    real = ImageDraw.ImageDraw.text
+
+    def spy(self, xy, text, *args, **kwargs):
+        seen.append(str(text))
+        return real(self, xy, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", spy)
+    return seen
+
+
+@pytest.mark.parametrize("cell_px", [40, 64])
+def test_labels_and_captions_are_wrapped_never_cut_at_small_cell_sizes(planted, drawn_text, cell_px):
+    card = planted[0]
+    report = json.loads(json.dumps(card.report))
+    report["layout"]["cell_px"] = cell_px
+    grid = mc.render_grid(report, card.images)
+    comparison = mc.compare_cards([card, card], cell_px=cell_px)
+    assert not [t for t in drawn_text if "…" in t], [t for t in drawn_text if "…" in t]
+    flat = "".join(drawn_text).replace(" ", "")
+    for label in ROWS + COLS + ["NOFACE", "notintheset"]:
+        assert label.replace(" ", "") in flat, label
+    # the wrapped labels sit above the first row and left of the first column, inside the image
+    assert grid.size[1] > len(ROWS) * cell_px and comparison.grid.size[0] >= grid.size[0]
+    for line in drawn_text:
+        assert mc.font(13).getlength(line) <= max(grid.size[0], comparison.grid.size[0])
+
+
+def test_comparison_chart_has_values_on_its_axes(planted, drawn_text):
+    card = planted[0]
+    comparison = mc.compare_cards([card, card])
+    for tick in ("0.00", "0.25", "0.50", "0.75", "1.00", "+0.050", "-0.050", "0"):
+        assert tick in drawn_text, (tick, drawn_text)
+    assert comparison.chart.size[0] >= 760

@@ -20,9 +20,9 @@ def test_queues_with_overrides_shows_progress_and_resumes(comfy, comfy_server, t
     state = tmp_path / "batch.json"
     argv = ["flen_synthetic_flux", "--tiny", "--server", comfy_server.url, "--server", comfy_server.url + "/",
             "--seeds", "101,102", "--char-lora", "flen-tiny/flux_lora_b.safetensors", "--set", "4.steps=1",
-            "--set", "Save Image.filename_prefix=cli/synth", "--set",
-            "Second LoRA (optional).lora_name=flen-tiny/flux_lora_a.safetensors", "--state", str(state)]
-    # the shipped stack "2" names char_lora_v1: --char-lora replaces it; the second stack is set by its title
+            "--set", "Save Image.filename_prefix=cli/synth", "--set", "Character LoRA.strength=0.9",
+            "--state", str(state)]
+    # the shipped stack "2" names char_lora_v1: --char-lora replaces it; its strength is set by its title
     before = set(_history(comfy))
     assert queue_cli.main(argv) == 0
     out, err = capsys.readouterr()
@@ -32,6 +32,7 @@ def test_queues_with_overrides_shows_progress_and_resumes(comfy, comfy_server, t
     assert sorted(p["4"]["inputs"]["seed"] for p in prompts) == [101, 102]
     assert all(p["4"]["inputs"]["steps"] == 1 and p["5"]["inputs"]["filename_prefix"] == "cli/synth" for p in prompts)
     assert all(p["2"]["inputs"]["lora_name"] == "flen-tiny/flux_lora_b.safetensors" for p in prompts)
+    assert all(p["2"]["inputs"]["strength"] == 0.9 for p in prompts)
     assert "[" + "#" * queue_cli.BAR_WIDTH + "] 2/2 jobs" in err   # the bar reached the end
     assert re.search(r"seed=10[12]: FLENFluxGenerate \d+/\d+", err), err  # websocket progress of a node
     saved = json.loads(state.read_text())
@@ -64,7 +65,9 @@ def test_character_and_folder_shortcuts_reach_every_node(tmp_path):
     name, jobs = queue_cli.build_jobs(parsed)
     assert name == "flywheel1_enrich" and len(jobs) == 4
     p = jobs[3]["prompt"]
-    assert p["10"]["inputs"]["character"] == "bob" and p["1"]["inputs"]["folder"] == "alice_src"
+    # the one FLEN Character node gets it; the queue's character input stays linked to that node
+    assert p["13"]["inputs"]["character"] == "bob" and p["1"]["inputs"]["folder"] == "alice_src"
+    assert p["10"]["inputs"]["character"] == ["13", 0]
     assert p["7"]["inputs"] == {**p["7"]["inputs"], "lora_name": "flenwheel/bob/qwen_lora_v3.safetensors",
                                 "enabled": True}
     assert p["8"]["inputs"]["seed"] == 8

@@ -84,11 +84,14 @@ def test_decide_over_http_then_load_approved_returns_exactly_those(comfy, comfy_
         "pending": 1, "approved": 2, "rejected": 0, "corrected": 1, "total": 4}
 
 
-def test_load_approved_without_store_is_empty_not_an_error(comfy):
-    prompt = {"load": {"class_type": "FLENLoadApproved", "inputs": {"character": "never_" + uuid.uuid4().hex[:8]}},
+def test_load_approved_of_an_unknown_character_names_the_known_ones(comfy, queued):
+    character, _items = queued
+    typo = "never_" + uuid.uuid4().hex[:8]
+    prompt = {"load": {"class_type": "FLENLoadApproved", "inputs": {"character": typo}},
               "show": {"class_type": "PreviewAny", "inputs": {"source": ["load", 3]}}}
-    outputs = comfy.run(prompt)
-    assert "No review store" in json.dumps(outputs)
+    error = comfy.run_error(prompt)
+    assert error["node_type"] == "FLENLoadApproved"
+    assert f"No character '{typo}'" in error["exception_message"] and character in error["exception_message"]
 
 
 def test_upload_fixed_image_is_a_correction(comfy, queued):

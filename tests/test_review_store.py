@@ -145,11 +145,12 @@ def test_migrates_a_version_1_database_keeping_its_data(tmp_path):
     conn.close()
     store = rs.ReviewStore(tmp_path, "old")
     version = store._conn.execute("PRAGMA user_version").fetchone()[0]
-    assert version == rs.SCHEMA_VERSION == 2
+    assert version == rs.SCHEMA_VERSION == 3
     item = store.get(1)
     assert item["status"] == "approved" and item["pose"] is None
     assert store.undo(1)["status"] == "pending"  # v2 columns (undoes) work on migrated rows
     assert store.history(1)[-1]["undoes"] == 1
+    assert item["refs"] == []  # v3 column, empty on old rows
     store.close()
 
 
@@ -190,3 +191,55 @@ def test_decision_survives_sigkill_right_after_the_call_returns(tmp_path):
     assert reopened.get(ids[0])["status"] == "rejected" and reopened.get(ids[1])["status"] == "approved"
     assert reopened.history(ids[0])[0]["reasons"] == ["pixel_shift"]
     reopened.close()
+
+
+def test_score_from_the_identity_filter_record_and_sort_by_score(store):
+    # the record FLENIdentityFilter writes: the score under scores.identity and identity.score, none on top
+    metas = [{"scores": {"identity": 0.31}, "identity": {"score": 0.31, "passed": False}},
+             {"identity": {"score": 0.77}}, {"reason": "no face", "identity": {"score": None}}]
+    ids = store.add_candidates([_img((k, 0, 0)) for k in range(3)], metas, run_id="r")
+    assert [store.get(i)["score"] for i in ids] == [0.31, 0.77, None]
+    assert [i["id"] for i in store.list(sort="score_desc").items] == [ids[1], ids[0], ids[2]]
+    assert [i["id"] for i in store.list(sort="score_asc").items] == [ids[0], ids[1], ids[2]]
+    assert [i["id"] for i in store.list(score_min=0.5).items] == [ids[1]]
+    with pytest.raises(FlenUserError, match="Unknown sort"):
+        store.list(sort="score; DROP TABLE candidates")
+
+
+def test_each_candidate_keeps_its_own_source_and_all_sources_as_references(store):
+    sources = [_img((k * 40, 0, 0), (8, 8)) for k in range(1, 4)]
+    edits = [{"source_index": s, "label": f"a{j}"} for s in range(3) for j in range(2)]
+    ids = store.add_candidates([_img((0, k, 0)) for k in range(6)], edits, run_id="r", sources=sources)
+    names = [store.get(i)["sources"] for i in ids]
+    assert all(len(n) == 1 for n in names) and names[0] == names[1] != names[2] == names[3] != names[4]
+    for i, meta in zip(ids, edits, strict=True):
+        with Image.open(store.file_path(i, "source", 0)) as im:
+            assert im.getpixel((0, 0)) == ((meta["source_index"] + 1) * 40, 0, 0)
+        assert len(store.get(i)["refs"]) == 3
+    # a synthetic (text-to-image) candidate has no source of its own; several sources without an index are
+    # references only, never the controls of an edit pair
+    (synth,) = store.add_candidates([_img((1, 1, 1))], [{"kind": "synthetic", "prompt": "p"}], run_id="s",
+                                    sources=sources)
+    two = store.add_candidates([_img((2, 2, 2)), _img((3, 3, 3))], [{}, {}], run_id="s", sources=sources)
+    assert store.get(synth)["sources"] == [] and len(store.get(synth)["refs"]) == 3
+    assert [store.get(i)["sources"] for i in two] == [[], []]
+    with Image.open(store.file_path(synth, "ref", 2)) as im:
+        assert im.getpixel((0, 0)) == (120, 0, 0)
+
+
+def test_a_correction_built_in_steps_keeps_instruction_reasons_and_fixed_image(store):
+    a, b = store.add_candidates([_img((1, 1, 1)), _img((2, 2, 2))], [{"instruction": "turn left"}] * 2, run_id="r")
+    store.correct(a, instruction="turn left 90 degrees")
+    store.decide(a, "correct", reasons=["wrong_angle"], instruction="turn left 90 degrees")
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (7, 8, 9)).save(buf, "PNG")
+    item = store.correct(a, fixed_image=buf.getvalue(), who="ann")  # the panel's second step: the fixed image
+    corr = item["correction"]
+    assert (corr["instruction"], corr["reasons"], corr["has_fixed_image"]) == (
+        "turn left 90 degrees", ["wrong_angle"], True)
+    (listed,) = [i for i in store.list().items if i["id"] == a]
+    assert listed["correction"] == corr and store.get(b)["correction"] is None
+    (c,) = store.corrections()
+    assert c["corrected_instruction"] == "turn left 90 degrees" and c["fixed_image"].startswith("corrections/")
+    store.undo(a)  # one step back: the fixed image goes, the instruction stays
+    assert store.get(a)["correction"]["has_fixed_image"] is False

@@ -33,7 +33,6 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
     "flen_synthetic_flux": {
         "1": {"model": "flen-tiny-flux", "precision": "fp32"},
         "2": {"lora_name": "flen-tiny/flux_lora_a.safetensors"},
-        "3": {"lora_name": "flen-tiny/flux_lora_b.safetensors"},
         "4": {"width": 64, "height": 64, "steps": 4},
         "5": {"filename_prefix": "flenwheel/demo/synthetic"},
     },
@@ -54,7 +53,7 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "6": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
         "7": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors"},
         "8": {"width": 64, "height": 64, "steps": 2},
-        "10": {"character": "flen_demo"},
+        "13": {"character": "flen_demo"},  # the workflow's one FLEN Character node
     },
     "flywheel1_synthesize": {
         "1": {"model": "flen-tiny-flux", "precision": "fp32"},
@@ -62,7 +61,7 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "3": {"width": 64, "height": 64, "steps": 2, "variations": 4},
         "4": {"folder": "flen_demo_sources"},
         "5": {"face_model": "flen-tiny"},
-        "7": {"character": "flen_demo"},
+        "10": {"character": "flen_demo"},
     },
     "flywheel_interactive": {
         "1": {"folder": "flen_demo_sources"},
@@ -72,8 +71,8 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "5": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
         "6": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors"},
         "7": {"width": 64, "height": 64, "steps": 2},
-        "9": {"character": "flen_demo", "timeout_s": 1, "timeout_policy": "approve_all"},  # nobody at the screen
-        "10": {"character": "flen_demo"},
+        "9": {"timeout_s": 1, "timeout_policy": "approve_all"},  # nobody at the screen
+        "13": {"character": "flen_demo"},
     },
     "compare_versions": {
         "1": {"model": "flen-tiny-flux", "precision": "fp32"},
@@ -85,8 +84,7 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "7": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
     },
     "flywheel1_train": {
-        "1": {"character": "flen_demo"},
-        "2": {"character": "flen_demo"},
+        "11": {"character": "flen_demo"},
         "3": {"model": "flen-tiny-flux", "precision": "fp32", **TINY_TRAINING,
               "advanced": "bucket_multiple: 16\nmax_sequence_length: 16"},
         "5": {"model": "flen-tiny-flux", "precision": "fp32"},
@@ -95,7 +93,7 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "8": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
     },
     "flywheel2_editor": {
-        "1": {"character": "flen_demo"},
+        "11": {"character": "flen_demo"},
         "2": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32", **TINY_TRAINING,
               "advanced": "bucket_multiple: 16\ncondition_resolution: 64"},
         "3": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
@@ -144,9 +142,10 @@ def with_split_files(prompt: dict, **overrides: str) -> dict:
 
 
 def with_character(prompt: dict, character: str) -> dict:
-    """Every node of the prompt that names a character gets this one."""
+    """Every node of the prompt that names a character gets this one (the FLEN Character node, in the shipped
+    workflows: the inputs it feeds are links and stay so)."""
     for node in prompt.values():
-        if "character" in node["inputs"]:
+        if "character" in node["inputs"] and not isinstance(node["inputs"]["character"], list):
             node["inputs"]["character"] = character
     return prompt
 

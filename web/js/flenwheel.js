@@ -3,6 +3,39 @@
 import { app } from "../../../scripts/app.js";
 
 const FLENWHEEL_VERSION = "0.1.0";
+// /extensions/<the pack's folder>/js/flenwheel.js: the module name ComfyUI lists the pack's templates under
+const MODULE = decodeURIComponent(new URL(import.meta.url).pathname.split("/")[2] || "FLENwheel");
+
+// ComfyUI's template browser (frontend 1.27) titles a custom pack's templates with their file names and has
+// no field for a description; the shipped workflows carry both (extra.title / extra.description), and this
+// puts them on the pack's cards whenever the browser renders them.
+async function labelTemplateCards() {
+  let cards = {};
+  try {
+    cards = (await (await fetch("/flenwheel/templates")).json()).templates || {};
+  } catch (err) {
+    console.warn("[FLENwheel] template titles unavailable", err);
+    return;
+  }
+  const apply = () => {
+    for (const [name, info] of Object.entries(cards)) {
+      for (const card of document.querySelectorAll(`[data-testid="template-workflow-${CSS.escape(name)}"]`)) {
+        const img = card.querySelector("img");
+        if (img && img.src && !img.src.includes(`/workflow_templates/${MODULE}/`)) continue; // another pack's
+        const title = card.querySelector("h3");
+        const text = card.querySelector("p");
+        if (title && title.textContent !== info.title) { title.textContent = info.title; title.title = info.title; }
+        if (text && info.description && text.textContent !== info.description) {
+          text.textContent = info.description;
+          text.title = info.description;
+        }
+        card.dataset.flenTemplate = name;
+      }
+    }
+  };
+  new MutationObserver(apply).observe(document.body, { childList: true, subtree: true });
+  apply();
+}
 
 app.registerExtension({
   name: "FLENwheel.core",
@@ -14,6 +47,7 @@ app.registerExtension({
     } catch (err) {
       console.warn("[FLENwheel] status route unreachable", err);
     }
+    labelTemplateCards();
     window.FLENwheel = { loaded: true, version: FLENWHEEL_VERSION, server: status };
     document.documentElement.dataset.flenwheel = "loaded";
     console.log(`[FLENwheel] front-end ${FLENWHEEL_VERSION} loaded`);
