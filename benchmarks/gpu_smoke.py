@@ -96,11 +96,30 @@ def _workflow_steps(client: ComfyClient) -> dict[str, Callable[[], str]]:
         client.run(demo.with_character(demo.load_api_workflow("flywheel_interactive"), c), timeout=600)
         return "gate passed on its timeout policy"
 
+    def split(name: str, **files: str) -> Callable[[], str]:
+        """The workflow with its loaders swapped for the split-file loaders on the kit's ComfyUI files."""
+        def run() -> str:
+            prompt = demo.with_split_files(demo.load_api_workflow(name), **files)
+            outputs = client.run(prompt, timeout=600)
+            return f"{sum(len(o.get('images', [])) for o in outputs.values())} images"
+        return run
+
     steps = {"flywheel1_enrich": enrich, "flywheel1_train": train, "flywheel1_synthesize": synthesize,
              "flywheel2_editor": editor, "flywheel_interactive": interactive}
     shipped = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
     ordered = [n for n in ORDER if n in shipped] + [n for n in shipped if n not in ORDER]
-    return {name: steps.get(name, plain(name)) for name in ordered}
+    out = {name: steps.get(name, plain(name)) for name in ordered}
+    # The split-file loaders (FLENFluxFileLoader, FLENQwenEditFileLoader): bf16 files, and fp8 scaled files
+    # (e4m3 weights with ComfyUI's scale_weight) under the workflows' LoRA stacks.
+    out["split files: flen_synthetic_flux"] = split("flen_synthetic_flux")
+    out["split files: flen_angle_sweep"] = split("flen_angle_sweep")
+    out["split fp8 scaled: flen_synthetic_flux"] = split(
+        "flen_synthetic_flux", diffusion_model="flen-tiny/flux1-dev-tiny_fp8_scaled.safetensors",
+        t5xxl="flen-tiny/t5xxl_tiny_fp8_e4m3fn_scaled.safetensors")
+    out["split fp8 scaled: flen_angle_sweep"] = split(
+        "flen_angle_sweep", diffusion_model="flen-tiny/qwen_image_edit_2509_tiny_fp8_scaled.safetensors",
+        text_encoder="flen-tiny/qwen_2.5_vl_tiny_fp8_scaled.safetensors")
+    return out
 
 
 def run_tiny(precision: str, workdir: Path, models: Path, no_frontend: bool, cpu: bool,
