@@ -637,9 +637,9 @@ class Trainer:
         transformer = cast("ModelMixin", self._model())
         transformer.requires_grad_(False)
         torch.manual_seed(cfg.seed)
+        # peft annotates lora_alpha as int, but only divides it by r: a fractional alpha is valid.
         transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_alpha(),  # type: ignore[arg-type]
                                            init_lora_weights=True, target_modules=cfg.modules()))
-        # (peft annotates lora_alpha as int, but only divides it by r: a fractional alpha is valid.)
         self.params = sorted(((n, p) for n, p in transformer.named_parameters() if p.requires_grad),
                              key=lambda x: x[0])
         if not self.params:
