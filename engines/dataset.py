@@ -48,6 +48,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -59,8 +60,11 @@ from .errors import FlenUserError
 from .review_store import validate_character, workspace_root
 from .safe_images import truncation_note
 
+fcntl: ModuleType | None
 try:  # POSIX: a real cross-process lock; elsewhere a process-wide lock only
-    import fcntl
+    import fcntl as _fcntl
+
+    fcntl = _fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
@@ -389,7 +393,7 @@ def list_versions(root: Path) -> list[str]:
     if not root.is_dir():
         return []
     names = [p.name for p in root.iterdir() if p.is_dir() and version_number(p.name) and (p / INFO_NAME).is_file()]
-    return sorted(names, key=version_number)
+    return sorted(names, key=lambda name: version_number(name) or 0)  # every name has a number
 
 
 def read_info(version_dir: Path) -> dict[str, Any]:
@@ -418,7 +422,7 @@ def create_version(root: Path, info: dict[str, Any], build: Any = None) -> Path:
     with folder_lock(root):
         for stale in root.glob(".tmp-v*"):  # left by a crash: never a version, safe to remove
             _rmtree(stale)
-        existing = [version_number(p.name) for p in root.iterdir() if p.is_dir() and version_number(p.name)]
+        existing = [n for p in root.iterdir() if p.is_dir() and (n := version_number(p.name))]
         n = max(existing, default=0) + 1
         name = f"v{n}"
         tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
@@ -447,7 +451,8 @@ def _rmtree(path: Path) -> None:
 
 def incomplete_message(version_dir: Path, info: dict[str, Any]) -> str:
     version = info.get("version", Path(version_dir).name)
-    marker = info.get("writing") if isinstance(info.get("writing"), dict) else {}
+    writing = info.get("writing")
+    marker: dict[str, Any] = writing if isinstance(writing, dict) else {}
     by = str(marker.get("by") or "a dataset writer")
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(marker.get("started_at") or 0)))
     records, _ = read_manifest(Path(version_dir) / MANIFEST_NAME)

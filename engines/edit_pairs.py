@@ -212,7 +212,7 @@ def write_edit_pairs(output_dir: str | os.PathLike, character: str, pairs: list[
             ds.atomic_write(tmp / rec["file"], tdata)
             for k, control in enumerate(controls):
                 cdata = ds.png_bytes(control)
-                c = {"file": f"{control_dir(k + 1)}/{stem}.png",
+                c: dict[str, Any] = {"file": f"{control_dir(k + 1)}/{stem}.png",
                      "musubi_file": f"{MUSUBI_CONTROL}/{musubi_control_name(stem, k, n)}",
                      "sha256": ds.sha256_bytes(cdata), "width": control.width, "height": control.height}
                 ds.atomic_write(tmp / c["file"], cdata)

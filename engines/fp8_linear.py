@@ -45,7 +45,7 @@ class Fp8Linear(nn.Linear):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=E4M3, device=device),
                                    requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False)
-                     if bias else None)
+                     if bias else None)  # type: ignore[assignment]  # torch types Linear.bias as never None
         self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
 
     @classmethod

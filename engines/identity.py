@@ -491,6 +491,8 @@ def build_bank(model: FaceBackend, images: Sequence[np.ndarray], root: str | Pat
         elif a.count > 1:
             skipped.append((i, f"{REASON_SEVERAL} ({a.count})"))
         else:
+            # One face: analyse() chose it, so its embedding and box are set.
+            assert a.embedding is not None and a.box is not None
             refs.append(Reference(index=i, embedding=a.embedding, pose=a.pose or (0.0, 0.0, 0.0),
                                   box=a.box, det_score=a.faces[0].score))
         if on_image is not None:

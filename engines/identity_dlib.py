@@ -44,7 +44,7 @@ DLIB_MODEL = "dlib (face_recognition_models, commercial-use weights)"
 INSTALL_HINT = "pip install dlib-bin face_recognition_models"
 RECOGNISER_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
-PROVIDERS = ("dlib CPU",)
+PROVIDERS: tuple[str, ...] = ("dlib CPU",)
 
 # dlib's 5 points in its own order: outer and inner corner of the eye on the image's right, outer and inner
 # corner of the eye on the image's left, base of the nose (subnasale). Same frame and units as

@@ -16,7 +16,7 @@ import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 
@@ -24,8 +24,11 @@ from .errors import FlenUserError
 from .lora_formats import ConvertedLora, guess_architecture, load_lora_file  # noqa: F401  (re-exported)
 from .lora_stack import LoraEntry, LoraStack
 
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
-def load_adapter(transformer: torch.nn.Module, converted: ConvertedLora, adapter_name: str) -> None:
+
+def load_adapter(transformer: ModelMixin, converted: ConvertedLora, adapter_name: str) -> None:
     """Adds ``converted`` to ``transformer`` as the peft adapter ``adapter_name``. Each module's scale is
     folded into its up matrix and every module gets lora_alpha == rank, so peft's scaling is 1 and the
     adapter's effect at strength s is exactly s · scale · up · down, whatever layout the file had."""
@@ -107,10 +110,13 @@ def stack_adapters(transformer: torch.nn.Module) -> int:
             continue  # conv or embedding LoRA layers keep peft's own forward
         if any(getattr(module.lora_dropout[a], "p", 0.0) and module.training for a in names):
             continue
-        dtype = module.lora_A[names[0]].weight.dtype
+        # Checked above: every lora_A is a Linear, and peft pairs a Linear lora_A with a Linear lora_B.
+        downs = [cast(torch.nn.Linear, module.lora_A[a]) for a in names]
+        ups = [cast(torch.nn.Linear, module.lora_B[a]) for a in names]
+        dtype = downs[0].weight.dtype
         with torch.no_grad():
-            down = torch.cat([module.lora_A[a].weight.to(dtype) for a in names], dim=0)
-            up = torch.cat([module.lora_B[a].weight.to(dtype) * module.scaling[a] for a in names], dim=1)
+            down = torch.cat([d.weight.to(dtype) for d in downs], dim=0)
+            up = torch.cat([u.weight.to(dtype) * module.scaling[a] for u, a in zip(ups, names, strict=True)], dim=1)
         # Registered buffers, not plain attributes: Module.to() (ComfyUI's load and offload) moves
         # buffers only, and a pair left behind on the CPU breaks the first forward on the GPU.
         # Non-persistent, so they never reach a state_dict or a saved LoRA.

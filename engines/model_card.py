@@ -30,6 +30,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
@@ -203,7 +204,8 @@ def lora_record(stack: LoraStack, read_file: bool = True) -> dict:
     record: dict = {"name": entry.name, "strength": entry.strength, "stack": stack.describe()}
     if read_file:
         header = read_safetensors_header(entry.path)
-        meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
+        raw_meta = header.get("__metadata__")
+        meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
         record["provenance"] = {k: meta[k] for k in sorted(meta)}
         h = hashlib.sha256()
         with open(entry.path, "rb") as fh:
@@ -270,7 +272,7 @@ def assemble_card(cells: Sequence[CardCell], images: Sequence[np.ndarray], rows:
 
 _FONT_FILES = ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "/usr/share/fonts/dejavu/DejaVuSans.ttf",
                "/usr/share/fonts/TTF/DejaVuSans.ttf")
-_fonts: dict[int, ImageFont.ImageFont] = {}
+_fonts: dict[int, ImageFont.FreeTypeFont | ImageFont.ImageFont] = {}
 
 BG = (24, 24, 28)
 FG = (230, 230, 230)
@@ -283,7 +285,7 @@ EMPTY = (44, 44, 50)
 def font(size: int):
     """DejaVu Sans when installed, else PIL's own scalable default, else its bitmap default."""
     if size not in _fonts:
-        chosen = None
+        chosen: ImageFont.FreeTypeFont | ImageFont.ImageFont | None = None
         for path in _FONT_FILES:
             if os.path.isfile(path):
                 try:
@@ -422,7 +424,8 @@ def _to_pil(img: np.ndarray, px: int) -> Image.Image:
     pil = Image.fromarray(np.asarray(img, np.uint8)).convert("RGB")
     if pil.size != (px, px):
         scale = px / max(pil.size)
-        resized = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))), Image.LANCZOS)
+        resized = pil.resize((max(1, round(pil.width * scale)), max(1, round(pil.height * scale))),
+                             Image.Resampling.LANCZOS)
         pil = Image.new("RGB", (px, px), EMPTY)
         pil.paste(resized, ((px - resized.width) // 2, (px - resized.height) // 2))
     return pil
@@ -575,7 +578,12 @@ def load_card(path: str | Path) -> ModelCard:
         with im:
             grid = im.convert("RGB")
             embedded = im.info.get(PNG_KEY)
-        report = json.loads(json_path.read_text(encoding="utf-8")) if json_path.is_file() else json.loads(embedded)
+        if json_path.is_file():
+            report = json.loads(json_path.read_text(encoding="utf-8"))
+        elif embedded is None:
+            raise ValueError("no .json beside it and no card embedded in the image")
+        else:
+            report = json.loads(embedded)
     except (OSError, ValueError, TypeError) as exc:
         raise FlenUserError(f"{p} is not a readable FLENwheel model card ({exc}).") from exc
     if not isinstance(report, dict) or report.get("flen_model_card") != CARD_FORMAT:
@@ -640,9 +648,9 @@ def compare_cards(cards: Sequence[ModelCard], cell_px: int | None = None) -> Com
     common, mismatched = [], []
     for cell in base_cells:
         key = cell["key"]
-        others = [m.get(key) for m in by_key[1:]]
-        if any(o is None for o in others):
+        if any(key not in m for m in by_key[1:]):
             continue
+        others = [m[key] for m in by_key[1:]]
         if any(o[1]["template"] != cell["template"] or o[1]["seed"] != cell["seed"] for o in others):
             mismatched.append(key)
             continue
@@ -654,14 +662,14 @@ def compare_cards(cards: Sequence[ModelCard], cell_px: int | None = None) -> Com
         k for k in ("width", "height", "steps", "guidance", "instance_token", "threshold", "model", "precision")
         if len({json.dumps(c.report.get("generation", {}).get(k)) for c in cards}) > 1)
     cells_of = [[m[k][1] for k in common] for m in by_key]
-    metrics = {m: {} for m in METRICS}
+    metrics: dict[str, dict[str, Any]] = {m: {} for m in METRICS}
     for v, cells in zip(versions, cells_of, strict=True):
         agg = aggregate(cells)
         for m in METRICS:
             metrics[m][v] = agg[m]
     deltas = {m: {v: _delta(metrics[m][v], metrics[m][versions[0]]) for v in versions} for m in METRICS}
     per_cell = []
-    wins = {v: [] for v in versions}
+    wins: dict[str, list[str]] = {v: [] for v in versions}
     for j, key in enumerate(common):
         sims = {v: cells_of[i][j]["similarity"] for i, v in enumerate(versions)}
         scored = {v: s for v, s in sims.items() if s is not None}

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -21,7 +22,7 @@ def safe_label(label: str) -> str:
     return _UNSAFE.sub("-", label).strip("-")[:48]
 
 
-def write_png_new(folder: Path, name_for: callable, start: int, image: Image.Image,
+def write_png_new(folder: Path, name_for: Callable[[int], str], start: int, image: Image.Image,
                   text: dict[str, object]) -> tuple[Path, int]:
     """Writes ``image`` under the first free name ``name_for(n)`` for n ≥ start; returns (path, n).
 

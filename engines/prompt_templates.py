@@ -17,6 +17,7 @@ import itertools
 import math
 import random
 import re
+from collections.abc import Callable
 
 from .errors import FlenUserError
 
@@ -103,8 +104,13 @@ def expand_templates(templates: list[str] | tuple[str, ...], count: int, seed: i
         order = _spread([values[s] for s in names], n, rng)
         for i in range(n):
             filled = dict(zip(names, order[i % len(order)], strict=True))
-            out.append(_SLOT.sub(lambda m, f=filled: f.get(m.group(1), m.group(0)), template))
+            out.append(_SLOT.sub(_filler(filled), template))
     return out
+
+
+def _filler(filled: dict[str, str]) -> Callable[[re.Match[str]], str]:
+    """The re.sub callback for one prompt: known slots get their value, others stay as written."""
+    return lambda m: filled.get(m.group(1), m.group(0))
 
 
 _FULL_PRODUCT_MAX = 50_000

@@ -210,7 +210,7 @@ def _encode(pipe, job: EditJob, size: tuple[int, int], device: torch.device) -> 
     def cpu(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to("cpu")
 
-    return _Encoded(size[0], size[1], cpu(embeds), cpu(mask), cpu(neg_embeds), cpu(neg_mask))
+    return _Encoded(size[0], size[1], embeds.to("cpu"), cpu(mask), cpu(neg_embeds), cpu(neg_mask))
 
 
 def edit_many(handle: QwenEditHandle, jobs: list[EditJob], stack: LoraStack, host: ModelHost,

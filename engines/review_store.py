@@ -16,6 +16,7 @@ the database are the store's own; nothing ever takes a path from a client.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import io
 import json
@@ -305,6 +306,8 @@ class ReviewStore:
                         "INSERT INTO candidates (character, run_id, version, image, thumb, width, height, sources, "
                         "refs, prompt, loras, seed, model, score, label, pose, meta, created_at, status) "
                         "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')", row)
+                    # lastrowid is set after every successful INSERT.
+                    assert cur.lastrowid is not None
                     ids.append(cur.lastrowid)
                 self._conn.execute("COMMIT")
             except BaseException:
@@ -387,7 +390,8 @@ class ReviewStore:
     def _where(run_id: str | None = None, status: str | None = None, score_min: float | None = None,
                score_max: float | None = None, label: str | None = None, version: str | None = None,
                ids: list[int] | None = None) -> tuple[str, list[Any]]:
-        clauses, args = [], []
+        clauses: list[str] = []
+        args: list[Any] = []
         if run_id:
             clauses.append("run_id=?")
             args.append(run_id)
@@ -436,14 +440,14 @@ class ReviewStore:
         out["total"] = sum(out[s] for s in STATUSES)
         return out
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self) -> builtins.list[dict[str, Any]]:
         with self._lock:
             rows = self._conn.execute(
                 "SELECT run_id, COUNT(*) AS n, SUM(status='pending') AS pending, MIN(created_at) AS created_at "
                 "FROM candidates GROUP BY run_id ORDER BY created_at").fetchall()
         return [dict(r) for r in rows]
 
-    def labels(self) -> list[str]:
+    def labels(self) -> builtins.list[str]:
         with self._lock:
             return [r[0] for r in self._conn.execute(
                 "SELECT DISTINCT label FROM candidates WHERE label<>'' ORDER BY label")]
@@ -455,7 +459,7 @@ class ReviewStore:
             d = self._conn.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0]
         return f"{c}:{d}"
 
-    def history(self, candidate_id: int) -> list[dict[str, Any]]:
+    def history(self, candidate_id: int) -> builtins.list[dict[str, Any]]:
         with self._lock:
             rows = self._conn.execute("SELECT * FROM decisions WHERE candidate_id=? ORDER BY id",
                                       (candidate_id,)).fetchall()
@@ -507,7 +511,7 @@ class ReviewStore:
 
     # -- decisions --
 
-    def decide(self, candidate_id: int, action: str, *, reasons: list[str] | None = None, note: str = "",
+    def decide(self, candidate_id: int, action: str, *, reasons: builtins.list[str] | None = None, note: str = "",
                instruction: str = "", better_id: int | None = None, fixed_image: bytes | None = None,
                who: str = "") -> dict[str, Any]:
         """Records one decision and commits it before returning the updated candidate."""
@@ -583,7 +587,8 @@ class ReviewStore:
     def approve(self, candidate_id: int, who: str = "") -> dict[str, Any]:
         return self.decide(candidate_id, "approve", who=who)
 
-    def reject(self, candidate_id: int, reasons: list[str] | None = None, note: str = "", who: str = "") -> dict:
+    def reject(self, candidate_id: int, reasons: builtins.list[str] | None = None, note: str = "",
+               who: str = "") -> dict:
         return self.decide(candidate_id, "reject", reasons=reasons, note=note, who=who)
 
     def correct(self, candidate_id: int, instruction: str = "", better_id: int | None = None,
@@ -606,13 +611,13 @@ class ReviewStore:
         d["reasons"] = json.loads(d["reasons"])
         return d
 
-    def approved(self, run_id: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+    def approved(self, run_id: str | None = None, version: str | None = None) -> builtins.list[dict[str, Any]]:
         where, args = self._where(run_id=run_id, version=version, status="approved")
         with self._lock:
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY id", args).fetchall()
         return [self._row_dict(r) for r in rows]
 
-    def corrections(self, run_id: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+    def corrections(self, run_id: str | None = None, version: str | None = None) -> builtins.list[dict[str, Any]]:
         """Corrected candidates with their correction: the raw material of edit pairs. File names
         are relative to the workspace folder (``root``)."""
         where, args = self._where(run_id=run_id, version=version, status="corrected")

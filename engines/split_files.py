@@ -20,6 +20,7 @@ import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -87,7 +88,7 @@ class FileInfo:
         if "F8_E4M3" in dtypes:
             return "fp8_e4m3fn"
         counts = {d: dtypes.count(d) for d in set(dtypes)}
-        top = max(counts, key=counts.get) if counts else "F32"
+        top = max(counts, key=counts.__getitem__) if counts else "F32"
         return {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(top, top.lower())
 
     def config(self, component: str) -> dict | None:
@@ -363,6 +364,9 @@ def _fetch(f, src: Source) -> torch.Tensor:
     return t
 
 
+_M = TypeVar("_M", bound=nn.Module)
+
+
 def load_into(model: nn.Module, path: str | Path, info: FileInfo, plan: Plan, compute_dtype: torch.dtype,
               quantise: bool = False, keep_fp8: bool = True, skip_fp8: Iterable[str] = (),
               what: str = "this model", optional: Iterable[str] = ()) -> nn.Module:
@@ -400,7 +404,7 @@ def load_into(model: nn.Module, path: str | Path, info: FileInfo, plan: Plan, co
             if target not in params and target not in buffers:
                 log.debug("FLENwheel: %s: ignoring %s (not part of %s)", path.name, src.key, what)
                 continue
-            expected = (params.get(target) if target in params else buffers[target]).shape
+            expected = (params[target] if target in params else buffers[target]).shape
             tensor = _fetch(f, src)
             if tuple(tensor.shape) != tuple(expected):
                 raise FlenUserError(
@@ -437,7 +441,7 @@ def load_into(model: nn.Module, path: str | Path, info: FileInfo, plan: Plan, co
     return model
 
 
-def build_empty(factory: Callable[[], nn.Module]) -> nn.Module:
+def build_empty(factory: Callable[[], _M]) -> _M:
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):

@@ -257,8 +257,8 @@ def _latent_preview(latents: torch.Tensor, factors: torch.Tensor, bias: torch.Te
     rgb = torch.einsum("chw,cr->hwr", x[:n], factors[:n])
     if bias is not None:
         rgb = rgb + bias
-    rgb = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
-    return Image.fromarray(rgb)
+    pixels = ((rgb + 1) / 2).clamp(0, 1).mul(255).byte().numpy()
+    return Image.fromarray(pixels)
 
 
 # ---- server -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import torch
@@ -136,7 +137,8 @@ class FLENIdentityFilter(io.ComfyNode):
         rows = engine.score_images(bank, model, engine.to_uint8(images), threshold=threshold, decide_by=decide_by,
                                    face_rule=face_rule, several_faces=several_faces, on_image=progress)
         table = engine.score_table(rows, threshold, decide_by, face_rule)
-        passed_meta, rejected_meta = [], []
+        passed_meta: list[dict[str, Any]] = []
+        rejected_meta: list[dict[str, Any]] = []
         for row in rows:
             record = dict(meta[row.index]) if meta is not None else {"index": row.index}
             record["identity"] = {k: v for k, v in row.as_dict().items() if k != "index"}

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TypeGuard
 
 from comfy_api.v0_0_2 import io
 from PIL import Image
@@ -83,6 +84,8 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, cwd=str(PACK_DIR), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             bufsize=1, env=env, start_new_session=True)
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None  # both are PIPEs
     child_file = train_dir / CHILD_FILE
     ds.atomic_write(child_file, json.dumps({"pid": proc.pid, "cmd": cmd, "config": str(config_path),
                                             "server_pid": os.getpid(), "prompt_id": bridge.current_prompt_id(),
@@ -91,14 +94,14 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
     stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
 
     def read_stdout() -> None:
-        for line in proc.stdout:
+        for line in stdout:
             ev = _parse(line)
             if ev is not None:
                 events.put(ev)
         events.put(None)
 
     def read_stderr() -> None:
-        for line in proc.stderr:
+        for line in stderr:
             if line.strip() and "it/s]" not in line:  # tqdm bars are noise
                 stderr_tail.append(line.rstrip())
 
@@ -161,7 +164,7 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
     return str(done["lora"]), done
 
 
-def _pid_alive(pid: object) -> bool:
+def _pid_alive(pid: object) -> TypeGuard[int]:
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:

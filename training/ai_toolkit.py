@@ -230,7 +230,7 @@ def build_config(dataset_path: str | os.PathLike, settings: AIToolkitSettings, n
             "sample": {**sample_common, "samples": samples, "neg": "", "seed": s.seed, "walk_seed": True,
                        "guidance_scale": 3, "sample_steps": 25},
         }
-    meta = {"name": "[name]", "version": "1.0"}
+    meta: dict[str, str | int | float | bool] = {"name": "[name]", "version": "1.0"}
     meta.update({k: (v if isinstance(v, (str, int, float, bool)) else json.dumps(v, sort_keys=True, default=str))
                  for k, v in (extra_meta or {}).items()})
     return {"job": "extension", "config": {"name": name, "process": [process]}, "meta": meta}
@@ -567,8 +567,8 @@ def _with_metadata(src: Path, dst_tmp: Path, metadata: dict[str, str]) -> bool:
         header = None
     with open(src, "rb") as fin, open(dst_tmp, "wb") as fout:
         if header is not None:
-            meta = header.get("__metadata__") if isinstance(header.get("__metadata__"), dict) else {}
-            meta = {str(k): str(v) for k, v in meta.items()}
+            old_meta = header.get("__metadata__")
+            meta = {str(k): str(v) for k, v in (old_meta.items() if isinstance(old_meta, dict) else ())}
             meta.update(metadata)
             header["__metadata__"] = meta
             data = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

@@ -17,6 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -135,7 +136,7 @@ class ComfyClient:
     def get(self, path: str, **kw) -> requests.Response:
         return requests.get(self.url + path, timeout=kw.pop("timeout", 30), **kw)
 
-    def post(self, path: str, payload: object, **kw) -> requests.Response:
+    def post(self, path: str, payload: Any, **kw) -> requests.Response:  # payload: any JSON value
         return requests.post(self.url + path, json=payload, timeout=kw.pop("timeout", 30), **kw)
 
     def queue(self, prompt: dict) -> str:

@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .comfy_queue import ComfyClient, ComfyServer, comfyui_path, prepare_base_directory
 from .tiny_models import write_tiny_models
@@ -171,10 +172,11 @@ def scripted_review(client: ComfyClient, character: str, correct: int = 2, rejec
     if not ids:
         raise RuntimeError(f"nothing pending for review of {character}")
     decide = f"/flenwheel/review/{character}/decide"
-    steps = [(ids[:correct], {"action": "correct", "instruction": "rotate the camera 45 degrees to the left, "
-                                                                  "keep the face identical"}),
-             (ids[correct:correct + reject], {"action": "reject", "reasons": ["artefacts"]}),
-             (ids[correct + reject:], {"action": "approve"})]
+    steps: list[tuple[list[int], dict[str, Any]]] = [
+        (ids[:correct], {"action": "correct", "instruction": "rotate the camera 45 degrees to the left, "
+                                                             "keep the face identical"}),
+        (ids[correct:correct + reject], {"action": "reject", "reasons": ["artefacts"]}),
+        (ids[correct + reject:], {"action": "approve"})]
     counts: dict = {}
     for chunk, body in steps:
         if chunk:

@@ -41,12 +41,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, cast, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
 
 from engines.errors import FlenUserError
+
+if TYPE_CHECKING:
+    from diffusers.models.modeling_utils import ModelMixin
 
 PRECISIONS = ("bf16", "fp32", "nf4")
 OPTIMIZERS = ("auto", "adamw8bit", "adamw")
@@ -540,7 +543,8 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # legacy=True (the default): the tuple form
+    assert isinstance(np_state, tuple)
     tensors["numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
     py = random.getstate()
     return tensors, {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -605,11 +609,11 @@ class Trainer:
         tensors_path, index_path = folder / f"{digest}.safetensors", folder / f"{digest}.json"
         if tensors_path.is_file() and index_path.is_file():
             try:
-                tensors = load_tensors(tensors_path)
+                cached = load_tensors(tensors_path)
                 index = json.loads(index_path.read_text())
                 self.emit("cache", reused=True, examples=len(index["train"]))
-                return ([_example_from(e, tensors) for e in index["train"]],
-                        [_example_from(e, tensors) for e in index["samples"]])
+                return ([_example_from(e, cached) for e in index["train"]],
+                        [_example_from(e, cached) for e in index["samples"]])
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache is rebuilt
         t0 = time.time()
@@ -629,11 +633,13 @@ class Trainer:
         from peft import LoraConfig
 
         cfg = self.cfg
-        transformer = self.transformer
+        # load_transformer gives a diffusers model: a ModelMixin, with peft's add_adapter.
+        transformer = cast("ModelMixin", self._model())
         transformer.requires_grad_(False)
         torch.manual_seed(cfg.seed)
-        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_alpha(), init_lora_weights=True,
-                                           target_modules=cfg.modules()))
+        # peft annotates lora_alpha as int, but only divides it by r: a fractional alpha is valid.
+        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.effective_alpha(),  # type: ignore[arg-type]
+                                           init_lora_weights=True, target_modules=cfg.modules()))
         self.params = sorted(((n, p) for n, p in transformer.named_parameters() if p.requires_grad),
                              key=lambda x: x[0])
         if not self.params:
@@ -643,6 +649,12 @@ class Trainer:
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         transformer.train()
+
+    def _model(self) -> torch.nn.Module:
+        """The transformer being trained; run() loads it before anything else uses it."""
+        if self.transformer is None:
+            raise RuntimeError("Trainer.run() loads the transformer first")
+        return self.transformer
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
@@ -756,7 +768,7 @@ class Trainer:
         tt = t.view(-1, *([1] * (x0.dim() - 1)))
         noisy = ((1 - tt) * x0 + tt * noise).to(self.dtype)
         cond = {k: torch.stack([e.cond[k] for e in batch]).to(self.device) for k in batch[0].cond}
-        pred = self.task.predict(self.transformer, noisy, t.to(self.dtype), cond)
+        pred = self.task.predict(self._model(), noisy, t.to(self.dtype), cond)
         target = noise - x0
         return torch.nn.functional.mse_loss(pred.float(), target.float())
 
@@ -770,7 +782,7 @@ class Trainer:
     def eval_loss(self, examples: list[Example]) -> float:
         """Flow-matching loss on ``examples`` at fixed noise and times (0.25, 0.5, 0.75): comparable across
         steps, unlike the per-step loss, whose time is random."""
-        self.transformer.eval()
+        self._model().eval()
         losses = []
         for i, e in enumerate(examples):
             g = torch.Generator("cpu").manual_seed(10_007 + i)
@@ -779,17 +791,17 @@ class Trainer:
             cond = {k: v.unsqueeze(0).to(self.device) for k, v in e.cond.items()}
             for t in (0.25, 0.5, 0.75):
                 noisy = ((1 - t) * x0 + t * noise).to(self.dtype)
-                pred = self.task.predict(self.transformer, noisy, torch.full((1,), t, device=self.device,
+                pred = self.task.predict(self._model(), noisy, torch.full((1,), t, device=self.device,
                                                                               dtype=self.dtype), cond)
                 losses.append(float(torch.nn.functional.mse_loss(pred.float(), noise - x0)))
-        self.transformer.train()
+        self._model().train()
         return sum(losses) / len(losses)
 
     # -- samples
     @torch.no_grad()
     def sample(self, samples: list[Example], step: int) -> list[str]:
         cfg = self.cfg
-        self.transformer.eval()
+        self._model().eval()
         paths = []
         folder = self.run_dir / SAMPLES_DIR
         folder.mkdir(parents=True, exist_ok=True)
@@ -800,7 +812,7 @@ class Trainer:
             ts = torch.linspace(1.0, 0.0, cfg.sample_steps + 1)
             ts = cfg.sample_shift * ts / (1 + (cfg.sample_shift - 1) * ts)
             for a, b in zip(ts[:-1], ts[1:], strict=True):
-                v = self.task.predict(self.transformer, x.to(self.dtype),
+                v = self.task.predict(self._model(), x.to(self.dtype),
                                       torch.full((1,), float(a), device=self.device, dtype=self.dtype), cond)
                 x = x + (float(b) - float(a)) * v.float()
             image = self.task.decode(x, self.device, self.dtype)
@@ -808,7 +820,7 @@ class Trainer:
             buf = _png_bytes(image)
             atomic_write_bytes(path, buf)
             paths.append(str(path))
-        self.transformer.train()
+        self._model().train()
         release_memory(self.device)
         return paths
 

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import websocket
 
@@ -334,20 +335,21 @@ def _follow(client: ComfyClient, batch: Batch, jobs: list[dict], progress: Progr
             poll = raw is None or time.monotonic() - last_poll > 2.0
             if isinstance(raw, str):
                 msg = json.loads(raw)
-                kind, data = msg.get("type"), msg.get("data") or {}
+                kind = msg.get("type")
+                data: dict[str, Any] = msg.get("data") or {}
                 pid = data.get("prompt_id")
-                job = waiting.get(pid)
+                followed = waiting.get(pid) if pid is not None else None
                 if kind in ("execution_success", "execution_error", "execution_interrupted"):
                     poll = True
-                elif job is not None and kind == "executing":
+                elif followed is not None and kind == "executing":
                     if data.get("node") is None:
                         poll = True
                     else:
-                        node = job["prompt"].get(str(data["node"]), {})
-                        nodes[pid] = f"{job['label']}: {node.get('class_type', data['node'])}"
+                        node = followed["prompt"].get(str(data["node"]), {})
+                        nodes[pid] = f"{followed['label']}: {node.get('class_type', data['node'])}"
                         progress.set(server, nodes[pid])
-                elif job is not None and kind == "progress":
-                    progress.set(server, f"{nodes.get(pid, job['label'])} {data.get('value')}/{data.get('max')}")
+                elif followed is not None and kind == "progress":
+                    progress.set(server, f"{nodes.get(pid, followed['label'])} {data.get('value')}/{data.get('max')}")
             if poll:
                 last_poll = time.monotonic()
                 for pid, job in list(waiting.items()):
@@ -357,7 +359,8 @@ def _follow(client: ComfyClient, batch: Batch, jobs: list[dict], progress: Progr
                     del waiting[pid]
                     status = entry["status"]
                     if status.get("status_str") == "error" or not status.get("completed"):
-                        err = next((d for k, d in status.get("messages", []) if k == "execution_error"), {})
+                        err: dict[str, Any] = next(
+                            (d for k, d in status.get("messages", []) if k == "execution_error"), {})
                         batch.update(job, status="error", error=f"node {err.get('node_id')} "
                                      f"({err.get('node_type')}): {err.get('exception_message', status)}")
                     else:

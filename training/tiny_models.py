@@ -23,6 +23,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -112,7 +113,8 @@ def _train_clip_tokenizer(vocab_size: int = 600):
                                   proto.backend_tokenizer.normalizer.normalize_str)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab, merges = _train_bpe(counts, alphabet, vocab_size, ["<|startoftext|>", "<|endoftext|>"], "</w>")
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    # transformers annotates merges as strings; its BPE tokenizers take (left, right) pairs too.
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
 
 
 def _train_t5_tokenizer(vocab_size: int = 300):
@@ -160,7 +162,8 @@ def _train_qwen_tokenizer(vocab_size: int = 600):
     counts = _pretokenized_counts(proto.backend_tokenizer.pre_tokenizer)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab, merges = _train_bpe(counts, alphabet, vocab_size, list(_QWEN_SPECIALS))
-    qtok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=4096)
+    # transformers annotates merges as strings; its BPE tokenizers take (left, right) pairs too.
+    qtok = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=4096)  # type: ignore[arg-type]
     qtok.add_special_tokens({"additional_special_tokens": _QWEN_SPECIALS[1:]})
     return qtok
 
@@ -200,7 +203,9 @@ def build_tiny_flux(seed: int = 0):
         projection_dim=32, max_position_embeddings=77,
     )
     text_encoder = _seeded(seed + 1, lambda: CLIPTextModel(clip_cfg))
-    t5_cfg = T5Config(
+    # transformers' @strict configs declare only their own fields; the rest (decoder_start_token_id, vocab_size
+    # below) go through __post_init__(**kwargs), which the checker cannot see.
+    t5_cfg = T5Config(  # type: ignore[call-arg]
         d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=len(tokenizer_2),
         relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=tokenizer_2.pad_token_id,
         eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0, is_encoder_decoder=False,
@@ -248,7 +253,7 @@ def build_tiny_qwen_edit(seed: int = 0):
         base_dim=8, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
     ))
-    te_cfg = Qwen2_5_VLConfig(
+    te_cfg = Qwen2_5_VLConfig(  # type: ignore[call-arg]
         text_config={
             "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
             "num_key_value_heads": 2, "vocab_size": len(tokenizer), "max_position_embeddings": 4096,
@@ -664,7 +669,7 @@ def _save_pipeline(pipe, path: Path) -> None:
     pipe.save_pretrained(str(path), safe_serialization=True)
 
 
-def write_tiny_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
+def write_tiny_models(models_dir: str | Path, seed: int = 0) -> dict[str, Any]:
     """Write the tiny models into ``models_dir`` (a ComfyUI-style ``models`` folder); returns their paths.
 
     Keys: ``qwen_edit``, ``flux`` (diffusers folders), ``insightface_root`` (``models_dir/insightface``, the
@@ -697,8 +702,7 @@ def write_tiny_models(models_dir: str | Path, seed: int = 0) -> dict[str, Path]:
             sd = _lora_state_dict(pipe.transformer, _LORA_TARGETS[key], seed * 1000 + 101 + 17 * k)
             _write_lora(paths["loras"] / fname, sd, base=key)
     write_insightface_pack(paths["insightface_pack"], seed)
-    paths["split_files"] = split
-    return paths
+    return {**paths, "split_files": split}
 
 
 def main(argv=None) -> int:

@@ -119,6 +119,7 @@ class CharLoraTask(TrainTask):
 
     prefix = "char_lora"
     architecture = "flux"
+    cfg: CharLoraConfig  # narrows TrainTask.cfg: set from the constructor argument
     trainer_name = "training.train_char_lora"
 
     def __init__(self, cfg: CharLoraConfig) -> None:
@@ -148,7 +149,9 @@ class CharLoraTask(TrainTask):
             if not self.class_prompt:
                 raise ConfigError("prior_preservation needs 'class_prompt' (e.g. 'a photo of a person'); the "
                                   "dataset has none.")
-        self.vae = None
+        # A diffusers AutoencoderKL, loaded on the first decode. Any: diffusers' top-level names resolve to dummy
+        # classes for the checker, and ModelMixin.to is a wrapped function it cannot call.
+        self.vae: Any = None
 
     def run_dir(self) -> Path:
         if self.cfg.run_dir:

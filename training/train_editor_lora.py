@@ -62,6 +62,7 @@ class EditorLoraTask(TrainTask):
 
     prefix = "qwen_lora"
     architecture = "qwen_image_edit_plus"
+    cfg: EditorLoraConfig  # narrows TrainTask.cfg: set from the constructor argument
     trainer_name = "training.train_editor_lora"
 
     def __init__(self, cfg: EditorLoraConfig) -> None:
@@ -79,7 +80,9 @@ class EditorLoraTask(TrainTask):
         self.character = validate_character(cfg.character or str(self.dataset.info.get("character") or "character"))
         self.items = list(self.dataset.items)
         self.control_side = cfg.control_resolution or cfg.resolution
-        self.vae = None
+        # A diffusers AutoencoderKLQwenImage, loaded on the first decode. Any: diffusers' top-level names resolve
+        # to dummy classes for the checker, and ModelMixin.to is a wrapped function it cannot call.
+        self.vae: Any = None
 
     def run_dir(self) -> Path:
         if self.cfg.run_dir:
