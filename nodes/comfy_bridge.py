@@ -170,8 +170,13 @@ def lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
 
+def find_lora_path(name: str) -> str | None:
+    """The LoRA's file under models/loras, or None when there is none."""
+    return folder_paths.get_full_path("loras", name)
+
+
 def lora_path(name: str) -> str:
-    path = folder_paths.get_full_path("loras", name)
+    path = find_lora_path(name)
     if path is None:
         roots = ", ".join(folder_paths.get_folder_paths("loras"))
         raise FlenUserError(f"LoRA '{name}' not found in models/loras ({roots}). "

@@ -37,8 +37,10 @@ class FLENLoraStack(io.ComfyNode):
     def execute(cls, lora_name: str, strength: float, enabled: bool,
                 lora_stack: LoraStack | None = None) -> io.NodeOutput:
         base = lora_stack if lora_stack is not None else LoraStack()
-        entry = LoraEntry(name=lora_name, path=bridge.lora_path(lora_name),
-                          strength=float(strength), enabled=bool(enabled))
+        # An entry that is off is never read, so its file need not exist yet: the shipped workflows name the
+        # editor LoRA qwen_lora_v1, switched off, before flywheel 2 has trained it.
+        path = bridge.lora_path(lora_name) if enabled else bridge.find_lora_path(lora_name) or ""
+        entry = LoraEntry(name=lora_name, path=path, strength=float(strength), enabled=bool(enabled))
         return io.NodeOutput(base.extended(entry))
 
 

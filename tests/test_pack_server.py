@@ -87,6 +87,22 @@ def test_unknown_lora_is_refused_with_its_name(comfy):
     assert "LoRA 'not_there.safetensors' not found in models/loras" in error["exception_message"]
 
 
+def test_a_switched_off_lora_need_not_exist_yet(comfy):
+    """flywheel1_enrich ships its editor-LoRA slot off, naming qwen_lora_v1 before flywheel 2 has made it: the
+    first run must go through; the same entry switched on fails naming the file."""
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "api" / "flywheel1_enrich.json")
+                         .read_text(encoding="utf-8"))["7"]["inputs"]
+    assert shipped["enabled"] is False and not shipped["lora_name"].startswith("flen-tiny/")
+    prompt = load_api_workflow("flywheel1_enrich")
+    prompt["7"]["inputs"].update(lora_name=shipped["lora_name"], enabled=False)
+    outputs = comfy.run(prompt)
+    assert outputs
+    prompt["7"]["inputs"]["enabled"] = True
+    error = comfy.run_error(prompt)
+    assert error["node_type"] == "FLENLoraStack"
+    assert f"LoRA '{shipped['lora_name']}' not found in models/loras" in error["exception_message"]
+
+
 def test_generate_with_empty_prompt_reports_what_to_do(comfy):
     prompt = load_api_workflow("flen_synthetic_flux")
     prompt["4"]["inputs"]["prompts"] = "  \n \n"
