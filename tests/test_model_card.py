@@ -363,3 +363,43 @@ def test_comparison_chart_has_values_on_its_axes(planted, drawn_text):
     for tick in ("0.00", "0.25", "0.50", "0.75", "1.00", "+0.050", "-0.050", "0"):
         assert tick in drawn_text, (tick, drawn_text)
     assert comparison.chart.size[0] >= 760
+
+
+def test_per_row_and_per_column_deltas_have_both_signs_and_equal_the_cells_means(planted, face):
+    """Two cards that swap a good and a bad face between two cells: one row and one column get better, another
+    row and column worse, and each group's delta is the difference of the cells' own mean similarities."""
+    base = planted[0]
+    model, bank, reference = face
+    other = np.asarray(tm.draw_test_face(2))
+    keys = [c["key"] for c in base.report["cells"]]
+    better_cell = "angry / three-quarter"
+    cells = mc.parse_prompt_set(base.report["prompt_set"])
+
+    def card(at_plant: np.ndarray, at_better: np.ndarray, name: str) -> mc.ModelCard:
+        images = [img.copy() for img in base.images]
+        images[keys.index(PLANT)], images[keys.index(better_cell)] = at_plant, at_better
+        rows = mc.score_cells(bank, model, images, SETTINGS.threshold)
+        lora = {**base.report["lora"], "name": f"flenwheel/alice/{name}.safetensors"}
+        return mc.assemble_card(cells, images, rows, SETTINGS, lora, {"model": tm.FLUX_DIRNAME, "precision": "fp32"},
+                                bank)
+
+    v1 = card(reference, other, "char_lora_v1")
+    v2 = card(other, reference, "char_lora_v2")
+    r = mc.compare_cards([v1, v2]).report
+    per_row, per_col = r["per_row"], r["per_column"]
+    assert per_row["smiling"]["delta"]["char_lora_v2"] < -0.05
+    assert per_row["angry"]["delta"]["char_lora_v2"] > 0.05
+    assert per_col["front"]["delta"]["char_lora_v2"] < -0.05
+    assert per_col["three-quarter"]["delta"]["char_lora_v2"] > 0.05
+    for by, groups in (("row", per_row), ("column", per_col)):
+        for name, group in groups.items():
+            for v, card_ in (("char_lora_v1", v1), ("char_lora_v2", v2)):
+                sims = [c["similarity"] for c in card_.report["cells"]
+                        if c[by] == name and c["similarity"] is not None]
+                expected = sum(sims) / len(sims) if sims else None
+                got = group["mean_similarity"][v]
+                assert (got is None) == (expected is None) and (got is None or got == pytest.approx(expected, abs=1e-4))
+            d = group["delta"]["char_lora_v2"]
+            m = group["mean_similarity"]
+            if m["char_lora_v1"] is not None and m["char_lora_v2"] is not None:
+                assert d == pytest.approx(m["char_lora_v2"] - m["char_lora_v1"], abs=1e-4)

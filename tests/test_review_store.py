@@ -243,3 +243,11 @@ def test_a_correction_built_in_steps_keeps_instruction_reasons_and_fixed_image(s
     assert c["corrected_instruction"] == "turn left 90 degrees" and c["fixed_image"].startswith("corrections/")
     store.undo(a)  # one step back: the fixed image goes, the instruction stays
     assert store.get(a)["correction"]["has_fixed_image"] is False
+
+
+def test_the_store_writes_through_wal_with_a_full_sync(store):
+    """A decision is acknowledged only after SQLite has synced it: WAL journal with synchronous=FULL (a missing
+    fsync is invisible to a SIGKILL test, which does not lose the OS's page cache)."""
+    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
