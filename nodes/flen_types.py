@@ -29,3 +29,9 @@ LoraNameType = io.Custom("STRING")
 LoraNameType.io_type = _LoraNameType("STRING")  # io.Custom wraps the name in its own str type
 
 CATEGORY = "FLENwheel"
+
+# The precision input of both split-file loaders (FLENQwenEditFileLoader, FLENFluxFileLoader).
+FILE_PRECISION_TOOLTIP = ("auto: as the files store it — fp8 files stay fp8 (e4m3, with ComfyUI's scale for 'scaled' "
+                          "files), 16-bit files become bf16 on a GPU (fp32 on the CPU). bf16 / fp32: that compute "
+                          "dtype (fp32 dequantises fp8 files). fp8: quantise a bf16 diffusion model to e4m3 while "
+                          "loading (half the memory).")

@@ -10,7 +10,7 @@ from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
 from ..engines.split_files import FILE_PRECISIONS
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, FluxPipeType, LoraStackType, MetaType
+from .flen_types import CATEGORY, FILE_PRECISION_TOOLTIP, FluxPipeType, LoraStackType, MetaType
 from .pipeline_cache import PipelineCache
 
 _flux_cache = PipelineCache(flux_pipeline.load_flux)
@@ -44,8 +44,6 @@ class FLENFluxLoader(io.ComfyNode):
 class FLENFluxFileLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from .qwen_nodes import FILE_PRECISION_TOOLTIP
-
         return io.Schema(
             node_id="FLENFluxFileLoader",
             display_name="FLEN FLUX Loader (ComfyUI files)",

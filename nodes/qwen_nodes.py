@@ -14,7 +14,7 @@ from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
 from ..engines.split_files import FILE_PRECISIONS
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, LoraStackType, MetaType, QwenEditPipeType
+from .flen_types import CATEGORY, FILE_PRECISION_TOOLTIP, LoraStackType, MetaType, QwenEditPipeType
 from .pipeline_cache import PipelineCache
 
 _qwen_cache = PipelineCache(qwen_edit.load_qwen_edit)
@@ -77,12 +77,6 @@ class FLENQwenEditLoader(io.ComfyNode):
     @classmethod
     def execute(cls, model: str, precision: str) -> io.NodeOutput:
         return io.NodeOutput(_qwen_cache.get(model, precision))
-
-
-FILE_PRECISION_TOOLTIP = ("auto: as the files store it — fp8 files stay fp8 (e4m3, with ComfyUI's scale for 'scaled' "
-                          "files), 16-bit files become bf16 on a GPU (fp32 on the CPU). bf16 / fp32: that compute "
-                          "dtype (fp32 dequantises fp8 files). fp8: quantise a bf16 diffusion model to e4m3 while "
-                          "loading (half the memory).")
 
 
 class FLENQwenEditFileLoader(io.ComfyNode):
