@@ -66,11 +66,12 @@ class PrecisionClient(ComfyClient):
 def _workflow_steps(client: ComfyClient) -> dict[str, Callable[[], str]]:
     c = demo.CHARACTER
 
+    def images(prompt: dict) -> str:
+        outputs = client.run(prompt, timeout=600)
+        return f"{sum(len(o.get('images', [])) for o in outputs.values())} images"
+
     def plain(name: str) -> Callable[[], str]:
-        def run() -> str:
-            outputs = client.run(demo.load_api_workflow(name), timeout=600)
-            return f"{sum(len(o.get('images', [])) for o in outputs.values())} images"
-        return run
+        return lambda: images(demo.load_api_workflow(name))
 
     def enrich() -> str:
         client.run(demo.enrich_for_review(c, "v1"), timeout=600)
@@ -89,8 +90,9 @@ def _workflow_steps(client: ComfyClient) -> dict[str, Callable[[], str]]:
         return f"reviewed {demo.scripted_review(client, c, correct=0, reject=1)}"
 
     def editor() -> str:
-        outputs = client.run(demo.with_character(demo.load_api_workflow("flywheel2_editor"), c), timeout=600)
-        return demo._text(outputs, demo._node(demo.load_api_workflow("flywheel2_editor"), "FLENTrainEditorLoRA"))
+        prompt = demo.with_character(demo.load_api_workflow("flywheel2_editor"), c)
+        outputs = client.run(prompt, timeout=600)
+        return demo._text(outputs, demo._node(prompt, "FLENTrainEditorLoRA"))
 
     def interactive() -> str:
         client.run(demo.with_character(demo.load_api_workflow("flywheel_interactive"), c), timeout=600)
@@ -98,11 +100,7 @@ def _workflow_steps(client: ComfyClient) -> dict[str, Callable[[], str]]:
 
     def split(name: str, **files: str) -> Callable[[], str]:
         """The workflow with its loaders swapped for the split-file loaders on the kit's ComfyUI files."""
-        def run() -> str:
-            prompt = demo.with_split_files(demo.load_api_workflow(name), **files)
-            outputs = client.run(prompt, timeout=600)
-            return f"{sum(len(o.get('images', [])) for o in outputs.values())} images"
-        return run
+        return lambda: images(demo.with_split_files(demo.load_api_workflow(name), **files))
 
     steps = {"flywheel1_enrich": enrich, "flywheel1_train": train, "flywheel1_synthesize": synthesize,
              "flywheel2_editor": editor, "flywheel_interactive": interactive}
