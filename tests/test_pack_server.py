@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.demo import load_api_workflow, output_files
+from training.comfy_queue import PromptFailed
+from training.demo import load_api_workflow, output_files, write_demo_inputs
 
 pytestmark = pytest.mark.server
 
@@ -87,9 +88,10 @@ def test_unknown_lora_is_refused_with_its_name(comfy):
     assert "LoRA 'not_there.safetensors' not found in models/loras" in error["exception_message"]
 
 
-def test_a_switched_off_lora_need_not_exist_yet(comfy):
+def test_a_switched_off_lora_need_not_exist_yet(comfy, comfy_server):
     """flywheel1_enrich ships its editor-LoRA slot off, naming qwen_lora_v1 before flywheel 2 has made it: the
     first run must go through; the same entry switched on fails naming the file."""
+    write_demo_inputs(comfy_server.base / "input")
     shipped = json.loads((Path(__file__).resolve().parents[1] / "workflows" / "api" / "flywheel1_enrich.json")
                          .read_text(encoding="utf-8"))["7"]["inputs"]
     assert shipped["enabled"] is False and not shipped["lora_name"].startswith("flen-tiny/")
@@ -109,3 +111,17 @@ def test_generate_with_empty_prompt_reports_what_to_do(comfy):
     error = comfy.run_error(prompt)
     assert error["node_type"] == "FLENFluxGenerate"
     assert "prompt box is empty" in error["exception_message"]
+
+
+def test_a_prompt_with_an_invalid_output_branch_is_refused_not_half_run(comfy):
+    """ComfyUI runs the valid outputs of a prompt and silently drops the others: the client refuses instead
+    (the switched-off-LoRA test above once passed on a prompt whose every output had been dropped)."""
+    prompt = load_api_workflow("flywheel1_enrich")
+    prompt["1"]["inputs"]["folder"] = "no_such_folder_here"  # only the branches below node 1 become invalid
+    with pytest.raises(PromptFailed) as refused:
+        comfy.queue(prompt)
+    message = str(refused.value)
+    assert "would skip part of the prompt" in message
+    assert "LoadImageSetFromFolderNode" in message and "no_such_folder_here" in message
+    queue = comfy.get("/queue").json()
+    assert not queue["queue_pending"] and not queue["queue_running"]

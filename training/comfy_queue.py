@@ -143,7 +143,14 @@ class ComfyClient:
         r = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
         if r.status_code != 200:
             raise PromptFailed(f"POST /prompt refused the prompt ({r.status_code}):\n{_readable_refusal(r)}")
-        return r.json()["prompt_id"]
+        body = r.json()
+        if body.get("node_errors"):
+            # ComfyUI queues what is valid and drops every output whose inputs fail validation: the prompt would
+            # "succeed" without running those outputs. Take it off the queue and say which inputs are wrong.
+            self.post("/queue", {"delete": [body["prompt_id"]]})
+            raise PromptFailed("ComfyUI would skip part of the prompt (its other outputs would run):\n"
+                               + _readable_refusal(r))
+        return body["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
         """Waits for a queued prompt; returns its history entry or raises with ComfyUI's error."""
