@@ -14,6 +14,7 @@ is on the GPU). Pinned memory is page-locked: ``pin_limit_bytes`` bounds how muc
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +28,12 @@ def default_pin_limit() -> int:
         return 0
 
 
-_pinned_bytes = 0  # page-locked host memory taken by every ResidentWeights of this process
+_live: weakref.WeakSet = weakref.WeakSet()  # every ResidentWeights alive: their pinned bytes count together
+
+
+def pinned_bytes() -> int:
+    """Page-locked host memory held by this process's ResidentWeights (a released one no longer counts)."""
+    return sum(r.stats.pinned_bytes for r in list(_live))
 
 
 def _is_pinned(t: torch.Tensor) -> bool:
@@ -59,7 +65,7 @@ def _unchanged(rec: _Record, t: torch.Tensor) -> bool:
             and rec.device_version == t._version)
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: instances live in a WeakSet
 class ResidentWeights:
     """Moves ``module``'s parameters and buffers between the host and a device, keeping the host copy."""
 
@@ -68,6 +74,9 @@ class ResidentWeights:
     pin_limit_bytes: int = field(default_factory=default_pin_limit)
     stats: MoveStats = field(default_factory=MoveStats)
     _records: dict[tuple[int, str, str], _Record] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _live.add(self)
 
     @staticmethod
     def supports(module: torch.nn.Module) -> bool:
@@ -91,16 +100,14 @@ class ResidentWeights:
 
     def _host_copy(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The tensor as it will be kept on the host: pinned when allowed and the device is a CUDA one."""
-        global _pinned_bytes
         host = t.detach()
         size = host.numel() * host.element_size()
         if (self.pin and device.type == "cuda" and not _is_pinned(host)
-                and _pinned_bytes + size <= self.pin_limit_bytes):
+                and pinned_bytes() + size <= self.pin_limit_bytes):
             try:
                 host = host.pin_memory()
             except RuntimeError:  # the OS refused to lock more pages: stay pageable
                 return host
-            _pinned_bytes += size
             self.stats.pinned_bytes += size
         return host
 
@@ -175,12 +182,9 @@ class ResidentWeights:
         return out
 
     def _drop(self, key: tuple[int, str, str]) -> None:
-        global _pinned_bytes
         rec = self._records.pop(key, None)
         if rec is not None and _is_pinned(rec.host):
-            size = rec.host.numel() * rec.host.element_size()
-            _pinned_bytes -= size
-            self.stats.pinned_bytes -= size
+            self.stats.pinned_bytes -= rec.host.numel() * rec.host.element_size()
 
     def _forget_all_but(self, keys: set) -> None:
         """Tensors that left the module (an unstacked LoRA pair) must not keep their host copy alive."""
