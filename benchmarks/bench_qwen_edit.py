@@ -52,7 +52,7 @@ class OffloadHost:
     def __init__(self, device: torch.device, modules: list[nn.Module]) -> None:
         self.device, self.modules, self.swap_s = device, modules, 0.0
 
-    def prepare(self, *wanted: nn.Module) -> torch.device:
+    def prepare(self, *wanted: nn.Module, working_bytes: int = 0) -> torch.device:
         t = time.perf_counter()
         for m in self.modules:
             if all(m is not w for w in wanted):

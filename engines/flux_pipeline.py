@@ -17,7 +17,7 @@ from .errors import FlenUserError
 from .fp8_linear import load_transformer_fp8
 from .lora_adapters import PipelineHandle
 from .lora_stack import LoraStack
-from .model_host import ModelHost
+from .model_host import ModelHost, denoise_bytes, vae_decode_bytes
 
 FLUX_CLASSES = ("FluxPipeline",)
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -147,7 +147,8 @@ def generate_many(handle: FluxHandle, jobs: list[FluxJob], request: FluxRequest,
 
     latents_out: list[torch.Tensor] = []
     for k, job in enumerate(jobs):
-        device = host.prepare(pipe.transformer)
+        lat_h, lat_w = request.height // pipe.vae_scale_factor, request.width // pipe.vae_scale_factor
+        device = host.prepare(pipe.transformer, working_bytes=denoise_bytes(lat_h, lat_w, usage_factor=2.8))
         embeds, pooled = encoded[job.prompt]
 
         def _step(_pipe, i, _t, kwargs, _done=k * request.steps):
@@ -167,7 +168,8 @@ def generate_many(handle: FluxHandle, jobs: list[FluxJob], request: FluxRequest,
             ).images
         latents_out.append(pipe._unpack_latents(packed, request.height, request.width, pipe.vae_scale_factor).cpu())
 
-    device = host.prepare(pipe.vae)
+    device = host.prepare(pipe.vae, working_bytes=vae_decode_bytes(request.height // pipe.vae_scale_factor,
+                                                                   request.width // pipe.vae_scale_factor))
     images: list[torch.Tensor] = []
     metas: list[dict[str, object]] = []
     with torch.no_grad():

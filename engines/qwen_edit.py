@@ -26,7 +26,7 @@ from .errors import FlenUserError
 from .fp8_linear import load_transformer_fp8
 from .lora_adapters import PipelineHandle
 from .lora_stack import LoraStack
-from .model_host import ModelHost
+from .model_host import ModelHost, denoise_bytes, vae_decode_bytes
 
 QWEN_EDIT_CLASSES = ("QwenImageEditPlusPipeline",)
 DEFAULT_CONDITION_PIXELS = 384 * 384
@@ -239,7 +239,11 @@ def edit_many(handle: QwenEditHandle, jobs: list[EditJob], stack: LoraStack, hos
         with reference_sizes(width * height, request.condition_pixels):
             for b in range(request.batch):
                 seed = request.seed + b
-                device = host.prepare(pipe.transformer, pipe.vae)
+                lat_h, lat_w = height // pipe.vae_scale_factor, width // pipe.vae_scale_factor
+                # the reference latents double the tokens; the decode (Wan VAE) follows in the same stage
+                working = max(denoise_bytes(lat_h, lat_w, usage_factor=2.5, batch=2 if request.true_cfg > 1 else 1)
+                              * 2, vae_decode_bytes(lat_h, lat_w, per_pixel=2000))
+                device = host.prepare(pipe.transformer, pipe.vae, working_bytes=working)
 
                 def _step(_pipe, i, _t, kwargs, _done=done, _w=width, _h=height):
                     host.check_interrupt()

@@ -138,10 +138,11 @@ def release(module: torch.nn.Module) -> None:
 class ComfyModelHost:
     """engines.model_host.ModelHost backed by ComfyUI's VRAM manager."""
 
-    def prepare(self, *modules: torch.nn.Module) -> torch.device:
+    def prepare(self, *modules: torch.nn.Module, working_bytes: int = 0) -> torch.device:
         patchers = [_patcher_for(m) for m in modules]
-        # Plain nn.Linear layers cannot be partially loaded: ask for the whole module.
-        mm.load_models_gpu(patchers, force_full_load=True)
+        # Plain nn.Linear layers cannot be partially loaded: ask for the whole module; and say what the step
+        # needs beside the weights, so ComfyUI frees that much (as its own samplers and VAE nodes do).
+        mm.load_models_gpu(patchers, memory_required=working_bytes, force_full_load=True)
         return mm.get_torch_device()
 
     def check_interrupt(self) -> None:

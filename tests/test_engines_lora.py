@@ -141,7 +141,7 @@ def test_generate_many_encodes_once_and_matches_single_generations(flux):
     class Counting(LocalHost):
         encoder_loads = 0
 
-        def prepare(self, *modules):
+        def prepare(self, *modules, working_bytes=0):
             if any("CLIP" in type(m).__name__ or "T5" in type(m).__name__ for m in modules):
                 Counting.encoder_loads += 1
             return super().prepare(*modules)

@@ -172,7 +172,7 @@ class _CountingHost(LocalHost):
         super().__init__()
         self.encoder_loads = 0
 
-    def prepare(self, *modules):
+    def prepare(self, *modules, working_bytes=0):
         if any(type(m).__name__.startswith("Qwen2_5_VL") for m in modules):
             self.encoder_loads += 1
         return super().prepare(*modules)
