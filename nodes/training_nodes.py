@@ -33,7 +33,7 @@ from ..engines.errors import FlenUserError
 from ..engines.lora_stack import read_safetensors_header
 from ..engines.safe_paths import Root, resolve_inside
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
+from .flen_types import CATEGORY, FROM_PIPE, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 EVENT_KEY = "flen_event"  # training.lora_training.EVENT_KEY (the node imports nothing from training/)
@@ -341,7 +341,6 @@ def _common_inputs(default_res: int) -> list:
     ]
 
 
-FROM_PIPE = "(the connected base pipe)"  # the `model` choice that defers to the optional pipe input
 
 
 def _base_model(model: str, pipe, slot: str, node: str) -> dict:
