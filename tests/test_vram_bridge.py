@@ -10,7 +10,7 @@ from training.demo import TINY_FLUX_FILES, load_api_workflow
 
 pytestmark = pytest.mark.server
 # the split-file loader registers its models under the diffusion-model file's name
-NAME = TINY_FLUX_FILES["diffusion_model"].rsplit("/", 1)[-1].removesuffix(".safetensors")
+NAME = str(TINY_FLUX_FILES["diffusion_model"]).rsplit("/", 1)[-1].removesuffix(".safetensors")
 
 
 def _models(comfy) -> dict[str, bool]:

@@ -30,10 +30,10 @@ TINY_TRAINING = {"steps": 4, "rank": 4, "learning_rate": 0.01, "resolution": 64,
 
 # The tiny kit's ComfyUI split files (training/tiny_split_files.py) in place of the real ones the shipped workflows'
 # split-file loaders name; "auto" computes in fp32 on the CPU.
-TINY_QWEN_FILES = {"diffusion_model": "flen-tiny/qwen_image_edit_2509_tiny_bf16.safetensors",
+TINY_QWEN_FILES: dict[str, object] = {"diffusion_model": "flen-tiny/qwen_image_edit_2509_tiny_bf16.safetensors",
                    "text_encoder": "flen-tiny/qwen_2.5_vl_tiny.safetensors",
                    "vae": "flen-tiny/qwen_image_vae_tiny.safetensors", "precision": "auto"}
-TINY_FLUX_FILES = {"diffusion_model": "flen-tiny/flux1-dev-tiny.safetensors",
+TINY_FLUX_FILES: dict[str, object] = {"diffusion_model": "flen-tiny/flux1-dev-tiny.safetensors",
                    "clip_l": "flen-tiny/clip_l_tiny.safetensors", "t5xxl": "flen-tiny/t5xxl_tiny_bf16.safetensors",
                    "vae": "flen-tiny/ae_tiny.safetensors", "precision": "auto"}
 
