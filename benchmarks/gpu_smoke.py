@@ -5,8 +5,9 @@ inference, training or the ComfyUI bridge.
                                    [--results DIR] [--workdir DIR] [--no-frontend] [--cpu]
 
 tiny: starts a real ComfyUI (CUDA, not --cpu) with the pack in custom_nodes and runs every shipped API
-      workflow end to end through POST /prompt on the tiny-model kit, once per precision (the loaders at that
-      precision, the trainers at nf4 for the nf4 run and bf16 otherwise), with the LoRA stacks the workflows
+      workflow end to end through POST /prompt on the tiny-model kit's split files, once per precision (the loaders
+      at that precision, the trainers at fp8 / nf4 for those runs and bf16 otherwise; the nf4 run on the diffusers
+      folders, the only ones nf4 takes), with the LoRA stacks the workflows
       carry on both pipelines; the flywheel workflows run in the demo's order, reviewed by its scripted
       reviewer through the review routes.
 flux: full-size random-weight FLUX.1-dev (fp8) with 2 LoRAs: one image and the 18-cell model card under the
@@ -48,18 +49,25 @@ ORDER = ("flen_synthetic_flux", "flen_angle_sweep", "flywheel1_enrich", "flywhee
 
 
 class PrecisionClient(ComfyClient):
-    """Queues every prompt with the tiny kit's fp32 swapped for the precision under test."""
+    """Queues every prompt at the precision under test: the split-file loaders' "auto" and the kit's fp32 become
+    it (trainers: fp8 / bf16); for nf4, which only the diffusers folders have, the split-file loaders are swapped
+    for the diffusers-folder loaders first."""
 
     def __init__(self, url: str, precision: str) -> None:
         super().__init__(url)
         self.precision = precision
 
     def queue(self, prompt: dict) -> str:
+        if self.precision == "nf4":
+            demo.with_diffusers_folders(prompt)
         for node in prompt.values():
             inputs = node["inputs"]
-            if inputs.get("precision") == "fp32":
-                trainer = node["class_type"] in TRAINERS
-                inputs["precision"] = ("nf4" if self.precision == "nf4" else "bf16") if trainer else self.precision
+            if inputs.get("precision") not in ("fp32", "auto") or self.precision == "fp32":
+                continue
+            if node["class_type"] in TRAINERS:
+                inputs["precision"] = self.precision if self.precision in ("nf4", "fp8") else "bf16"
+            else:
+                inputs["precision"] = self.precision
         return super().queue(prompt)
 
 
@@ -99,18 +107,22 @@ def _workflow_steps(client: ComfyClient) -> dict[str, Callable[[], str]]:
         return "gate passed on its timeout policy"
 
     def split(name: str, **files: str) -> Callable[[], str]:
-        """The workflow with its loaders swapped for the split-file loaders on the kit's ComfyUI files."""
+        """The workflow on other files of the kit's ComfyUI split files."""
         return lambda: images(demo.with_split_files(demo.load_api_workflow(name), **files))
+
+    def folders(name: str) -> Callable[[], str]:
+        """The workflow with its split-file loaders swapped for the diffusers-folder loaders."""
+        return lambda: images(demo.with_diffusers_folders(demo.load_api_workflow(name)))
 
     steps = {"flywheel1_enrich": enrich, "flywheel1_train": train, "flywheel1_synthesize": synthesize,
              "flywheel2_editor": editor, "flywheel_interactive": interactive}
     shipped = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
     ordered = [n for n in ORDER if n in shipped] + [n for n in shipped if n not in ORDER]
     out = {name: steps.get(name, plain(name)) for name in ordered}
-    # The split-file loaders (FLENFluxFileLoader, FLENQwenEditFileLoader): bf16 files, and fp8 scaled files
-    # (e4m3 weights with ComfyUI's scale_weight) under the workflows' LoRA stacks.
-    out["split files: flen_synthetic_flux"] = split("flen_synthetic_flux")
-    out["split files: flen_angle_sweep"] = split("flen_angle_sweep")
+    # The shipped workflows load the kit's bf16 split files; also the diffusers-folder loaders, and fp8 scaled
+    # files (e4m3 weights with ComfyUI's scale_weight) under the workflows' LoRA stacks.
+    out["diffusers folders: flen_synthetic_flux"] = folders("flen_synthetic_flux")
+    out["diffusers folders: flen_angle_sweep"] = folders("flen_angle_sweep")
     out["split fp8 scaled: flen_synthetic_flux"] = split(
         "flen_synthetic_flux", diffusion_model="flen-tiny/flux1-dev-tiny_fp8_scaled.safetensors",
         t5xxl="flen-tiny/t5xxl_tiny_fp8_e4m3fn_scaled.safetensors")

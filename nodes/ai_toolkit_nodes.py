@@ -9,7 +9,14 @@ from ..engines import review_store
 from ..engines.errors import FlenUserError
 from ..training import ai_toolkit
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, DatasetType, LoraNameType
+from .flen_types import CATEGORY, FROM_PIPE, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
+
+QWEN_EXTRAS_NEEDED = ("ai-toolkit reads Qwen-Image-Edit-2509's text encoder, tokenizer, processor and VAE from a "
+                      "diffusers folder (extras_name_or_path); it cannot take ComfyUI's qwen_2.5_vl_7b / "
+                      "qwen_image_vae files. Put the Qwen-Image-Edit-2509 diffusers folder (Qwen/Qwen-Image-Edit-2509, "
+                      "with model_index.json; its transformer/ is not read when a split diffusion-model file is "
+                      "connected) in models/diffusers and pick it as base_model, or train on the split files with "
+                      "FLEN Train Editor LoRA.")
 
 
 def checkouts() -> dict:
@@ -29,6 +36,28 @@ def checkout_path(name: str):
         raise FlenUserError(f"ai-toolkit checkout {name!r} is not configured here; choose one of "
                             f"{', '.join(found)}.")
     return ai_toolkit.validate_checkout(found[name], bridge.client_writable_roots())
+
+
+def base_model_of(job_kind: str, base_model: str, qwen_pipe, flux_pipe) -> tuple[str, str]:
+    """(diffusers folder, single transformer file or "") for the job, from base_model and the connected pipe."""
+    pipe, other = (qwen_pipe, flux_pipe) if job_kind == "qwen_image_edit_2509" else (flux_pipe, qwen_pipe)
+    if other is not None:
+        want = "qwen_pipe" if job_kind == "qwen_image_edit_2509" else "flux_pipe"
+        raise FlenUserError(f"job_kind '{job_kind}' trains on the pipe in '{want}', but a loader is connected to "
+                            f"the other pipe input; connect it to '{want}' or change job_kind.")
+    files = getattr(pipe, "files", None) if pipe is not None else None
+    if files is not None and job_kind == "flux":
+        raise FlenUserError(ai_toolkit.FLUX_NEEDS)
+    if pipe is not None and files is None:
+        return str(pipe.folder), ""  # a diffusers-folder loader
+    if base_model == FROM_PIPE:
+        if pipe is None:
+            raise FlenUserError(f"base_model is '{FROM_PIPE}' but nothing is connected to "
+                                f"'{'qwen_pipe' if job_kind == 'qwen_image_edit_2509' else 'flux_pipe'}'. Connect a "
+                                "loader or pick a diffusers folder.")
+        raise FlenUserError(QWEN_EXTRAS_NEEDED)
+    folder = str(bridge.diffusers_folder_path(base_model))
+    return folder, str(files.diffusion_model) if files is not None else ""
 
 
 class FLENAIToolkitLauncher(io.ComfyNode):
@@ -54,9 +83,11 @@ class FLENAIToolkitLauncher(io.ComfyNode):
                                        f"configured ({ai_toolkit.CHECKOUT_ENV} or user/{ai_toolkit.SETTINGS_FILE}; "
                                        "a prompt can never name a folder, since the checkout's run.py is "
                                        "executed). Its venv/ python is used when present."),
-                io.Combo.Input("base_model", options=bridge.diffusers_folders(),
+                io.Combo.Input("base_model", options=[*bridge.diffusers_folders(), FROM_PIPE],
                                tooltip="The base model's diffusers folder in models/diffusers (FLUX.1-dev for flux, "
-                                       "Qwen-Image-Edit-2509 for qwen_image_edit_2509)."),
+                                       "Qwen-Image-Edit-2509 for qwen_image_edit_2509). With a split-file qwen_pipe "
+                                       "connected, ai-toolkit takes the transformer from its diffusion-model file "
+                                       "and the text encoder, tokenizer, processor and VAE from this folder."),
                 io.Int.Input("steps", default=2000, min=1, max=100000, tooltip="Training steps (500–4000 typical)."),
                 io.Int.Input("rank", default=16, min=1, max=256,
                              tooltip="LoRA rank (ai-toolkit network.linear); alpha is set equal to it."),
@@ -72,6 +103,13 @@ class FLENAIToolkitLauncher(io.ComfyNode):
                 io.String.Input("character", default="", optional=True,
                                 tooltip="Character whose LoRA folder receives the result "
                                         "(models/loras/flenwheel/<character>/); empty: the dataset's character."),
+                QwenEditPipeType.Input("qwen_pipe", optional=True,
+                                       tooltip="qwen_image_edit_2509 jobs: train on what this loader names — its "
+                                               "diffusers folder, or its ComfyUI diffusion-model file (bf16 or "
+                                               "fp8_e4m3fn; the rest still comes from base_model's folder)."),
+                FluxPipeType.Input("flux_pipe", optional=True,
+                                   tooltip="flux jobs: train on this loader's diffusers folder. ai-toolkit cannot "
+                                           "take FLUX's split files (a clear error says so)."),
             ],
             outputs=[LoraNameType.Output(display_name="lora_name",
                                          tooltip="The new LoRA relative to models/loras: connect it to FLEN LoRA "
@@ -83,13 +121,14 @@ class FLENAIToolkitLauncher(io.ComfyNode):
     @classmethod
     def execute(cls, dataset: dict, job_kind: str, ai_toolkit_folder: str, base_model: str, steps: int, rank: int,
                 learning_rate: float, resolutions: str, sample_every: int, save_every: int,
-                character: str = "") -> io.NodeOutput:
+                character: str = "", qwen_pipe=None, flux_pipe=None) -> io.NodeOutput:
+        base, transformer_file = base_model_of(job_kind, base_model, qwen_pipe, flux_pipe)
         checkout = checkout_path(ai_toolkit_folder)
         path, owner = ds.version_dir_of(dataset, bridge.output_directory())
         dataset = {**dataset, "path": str(path), "character": owner}
         character = (character or "").strip() or owner
         settings = ai_toolkit.AIToolkitSettings(
-            kind=job_kind, base_model=bridge.diffusers_folder_path(base_model), character=character, steps=steps,
+            kind=job_kind, base_model=base, transformer_file=transformer_file, character=character, steps=steps,
             rank=rank, learning_rate=float(learning_rate), resolutions=ai_toolkit.parse_resolutions(resolutions),
             sample_every=sample_every, save_every=save_every).validate()
         bridge.free_vram()

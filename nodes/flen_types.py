@@ -30,6 +30,9 @@ LoraNameType.io_type = _LoraNameType("STRING")  # io.Custom wraps the name in it
 
 CATEGORY = "FLENwheel"
 
+# The `model` / `base_model` choice of the trainer nodes that defers to their optional pipe input.
+FROM_PIPE = "(the connected base pipe)"
+
 # The precision input of both split-file loaders (FLENQwenEditFileLoader, FLENFluxFileLoader).
 FILE_PRECISION_TOOLTIP = ("auto: as the files store it — fp8 files stay fp8 (e4m3, with ComfyUI's scale for 'scaled' "
                           "files), 16-bit files become bf16 on a GPU (fp32 on the CPU). bf16 / fp32: that compute "

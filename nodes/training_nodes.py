@@ -33,7 +33,7 @@ from ..engines.errors import FlenUserError
 from ..engines.lora_stack import read_safetensors_header
 from ..engines.safe_paths import Root, resolve_inside
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
+from .flen_types import CATEGORY, FROM_PIPE, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
 
 PACK_DIR = Path(__file__).resolve().parents[1]
 EVENT_KEY = "flen_event"  # training.lora_training.EVENT_KEY (the node imports nothing from training/)
@@ -307,8 +307,10 @@ def _class_images(text: str, prior_preservation: bool) -> str:
 
 def _common_inputs(default_res: int) -> list:
     return [
-        io.Combo.Input("precision", options=["bf16", "nf4", "fp32"], default="bf16",
-                       tooltip="Base weights: bf16, or nf4 (4-bit bitsandbytes QLoRA, NVIDIA GPU only: fits 24 GB). "
+        io.Combo.Input("precision", options=["bf16", "nf4", "fp32", "fp8"], default="bf16",
+                       tooltip="Frozen base weights: bf16 (an fp8 split file keeps its fp8 weights); nf4: 4-bit "
+                               "bitsandbytes QLoRA of a diffusers folder (NVIDIA GPU only, fits 24 GB); fp8: a 16-bit "
+                               "split file's base quantised to e4m3 while loading (what fits FLUX.1-dev on 24 GB); "
                                "fp32 for CPU tests. LoRA weights always train in fp32."),
         io.Int.Input("steps", default=1000, min=1, max=1_000_000, tooltip="Optimizer steps."),
         io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank (saved with alpha equal to rank)."),
@@ -339,7 +341,6 @@ def _common_inputs(default_res: int) -> list:
     ]
 
 
-FROM_PIPE = "(the connected base pipe)"  # the `model` choice that defers to the optional pipe input
 
 
 def _base_model(model: str, pipe, slot: str, node: str) -> dict:

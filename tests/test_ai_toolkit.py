@@ -223,6 +223,52 @@ def test_qwen_edit_config_has_the_example_structure_with_control_folders(env):
     assert proc["train"]["disable_sampling"] is True  # sample_every 0
 
 
+def _split(tiny_models, key: str, arch: str = "qwen") -> str:
+    """A file of the tiny kit's ComfyUI split files."""
+    from training import tiny_split_files as ts
+
+    name = (ts.QWEN_FILES if arch == "qwen" else ts.FLUX_FILES)[key]
+    return str(tiny_models / ts.folder_of(key) / ts.SPLIT_DIRNAME / name)
+
+
+@pytest.mark.parametrize("key", ["diffusion_model", "diffusion_model_fp8"])
+def test_qwen_edit_config_takes_comfyuis_diffusion_model_file_with_the_rest_from_the_folder(env, tiny_models, key):
+    """ai-toolkit's Qwen loader: name_or_path ending in .safetensors is the transformer (from_single_file), the
+    tokenizer, text encoder, processor and VAE come from extras_name_or_path (a diffusers folder)."""
+    file = _split(tiny_models, key)
+    _config, path, _name, meta = at.prepare_job(
+        {"path": str(env["pairs"])}, settings(env, "qwen_image_edit_2509", transformer_file=file), env["workspace"],
+        env["loras"])
+    written = yaml.safe_load(path.read_text())
+    assert_structure(written, QWEN_EDIT_EXPECTED, OPTIONAL | {"config.process.*.model.extras_name_or_path"})
+    model = written["config"]["process"][0]["model"]
+    assert model["name_or_path"] == file and model["arch"] == "qwen_image_edit_plus"
+    assert model["extras_name_or_path"] == str(env["models"] / "diffusers" / "Qwen-Image-Edit-2509")
+    prov = json.loads(meta["flenwheel.provenance"])
+    assert prov["base_model"] == file and prov["extras_folder"] == model["extras_name_or_path"]
+    assert meta["flenwheel.base_model"] == file
+
+
+def test_what_ai_toolkit_cannot_take_from_split_files_is_a_clear_error(env, tiny_models):
+    pairs = {"path": str(env["pairs"])}
+    with pytest.raises(FlenUserError, match="FLUX.1 trainer reads the transformer, both text encoders and the "
+                                            "scheduler from a diffusers folder"):
+        at.prepare_job(str(env["dataset"]), settings(env, transformer_file=_split(tiny_models, "diffusion_model",
+                                                                                  "flux")),
+                       env["workspace"], env["loras"])
+    scaled = _split(tiny_models, "diffusion_model_fp8_scaled")
+    with pytest.raises(FlenUserError, match="'qwen_image_edit_2509_tiny_fp8_scaled.safetensors' is an fp8_scaled "
+                                            "file .* Use qwen_image_edit_2509_bf16"):
+        at.prepare_job(pairs, settings(env, "qwen_image_edit_2509", transformer_file=scaled), env["workspace"],
+                       env["loras"])
+    flux_file = _split(tiny_models, "diffusion_model", "flux")
+    with pytest.raises(FlenUserError, match="'flux1-dev-tiny.safetensors' in the diffusion_models slot looks like "
+                                            "a FLUX.1 diffusion model"):
+        at.prepare_job(pairs, settings(env, "qwen_image_edit_2509", transformer_file=flux_file), env["workspace"],
+                       env["loras"])
+    assert not (env["workspace"] / "ai_toolkit_runs").exists()  # nothing was written for a refused job
+
+
 def test_wrong_set_for_the_job_kind_is_a_clear_error(env):
     with pytest.raises(FlenUserError, match="edit-pair set"):
         at.prepare_job(str(env["dataset"]), settings(env, "qwen_image_edit_2509"), env["workspace"], env["loras"])

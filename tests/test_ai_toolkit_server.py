@@ -130,3 +130,54 @@ def test_interrupt_ends_the_child(comfy, comfy_server, tmp_path, base_model):
         time.sleep(0.1)
     kinds = [m[0] for m in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds
+
+
+def test_qwen_job_takes_the_split_loaders_diffusion_model_file(comfy, comfy_server, tmp_path):
+    """A FLEN Qwen Edit Loader (ComfyUI files) connected to qwen_pipe: the config the fake ai-toolkit ran names the
+    split diffusion-model file as the transformer and the diffusers folder for the rest."""
+    from training.demo import enrich_for_review, load_api_workflow, scripted_review, with_character, write_demo_inputs
+
+    write_demo_inputs(comfy_server.base / "input")
+    character = "atq_" + uuid.uuid4().hex[:8]
+    comfy.run(enrich_for_review(character), timeout=600)
+    scripted_review(comfy, character)
+    editor = with_character(load_api_workflow("flywheel2_editor"), character)
+    (writer,) = [k for k, v in editor.items() if v["class_type"] == "FLENEditPairWriter"]
+    (loader,) = [k for k, v in editor.items() if v["class_type"] == "FLENQwenEditFileLoader"]
+    prompt = {k: editor[k] for k in (writer, loader, *editor[writer]["inputs"]["character"][:1])}
+    configure(comfy_server.base, make_checkout(tmp_path / "ai-toolkit"))
+    prompt["train"] = {"class_type": "FLENAIToolkitLauncher", "inputs": {
+        "dataset": [writer, 0], "job_kind": "qwen_image_edit_2509", "ai_toolkit_folder": "ai-toolkit",
+        "base_model": "flen-tiny-qwen-image-edit", "steps": 2, "rank": 4, "learning_rate": 0.0002,
+        "resolutions": "512", "sample_every": 0, "save_every": 2, "qwen_pipe": [loader, 0]}}
+    outputs = comfy.run(prompt)
+    assert f"flenwheel/{character}/qwen_lora_v1.safetensors" in outputs["train"]["text"][0]
+    (config_path,) = (comfy_server.base / "output" / "flenwheel" / character / "ai_toolkit_runs").glob("*/*.yaml")
+    model = yaml.safe_load(config_path.read_text())["config"]["process"][0]["model"]
+    models = comfy_server.base / "models"
+    assert model["name_or_path"] == str(models / "diffusion_models" / prompt[loader]["inputs"]["diffusion_model"])
+    assert model["extras_name_or_path"] == str(models / "diffusers" / "flen-tiny-qwen-image-edit")
+
+
+@pytest.mark.parametrize("job_kind, loader, base, message", [
+    ("flux", "FLENFluxFileLoader", "flen-tiny-flux",
+     "ai-toolkit's FLUX.1 trainer reads the transformer, both text encoders and the scheduler from a diffusers "
+     "folder"),
+    ("qwen_image_edit_2509", "FLENQwenEditFileLoader", "(the connected base pipe)",
+     "ai-toolkit reads Qwen-Image-Edit-2509's text encoder, tokenizer, processor and VAE from a diffusers folder"),
+])
+def test_what_ai_toolkit_cannot_take_is_a_clear_node_error(comfy, comfy_server, tmp_path, job_kind, loader, base,
+                                                          message):
+    from training.demo import TINY_FLUX_FILES, TINY_QWEN_FILES
+
+    character = "at_" + uuid.uuid4().hex[:10]
+    configure(comfy_server.base, make_checkout(tmp_path / "ai-toolkit"))
+    prompt = launcher_prompt(character, "ai-toolkit", base)
+    slot = "flux_pipe" if job_kind == "flux" else "qwen_pipe"
+    prompt["load"] = {"class_type": loader,
+                      "inputs": dict(TINY_FLUX_FILES if job_kind == "flux" else TINY_QWEN_FILES)}
+    prompt["train"]["inputs"].update(job_kind=job_kind, **{slot: ["load", 0]})
+    error = comfy.run_error(prompt)
+    assert error["node_type"] == "FLENAIToolkitLauncher"
+    assert message in error["exception_message"]
+    assert not (tmp_path / "ai-toolkit" / "last_argv.json").exists()

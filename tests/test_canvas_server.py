@@ -58,12 +58,23 @@ def test_every_shipped_workflow_has_its_note_title_and_description(comfy, name):
     assert len(cards[name]["description"]) > 40
 
 
-def test_qwen_loader_defaults_to_fp8_and_the_shipped_workflows_use_it(comfy):
+def test_qwen_loader_defaults_to_fp8_and_the_shipped_workflows_use_comfyuis_split_files(comfy):
     spec = comfy.get("/object_info/FLENQwenEditLoader").json()["FLENQwenEditLoader"]
     assert spec["input"]["required"]["precision"][1]["default"] == "fp8"
-    used = [v["inputs"]["precision"] for api in API.values() for v in api.values()
-            if v["class_type"] == "FLENQwenEditLoader"]
-    assert used and set(used) == {"fp8"}
+    loaders = [v for api in API.values() for v in api.values()
+               if v["class_type"] in ("FLENQwenEditLoader", "FLENFluxLoader", "FLENQwenEditFileLoader",
+                                      "FLENFluxFileLoader")]
+    assert len(loaders) == 8 and {v["class_type"] for v in loaders} == {"FLENQwenEditFileLoader", "FLENFluxFileLoader"}
+    qwen = {tuple(sorted(v["inputs"].items())) for v in loaders if v["class_type"] == "FLENQwenEditFileLoader"}
+    assert qwen == {(("diffusion_model", "qwen_image_edit_2509_fp8_e4m3fn.safetensors"), ("precision", "auto"),
+                     ("text_encoder", "qwen_2.5_vl_7b_fp8_scaled.safetensors"), ("vae", "qwen_image_vae.safetensors"))}
+    flux = {v["inputs"]["diffusion_model"] for v in loaders if v["class_type"] == "FLENFluxFileLoader"}
+    assert flux == {"flux1-dev.safetensors"}
+    for name, trainer, slot in (("flywheel1_train", "FLENTrainCharacterLoRA", "flux_pipe"),
+                                ("flywheel2_editor", "FLENTrainEditorLoRA", "qwen_pipe")):
+        (node,) = [v for v in API[name].values() if v["class_type"] == trainer]
+        assert node["inputs"]["model"] == "(the connected base pipe)"
+        assert API[name][node["inputs"][slot][0]]["class_type"].endswith("FileLoader")
 
 
 def test_synthetic_flux_first_run_needs_only_your_character_lora(comfy, comfy_server):

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from training.demo import load_api_workflow, output_files, write_demo_inputs
+from training.demo import load_api_workflow, output_files, with_diffusers_folders, write_demo_inputs
 
 pytestmark = pytest.mark.server
 
@@ -78,11 +78,13 @@ def test_single_edit_node_runs(comfy, comfy_server, sweep_prompt):
     ({"5": {"width": 70, "height": 64}}, "FLENAngleSweep", "divisible by"),
     ({"3": {"lora_name": "flen-tiny/flux_lora_a.safetensors"}}, "FLENAngleSweep",
      "'flen-tiny/flux_lora_a.safetensors' does not fit this Qwen-Image(-Edit) model"),
-    ({"2": {"model": "flen-tiny-flux"}}, "FLENQwenEditLoader", "is a FluxPipeline folder"),
+    ({"2": {"model": "flen-tiny-flux"}}, "FLENQwenEditLoader", "is a FluxPipeline folder"),  # diffusers loader
     ({"2": {"precision": "nf4"}}, "FLENQwenEditLoader", "needs an NVIDIA GPU"),
     ({"6": {"filename_prefix": "../../outside"}}, "FLENSaveImages", "points outside ComfyUI's output folder"),
 ])
 def test_bad_input_is_reported_clearly(comfy, sweep_prompt, change, node_type, message):
+    if node_type == "FLENQwenEditLoader":  # the shipped split-file loader swapped for the diffusers-folder one
+        with_diffusers_folders(sweep_prompt)
     for node_id, values in change.items():
         sweep_prompt[node_id]["inputs"].update(values)
     error = comfy.run_error(sweep_prompt)

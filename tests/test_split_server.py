@@ -1,5 +1,6 @@
-"""The split-file loaders in a real ComfyUI: shipped workflows run from the tiny kit's ComfyUI split files, their
-images equal the diffusers folders' (same seeds), fp8 variants load and run, wrong files get clear errors."""
+"""The split-file loaders in a real ComfyUI: the shipped workflows load ComfyUI's split files, so on the tiny kit they
+run from its split files; their images equal the diffusers folders' (same seeds), fp8 variants load and run, the
+trainers train on the files, wrong files get clear errors."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from training.demo import (
     output_files,
     scripted_review,
     with_character,
+    with_diffusers_folders,
     with_split_files,
     write_demo_inputs,
 )
@@ -49,14 +51,20 @@ def _prefixed(prompt: dict, prefix: str) -> dict:
     return prompt
 
 
+def _loaders(prompt: dict) -> set[str]:
+    return {n["class_type"] for n in prompt.values() if n["class_type"].endswith("Loader")}
+
+
 @pytest.mark.parametrize("name", ["flen_angle_sweep", "flen_synthetic_flux"])
 def test_workflow_images_from_split_files_equal_the_diffusers_folders(comfy, comfy_server, inputs, name):
-    reference = _pixels(comfy, comfy_server, _prefixed(load_api_workflow(name), "ref"))
-    split = with_split_files(_prefixed(load_api_workflow(name), "split"))
-    assert any(n["class_type"] in ("FLENQwenEditFileLoader", "FLENFluxFileLoader") for n in split.values())
+    split = _prefixed(load_api_workflow(name), "split")
+    assert _loaders(split) <= {"FLENQwenEditFileLoader", "FLENFluxFileLoader"} and _loaders(split)
+    reference = with_diffusers_folders(_prefixed(load_api_workflow(name), "ref"))
+    assert _loaders(reference) <= {"FLENQwenEditLoader", "FLENFluxLoader"} and _loaders(reference)
+    want = _pixels(comfy, comfy_server, reference)
     got = _pixels(comfy, comfy_server, split)
-    assert len(got) == len(reference)
-    for a, b in zip(got, reference, strict=True):
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
         assert np.abs(a - b).max() <= SAME_TOL
 
 
@@ -69,7 +77,7 @@ def test_workflow_images_from_split_files_equal_the_diffusers_folders(comfy, com
     ("flen_synthetic_flux", {"diffusion_model": "flen-tiny/flux1-dev-tiny.safetensors", "precision": "fp8"}),
 ])
 def test_fp8_variants_load_and_run_close_to_bf16(comfy, comfy_server, inputs, name, variant):
-    reference = _pixels(comfy, comfy_server, with_split_files(_prefixed(load_api_workflow(name), "bf16")))
+    reference = _pixels(comfy, comfy_server, _prefixed(load_api_workflow(name), "bf16"))
     got = _pixels(comfy, comfy_server, with_split_files(_prefixed(load_api_workflow(name), "fp8"), **variant))
     assert len(got) == len(reference)
     diffs = [np.abs(a - b).max() for a, b in zip(got, reference, strict=True)]
@@ -78,27 +86,33 @@ def test_fp8_variants_load_and_run_close_to_bf16(comfy, comfy_server, inputs, na
 
 @pytest.mark.parametrize("name", ["flywheel1_enrich", "flywheel1_synthesize"])
 def test_flywheel_workflows_run_from_split_files(comfy, inputs, name):
-    prompt = with_split_files(with_character(load_api_workflow(name), "split_" + uuid.uuid4().hex[:8]))
+    prompt = with_character(load_api_workflow(name), "split_" + uuid.uuid4().hex[:8])
+    assert _loaders(prompt) <= {"FLENQwenEditFileLoader", "FLENFluxFileLoader"} and _loaders(prompt)
     entry = comfy.wait(comfy.queue(prompt), timeout=600)
     assert entry["status"]["status_str"] == "success"
 
 
-@pytest.mark.parametrize("name, trainer, pipe_slot, loader", [
-    ("flywheel1_train", "3", "flux_pipe", "5"),
-    ("flywheel2_editor", "2", "qwen_pipe", "3"),
+@pytest.mark.parametrize("name, trainer, pipe_slot, loader, change", [
+    ("flywheel1_train", "3", "flux_pipe", "5", {}),
+    ("flywheel1_train", "3", "flux_pipe", "5", {"precision": "fp8"}),  # as shipped: the bf16 file quantised
+    ("flywheel2_editor", "2", "qwen_pipe", "3", {}),
 ])
-def test_trainer_workflows_train_on_split_files(comfy, comfy_server, inputs, name, trainer, pipe_slot, loader):
-    """The built-in trainers on the split files: the loader's pipe connected to the trainer (model set to the
-    'connected pipe' choice); the LoRA's provenance names the split diffusion-model file."""
+def test_trainer_workflows_train_on_split_files(comfy, comfy_server, inputs, name, trainer, pipe_slot, loader,
+                                                change):
+    """The built-in trainers on the split files: the shipped workflows connect the loader's pipe to the trainer
+    (model set to the 'connected pipe' choice); the LoRA's provenance names the split diffusion-model file."""
     import json
 
     from safetensors import safe_open
 
     character = "split_" + uuid.uuid4().hex[:8]
-    comfy.run(with_split_files(enrich_for_review(character)), timeout=600)
+    comfy.run(enrich_for_review(character), timeout=600)
     scripted_review(comfy, character)
-    prompt = with_split_files(with_character(load_api_workflow(name), character))
-    prompt[trainer]["inputs"].update({pipe_slot: [loader, 0], "model": "(the connected base pipe)"})
+    prompt = with_character(load_api_workflow(name), character)
+    assert prompt[trainer]["inputs"][pipe_slot] == [loader, 0]
+    assert prompt[trainer]["inputs"]["model"] == "(the connected base pipe)"
+    assert prompt[loader]["class_type"].endswith("FileLoader")
+    prompt[trainer]["inputs"].update(change)
     entry = comfy.wait(comfy.queue(prompt), timeout=600)
     assert entry["status"]["status_str"] == "success", entry["status"]
     prefix = "char_lora" if name == "flywheel1_train" else "qwen_lora"
@@ -107,6 +121,26 @@ def test_trainer_workflows_train_on_split_files(comfy, comfy_server, inputs, nam
         prov = json.loads(f.metadata()["flenwheel"])
     assert prov["base_model"] == prompt[loader]["inputs"]["diffusion_model"].split("/")[-1]
     assert set(prov["hyperparameters"]["files"]) >= {"diffusion_model", "vae"}
+    assert prov["hyperparameters"]["precision"] == change.get("precision", "fp32")
+
+
+def test_trainer_workflow_still_trains_on_a_diffusers_folder(comfy, comfy_server, inputs):
+    """The diffusers-folder loader connected to the same trainer: it trains on the folder."""
+    import json
+
+    from safetensors import safe_open
+
+    character = "folder_" + uuid.uuid4().hex[:8]
+    comfy.run(enrich_for_review(character), timeout=600)
+    scripted_review(comfy, character)
+    prompt = with_diffusers_folders(with_character(load_api_workflow("flywheel2_editor"), character))
+    assert prompt["3"]["class_type"] == "FLENQwenEditLoader"
+    entry = comfy.wait(comfy.queue(prompt), timeout=600)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    lora = comfy_server.base / "models" / "loras" / "flenwheel" / character / "qwen_lora_v1.safetensors"
+    with safe_open(str(lora), "pt") as f:
+        prov = json.loads(f.metadata()["flenwheel"])
+    assert prov["base_model"] == "flen-tiny-qwen-image-edit"
 
 
 @pytest.fixture(scope="module")

@@ -78,6 +78,20 @@ def test_character_trainer_trains_over_an_fp8_file(tiny_models, tmp_path):
     assert path.is_file()
 
 
+def test_character_trainer_quantises_a_16_bit_file_to_fp8(tiny_models, tmp_path):
+    """precision fp8: the bf16 file's frozen base becomes e4m3 while loading (FLUX.1-dev on 24 GB) and trains."""
+    dataset = char_dataset(tmp_path / "output", "fay")
+    settings = char_settings(tiny_models, dataset, tmp_path / "loras", model="", files=flux_files(tiny_models),
+                             precision="fp8", sample_every=0)
+    base = CharLoraTask(config_from_dict(CharLoraConfig, settings)).load_transformer(torch.device("cpu"),
+                                                                                     torch.bfloat16)
+    assert isinstance(base.transformer_blocks[0].attn.to_q, Fp8Linear)
+    path, _, events = train(CharLoraConfig, CharLoraTask, **settings)
+    done = [e for e in events if e["flen_event"] == "done"][-1]
+    assert done["eval_loss_end"] < done["eval_loss_start"]
+    assert path.is_file()
+
+
 def test_editor_trainer_on_split_files_gives_the_diffusers_folders_lora(tiny_models, tmp_path):
     from test_train_editor_lora import edit_set
     from test_train_editor_lora import settings as editor_settings
@@ -97,6 +111,9 @@ def test_split_file_config_errors_are_clear(tiny_models, tmp_path):
     with pytest.raises(ConfigError, match="'nf4' quantises a diffusers folder.*Choose bf16"):
         cfg = config_from_dict(CharLoraConfig, char_settings(tiny_models, dataset, tmp_path, model="", files=files,
                                                              precision="nf4"))
+        CharLoraTask(cfg).load_transformer(torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError, match="'fp8' quantises ComfyUI's split files.*choose 'nf4'"):
+        cfg = config_from_dict(CharLoraConfig, char_settings(tiny_models, dataset, tmp_path, precision="fp8"))
         CharLoraTask(cfg).load_transformer(torch.device("cpu"), torch.float32)
     with pytest.raises(ConfigError, match="needs diffusion_model, clip_l, t5xxl, vae.*missing: t5xxl"):
         CharLoraTask(config_from_dict(CharLoraConfig, char_settings(

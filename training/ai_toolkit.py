@@ -6,7 +6,9 @@ ai-toolkit (ostris/ai-toolkit) is not part of FLENwheel: the user points at a ch
    configs (``config/examples/train_lora_flux_24gb.yaml`` for FLUX LoRAs and
    ``train_lora_qwen_image_edit_2509_32gb.yaml`` for Qwen-Image-Edit-2509 LoRAs with control folders),
    pointing at the dataset's leaf folders (image + same-stem ``.txt`` caption) or at an edit-pair set's
-   ``targets/`` and ``control_1..3/`` folders, and at the user's local diffusers folder of the base model;
+   ``targets/`` and ``control_1..3/`` folders, and at the user's local diffusers folder of the base model (for
+   Qwen-Image-Edit-2509 also ComfyUI's single diffusion-model file, with the rest from that folder: see
+   ``check_transformer_file``);
 2. runs ``<checkout>/run.py <config>`` as a child process (argument list, never a shell; the checkout's
    venv python if it has one), parses its tqdm progress lines (``step/total`` and ``loss:``) into
    callbacks, stops it on interrupt (terminate, then kill, the whole process group) and surfaces the
@@ -44,12 +46,14 @@ import yaml
 try:  # inside ComfyUI the pack is a package (custom_nodes/FLENwheel); from the repo root it is not
     from ..engines import dataset as ds
     from ..engines import edit_pairs, safe_paths
+    from ..engines import split_files as sf
     from ..engines.atomic_files import chmod_like_open
     from ..engines.errors import FlenUserError
     from ..engines.review_store import validate_character
 except ImportError:
     from engines import dataset as ds
     from engines import edit_pairs, safe_paths
+    from engines import split_files as sf
     from engines.atomic_files import chmod_like_open
     from engines.errors import FlenUserError
     from engines.review_store import validate_character
@@ -79,6 +83,7 @@ class AIToolkitSettings:
 
     kind: str = "flux"                     # flux | qwen_image_edit_2509
     base_model: str = ""                   # local diffusers folder of FLUX.1-dev / Qwen-Image-Edit-2509
+    transformer_file: str = ""             # Qwen only: ComfyUI's diffusion-model file; base_model gives the rest
     character: str = ""
     steps: int = 2000
     rank: int = 16
@@ -116,7 +121,47 @@ class AIToolkitSettings:
         if not isinstance(self.learning_rate, (int, float)) or not 0 < float(self.learning_rate) < 1:
             raise FlenUserError(f"learning_rate must be between 0 and 1 (e.g. 1e-4), not {self.learning_rate!r}.")
         self.resolutions = parse_resolutions(self.resolutions)
+        if self.transformer_file:
+            check_transformer_file(self.transformer_file, self.kind)
         return self
+
+
+# What ai-toolkit (27a03a9) reads from single files. Qwen-Image(-Edit): extensions_built_in/diffusion_models/
+# qwen_image/qwen_image.py takes a name_or_path ending in .safetensors as the transformer (diffusers'
+# from_single_file, keys as stored, its config from the Hugging Face repo Qwen/Qwen-Image) and the tokenizer,
+# text encoder, processor and VAE from extras_name_or_path, a diffusers folder. FLUX.1: toolkit/
+# stable_diffusion_model.py reads transformer, T5, CLIP and scheduler with from_pretrained from name_or_path, a
+# diffusers folder only.
+AI_TOOLKIT_FILE_STORAGES = ("bf16", "fp16", "fp32", "fp8_e4m3fn")
+FLUX_NEEDS = ("ai-toolkit's FLUX.1 trainer reads the transformer, both text encoders and the scheduler from a "
+              "diffusers folder (toolkit/stable_diffusion_model.py, from_pretrained); it cannot take ComfyUI's "
+              "split files (flux1-dev.safetensors, clip_l, t5xxl, ae). Put the FLUX.1-dev diffusers folder "
+              "(black-forest-labs/FLUX.1-dev, with model_index.json) in models/diffusers and pick it as base_model, "
+              "or train on the split files with FLEN Train Character LoRA.")
+
+
+def check_transformer_file(path: str | os.PathLike, kind: str) -> Path:
+    """The ComfyUI diffusion-model file ai-toolkit can take as the Qwen-Image-Edit-2509 transformer, else a
+    FlenUserError naming the file, what it is and what to use."""
+    if kind != "qwen_image_edit_2509":
+        raise FlenUserError(FLUX_NEEDS)
+    p = Path(path)
+    if not p.is_file():
+        raise FlenUserError(f"Transformer file {p} does not exist.")
+    info = sf.expect(p, ("qwen_image_transformer",), "diffusion_models",
+                     "the Qwen-Image-Edit-2509 diffusion model (qwen_image_edit_2509_bf16.safetensors or "
+                     "qwen_image_edit_2509_fp8_e4m3fn.safetensors)")
+    if info.prefix:
+        raise FlenUserError(f"'{info.name}' stores its keys under '{info.prefix}'; ai-toolkit loads the Qwen "
+                            "transformer with diffusers' from_single_file, which takes the keys as they are stored "
+                            "(ComfyUI's own Qwen-Image-Edit-2509 files have no prefix). Use "
+                            "qwen_image_edit_2509_bf16.safetensors or qwen_image_edit_2509_fp8_e4m3fn.safetensors.")
+    if info.storage not in AI_TOOLKIT_FILE_STORAGES:
+        raise FlenUserError(f"'{info.name}' is an {info.storage} file (fp8 weights with scale factors); ai-toolkit "
+                            "casts a single file's weights to bf16 without applying such scales. Use "
+                            "qwen_image_edit_2509_bf16.safetensors or qwen_image_edit_2509_fp8_e4m3fn.safetensors "
+                            "(ai-toolkit quantises it again itself).")
+    return p
 
 
 def parse_resolutions(value: Any) -> list[int]:
@@ -224,7 +269,9 @@ def build_config(dataset_path: str | os.PathLike, settings: AIToolkitSettings, n
                       "train_text_encoder": False, "gradient_checkpointing": True, "noise_scheduler": "flowmatch",
                       "optimizer": "adamw8bit", "lr": float(s.learning_rate),
                       **({"disable_sampling": True} if not s.sample_every else {}), "dtype": "bf16"},
-            "model": {"name_or_path": str(s.base_model), "arch": "qwen_image_edit_plus", "quantize": s.quantize,
+            "model": {"name_or_path": str(s.transformer_file or s.base_model),
+                      **({"extras_name_or_path": str(s.base_model)} if s.transformer_file else {}),
+                      "arch": "qwen_image_edit_plus", "quantize": s.quantize,
                       "qtype": s.qtype or QWEN_EDIT_QTYPE, "quantize_te": True, "qtype_te": "qfloat8",
                       "low_vram": True if s.low_vram is None else bool(s.low_vram)},
             "sample": {**sample_common, "samples": samples, "neg": "", "seed": s.seed, "walk_seed": True,
@@ -659,9 +706,11 @@ def prepare_job(dataset: dict[str, Any] | str | os.PathLike, settings: AIToolkit
     stamp = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
     run_dir = Path(workspace) / RUNS_DIR / stamp
     run_dir.mkdir(parents=True, exist_ok=False)
-    hyper = {k: v for k, v in asdict(s).items() if k not in ("character", "base_model")}
-    provenance = {"trainer": "ai-toolkit", "job_kind": s.kind, "base_model": str(s.base_model),
-                  "base_model_name": Path(s.base_model).name, "character": s.character,
+    hyper = {k: v for k, v in asdict(s).items() if k not in ("character", "base_model", "transformer_file")}
+    base = s.transformer_file or s.base_model  # what the LoRA was trained on
+    provenance = {"trainer": "ai-toolkit", "job_kind": s.kind, "base_model": str(base),
+                  "base_model_name": Path(base).name, "character": s.character,
+                  **({"extras_folder": str(s.base_model)} if s.transformer_file else {}),
                   "dataset_path": str(dpath), "dataset_version": info.get("version", dpath.name),
                   "dataset_hash": info.get("hash"), "dataset_kind": info.get("kind", "character"),
                   "instance_token": info.get("instance_token"), "hyperparameters": hyper, "run_dir": str(run_dir)}
@@ -670,7 +719,7 @@ def prepare_job(dataset: dict[str, Any] | str | os.PathLike, settings: AIToolkit
         "flenwheel.dataset_hash": str(provenance["dataset_hash"])})
     config_path = write_config(config, run_dir / f"{name}.yaml")
     metadata = {"flenwheel.provenance": json.dumps(provenance, sort_keys=True, default=str),
-                "flenwheel.trainer": "ai-toolkit", "flenwheel.base_model": str(s.base_model),
+                "flenwheel.trainer": "ai-toolkit", "flenwheel.base_model": str(base),
                 "flenwheel.dataset_version": str(provenance["dataset_version"]),
                 "flenwheel.dataset_hash": str(provenance["dataset_hash"]),
                 "flenwheel.hyperparameters": json.dumps(hyper, sort_keys=True)}
@@ -729,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", choices=JOB_KINDS, default="flux")
     p.add_argument("--checkout", required=True, help="ai-toolkit checkout (with run.py)")
     p.add_argument("--base-model", required=True, help="diffusers folder of the base model")
+    p.add_argument("--transformer-file", default="",
+                   help="Qwen only: ComfyUI's diffusion-model file as the transformer (the rest from --base-model)")
     p.add_argument("--character", required=True)
     p.add_argument("--workspace", required=True, help="output/flenwheel/<character> (run folders go here)")
     p.add_argument("--loras", required=True, help="models/loras")
@@ -740,7 +791,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every", type=int, default=250)
     p.add_argument("--config-only", action="store_true", help="write the config, do not run")
     a = p.parse_args(argv)
-    s = AIToolkitSettings(kind=a.kind, base_model=a.base_model, character=a.character, steps=a.steps, rank=a.rank,
+    s = AIToolkitSettings(kind=a.kind, base_model=a.base_model, transformer_file=a.transformer_file,
+                          character=a.character, steps=a.steps, rank=a.rank,
                           learning_rate=a.lr, resolutions=parse_resolutions(a.resolutions),
                           sample_every=a.sample_every, save_every=a.save_every)
     try:

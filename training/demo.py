@@ -28,27 +28,36 @@ WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 TINY_TRAINING = {"steps": 4, "rank": 4, "learning_rate": 0.01, "resolution": 64, "checkpoint_every": 0,
                  "sample_every": 0}
 
+# The tiny kit's ComfyUI split files (training/tiny_split_files.py) in place of the real ones the shipped workflows'
+# split-file loaders name; "auto" computes in fp32 on the CPU.
+TINY_QWEN_FILES: dict[str, object] = {"diffusion_model": "flen-tiny/qwen_image_edit_2509_tiny_bf16.safetensors",
+                   "text_encoder": "flen-tiny/qwen_2.5_vl_tiny.safetensors",
+                   "vae": "flen-tiny/qwen_image_vae_tiny.safetensors", "precision": "auto"}
+TINY_FLUX_FILES: dict[str, object] = {"diffusion_model": "flen-tiny/flux1-dev-tiny.safetensors",
+                   "clip_l": "flen-tiny/clip_l_tiny.safetensors", "t5xxl": "flen-tiny/t5xxl_tiny_bf16.safetensors",
+                   "vae": "flen-tiny/ae_tiny.safetensors", "precision": "auto"}
+
 # Shipped workflows name real models; on the tiny kit the same graphs run with these values.
 TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
     "flen_synthetic_flux": {
-        "1": {"model": "flen-tiny-flux", "precision": "fp32"},
+        "1": TINY_FLUX_FILES,
         "2": {"lora_name": "flen-tiny/flux_lora_a.safetensors"},
         "4": {"width": 64, "height": 64, "steps": 4},
         "5": {"filename_prefix": "flenwheel/demo/synthetic"},
     },
     "flen_angle_sweep": {
         "1": {"image": "flen_demo_face.png"},
-        "2": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
+        "2": TINY_QWEN_FILES,
         "3": {"lora_name": "flen-tiny/qwen_edit_lora_a.safetensors"},
         "4": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
         "5": {"width": 64, "height": 64, "steps": 2},
         "6": {"filename_prefix": "flenwheel/demo/sweep"},
     },
-    # issue 9: the flywheel workflows (sources: input/flen_demo_sources/, see write_demo_inputs)
+    # the flywheel workflows (sources: input/flen_demo_sources/, see write_demo_inputs)
     "flywheel1_enrich": {
         "1": {"folder": "flen_demo_sources"},
         "2": {"face_model": "flen-tiny"},
-        "4": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
+        "4": TINY_QWEN_FILES,
         "5": {"lora_name": "flen-tiny/qwen_edit_lora_a.safetensors"},
         "6": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
         "7": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors"},
@@ -56,7 +65,7 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "13": {"character": "flen_demo"},  # the workflow's one FLEN Character node
     },
     "flywheel1_synthesize": {
-        "1": {"model": "flen-tiny-flux", "precision": "fp32"},
+        "1": TINY_FLUX_FILES,
         "2": {"lora_name": "flen-tiny/flux_lora_a.safetensors"},
         "3": {"width": 64, "height": 64, "steps": 2, "variations": 4},
         "4": {"folder": "flen_demo_sources"},
@@ -66,7 +75,7 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
     "flywheel_interactive": {
         "1": {"folder": "flen_demo_sources"},
         "2": {"face_model": "flen-tiny"},
-        "3": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
+        "3": TINY_QWEN_FILES,
         "4": {"lora_name": "flen-tiny/qwen_edit_lora_a.safetensors"},
         "5": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
         "6": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors"},
@@ -75,7 +84,7 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "13": {"character": "flen_demo"},
     },
     "compare_versions": {
-        "1": {"model": "flen-tiny-flux", "precision": "fp32"},
+        "1": TINY_FLUX_FILES,
         "2": {"folder": "flen_demo_sources"},
         "3": {"face_model": "flen-tiny"},
         "4": {"lora_name": "flen-tiny/flux_lora_a.safetensors"},
@@ -83,20 +92,19 @@ TINY_SUBSTITUTIONS: dict[str, dict[str, dict[str, object]]] = {
         "6": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
         "7": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
     },
+    # the trainers train on what their connected loader names (the tiny split files)
     "flywheel1_train": {
         "11": {"character": "flen_demo"},
-        "3": {"model": "flen-tiny-flux", "precision": "fp32", **TINY_TRAINING,
-              "advanced": "bucket_multiple: 16\nmax_sequence_length: 16"},
-        "5": {"model": "flen-tiny-flux", "precision": "fp32"},
+        "3": {"precision": "fp32", **TINY_TRAINING, "advanced": "bucket_multiple: 16\nmax_sequence_length: 16"},
+        "5": TINY_FLUX_FILES,
         "6": {"folder": "flen_demo_sources"},
         "7": {"face_model": "flen-tiny"},
         "8": {"width": 64, "height": 64, "steps": 1, "cell_size": 64},
     },
     "flywheel2_editor": {
         "11": {"character": "flen_demo"},
-        "2": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32", **TINY_TRAINING,
-              "advanced": "bucket_multiple: 16\ncondition_resolution: 64"},
-        "3": {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"},
+        "2": {"precision": "fp32", **TINY_TRAINING, "advanced": "bucket_multiple: 16\ncondition_resolution: 64"},
+        "3": TINY_QWEN_FILES,
         "4": {"lora_name": "flen-tiny/qwen_edit_lora_a.safetensors"},
         "5": {"lora_name": "flen-tiny/qwen_edit_lora_b.safetensors", "strength": 0.5},
         "7": {"folder": "flen_demo_sources"},
@@ -117,27 +125,30 @@ def load_api_workflow(name: str, tiny: bool = True) -> dict:
     return prompt
 
 
-# The tiny models as ComfyUI split files (training/tiny_split_files.py), for the split-file loaders.
-TINY_SPLIT_LOADERS = {
-    "FLENQwenEditLoader": ("FLENQwenEditFileLoader", {
-        "diffusion_model": "flen-tiny/qwen_image_edit_2509_tiny_bf16.safetensors",
-        "text_encoder": "flen-tiny/qwen_2.5_vl_tiny.safetensors",
-        "vae": "flen-tiny/qwen_image_vae_tiny.safetensors", "precision": "auto"}),
-    "FLENFluxLoader": ("FLENFluxFileLoader", {
-        "diffusion_model": "flen-tiny/flux1-dev-tiny.safetensors", "clip_l": "flen-tiny/clip_l_tiny.safetensors",
-        "t5xxl": "flen-tiny/t5xxl_tiny_bf16.safetensors", "vae": "flen-tiny/ae_tiny.safetensors",
-        "precision": "auto"}),
+# The same tiny models as diffusers folders, for the diffusers-folder loaders (FLENQwenEditLoader, FLENFluxLoader).
+TINY_DIFFUSERS_LOADERS = {
+    "FLENQwenEditFileLoader": ("FLENQwenEditLoader", {"model": "flen-tiny-qwen-image-edit", "precision": "fp32"}),
+    "FLENFluxFileLoader": ("FLENFluxLoader", {"model": "flen-tiny-flux", "precision": "fp32"}),
 }
 
 
 def with_split_files(prompt: dict, **overrides: str) -> dict:
-    """Every diffusers-folder loader of the prompt becomes the split-file loader on the tiny kit's split files
-    (same node id); ``overrides`` change its inputs (e.g. diffusion_model=... for an fp8 variant)."""
+    """``overrides`` change the inputs of every split-file loader of the prompt that has them (e.g.
+    diffusion_model=... for an fp8 variant of the tiny kit's files)."""
     for node in prompt.values():
-        swap = TINY_SPLIT_LOADERS.get(node["class_type"])
+        if node["class_type"] in TINY_DIFFUSERS_LOADERS:
+            node["inputs"].update({k: v for k, v in overrides.items() if k in node["inputs"]})
+    return prompt
+
+
+def with_diffusers_folders(prompt: dict) -> dict:
+    """Every split-file loader of the prompt becomes the diffusers-folder loader on the tiny kit's folders (same
+    node id, so whatever it feeds, a trainer included, now gets the folder)."""
+    for node in prompt.values():
+        swap = TINY_DIFFUSERS_LOADERS.get(node["class_type"])
         if swap is not None:
             node["class_type"] = swap[0]
-            node["inputs"] = {**swap[1], **{k: v for k, v in overrides.items() if k in swap[1]}}
+            node["inputs"] = dict(swap[1])
     return prompt
 
 

@@ -51,7 +51,7 @@ from engines.errors import FlenUserError
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
 
-PRECISIONS = ("bf16", "fp32", "nf4")
+PRECISIONS = ("bf16", "fp32", "nf4", "fp8")
 OPTIMIZERS = ("auto", "adamw8bit", "adamw")
 TIMESTEP_SAMPLING = ("logit_normal", "uniform")
 DEVICES = ("auto", "cpu", "cuda")
@@ -362,9 +362,10 @@ def split_file_dtypes(cfg: TrainConfig, dtype: torch.dtype):
 
     if cfg.precision == "nf4":
         raise ConfigError("precision 'nf4' quantises a diffusers folder with bitsandbytes; ComfyUI's split files "
-                          "train in 'bf16' (an fp8_e4m3fn or fp8 scaled file then trains on its fp8 weights) or "
-                          "'fp32'. Choose bf16, or pick the diffusers folder for nf4.")
-    return FileDtypes(dtype, quantise=False, keep_fp8=cfg.precision != "fp32")
+                          "train in 'bf16' (an fp8_e4m3fn or fp8 scaled file then trains on its fp8 weights), 'fp8' "
+                          "(a 16-bit file's frozen base quantised to e4m3 while loading) or 'fp32'. Choose bf16 or "
+                          "fp8, or pick the diffusers folder for nf4.")
+    return FileDtypes(dtype, quantise=cfg.precision == "fp8", keep_fp8=cfg.precision != "fp32")
 
 
 def load_transformer(model_cls, cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -375,6 +376,10 @@ def load_transformer(model_cls, cfg: TrainConfig, device: torch.device, dtype: t
 
         load = sf.load_flux_transformer if model_cls.__name__.startswith("Flux") else sf.load_qwen_transformer
         return load(cfg.files["diffusion_model"], split_file_dtypes(cfg, dtype)).to(device)
+    if cfg.precision == "fp8":
+        # the e4m3 base is read from ComfyUI's split files; a diffusers folder quantises through bitsandbytes
+        raise ConfigError("precision 'fp8' quantises ComfyUI's split files (connect a split-file loader, or give "
+                          "'files'); for the diffusers folder choose 'nf4' (4-bit, fits 24 GB) or 'bf16'.")
     q = quantization_config(cfg, dtype)
     kwargs = {"quantization_config": q} if q is not None else {}
     model = model_cls.from_pretrained(cfg.model, subfolder="transformer", dtype=dtype, **kwargs)
