@@ -19,6 +19,12 @@ split files, through ComfyUI's own code, with only these taken from the tiny fil
   tiny T5), and ComfyUI's SDTokenizer over the tiny files' own
   tokenizers (ComfyUI's bundled ones are the real vocabularies). T5 is padded to 512 tokens as the pack's diffusers
   path pads (ComfyUI's own FLUX tokenizer pads to 256), so the two paths see the same text conditioning.
+* Qwen CLIP: ComfyUI's own ``QwenImageTEModel`` / ``QwenImageTokenizer`` (the classes CLIPLoader type qwen_image
+  builds) with the tiny widths in place of ComfyUI's constants: the text model's config fields, ``head_dim`` and
+  ``rope_dims`` (class attributes of ComfyUI's Qwen2.5-VL config, 128 and [16, 24, 24]), the vision tower's width,
+  depth, heads and full-attention blocks (hard-coded 1280 wide, 32 deep). ComfyUI finds Qwen2.5-VL's special tokens
+  by the real vocabulary's ids (151643…151656): the tiny tokenizer's ids for them are mapped onto those, and the tiny
+  embedding rows for them are copied to those rows of a real-size (152064) embedding table.
 """
 
 import json
@@ -274,7 +280,164 @@ def qwen_vae(path: str) -> comfy.sd.VAE:
     return vae
 
 
+# Qwen2.5-VL's special tokens: ComfyUI's Qwen-Image code looks them up by the real vocabulary's ids
+QWEN_SPECIAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
+                    "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
+                    "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+QWEN_VOCAB = 152064
+
+
+def qwen_clip(path: str) -> comfy.sd.CLIP:
+    import comfy.text_encoders.llama as llama
+    import comfy.text_encoders.qwen_image as qi
+    from transformers import AutoTokenizer, Qwen2Tokenizer
+
+    cfg = meta_config(path, "text_encoder")
+    tc, vc = cfg["text_config"], cfg["vision_config"]
+    tok_dir = sf.tokenizer_folder(sf.inspect_file(path), None, "Qwen2.5")
+    tiny_ids = {t: AutoTokenizer.from_pretrained(tok_dir).convert_tokens_to_ids(t) for t in QWEN_SPECIAL_IDS}
+    remap = {tiny_ids[t]: real for t, real in QWEN_SPECIAL_IDS.items()}
+    text_fields = {"vocab_size": QWEN_VOCAB, "hidden_size": tc["hidden_size"],
+                   "intermediate_size": tc["intermediate_size"],
+                   "num_hidden_layers": tc["num_hidden_layers"], "num_attention_heads": tc["num_attention_heads"],
+                   "num_key_value_heads": tc["num_key_value_heads"], "rms_norm_eps": tc["rms_norm_eps"],
+                   "max_position_embeddings": tc["max_position_embeddings"],
+                   "rope_theta": tc["rope_parameters"]["rope_theta"]}
+
+    class TinyConfig(llama.Qwen25_7BVLI_Config):  # class attributes, not fields, in ComfyUI
+        head_dim = tc["hidden_size"] // tc["num_attention_heads"]
+        rope_dims = list(tc["rope_parameters"]["mrope_section"])
+
+    class TinyVision(llama.qwen_vl.Qwen2VLVisionTransformer):
+        def __init__(self, hidden_size=None, output_hidden_size=None, device=None, dtype=None, ops=None):
+            super().__init__(hidden_size=vc["hidden_size"], output_hidden_size=vc["out_hidden_size"],
+                             intermediate_size=vc["intermediate_size"], num_heads=vc["num_heads"],
+                             num_layers=vc["depth"], patch_size=vc["patch_size"],
+                             temporal_patch_size=vc["temporal_patch_size"], spatial_merge_size=vc["spatial_merge_size"],
+                             window_size=vc["window_size"], device=device, dtype=dtype, ops=ops)
+            self.fullatt_block_indexes = list(vc["fullatt_block_indexes"])
+
+    class TinyVLModel(qi.Qwen25_7BVLIModel):
+        def __init__(self, device="cpu", layer="last", layer_idx=None, dtype=None, attention_mask=True,
+                     model_options=None):
+            comfy.sd1_clip.SDClipModel.__init__(
+                self, device=device, layer=layer, layer_idx=layer_idx, textmodel_json_config=dict(text_fields),
+                dtype=dtype, special_tokens={"pad": 151643}, layer_norm_hidden_state=False,
+                model_class=llama.Qwen25_7BVLI, enable_attention_masks=attention_mask,
+                return_attention_masks=attention_mask, model_options=model_options or {})
+
+    class TinyTE(qi.QwenImageTEModel):
+        def __init__(self, device="cpu", dtype=None, model_options=None):
+            comfy.sd1_clip.SD1ClipModel.__init__(self, device=device, dtype=dtype, name="qwen25_7b",
+                                                 clip_model=TinyVLModel, model_options=model_options or {})
+
+    class TinyVLTokenizer(qi.Qwen25_7BVLITokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data=None):
+            comfy.sd1_clip.SDTokenizer.__init__(
+                self, tok_dir, pad_with_end=False, embedding_size=tc["hidden_size"], embedding_key="qwen25_7b",
+                tokenizer_class=Qwen2Tokenizer, has_start_token=False, has_end_token=False, pad_to_max_length=False,
+                max_length=99999999, min_length=1, pad_token=151643, tokenizer_data=tokenizer_data or {})
+
+        def tokenize_with_weights(self, text, return_word_ids=False, **kwargs):
+            out = super().tokenize_with_weights(text, return_word_ids, **kwargs)
+            return [[(remap.get(t[0], t[0]),) + tuple(t[1:]) for t in row] for row in out]
+
+    class TinyTokenizer(qi.QwenImageTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data=None):
+            comfy.sd1_clip.SD1Tokenizer.__init__(self, embedding_directory=embedding_directory,
+                                                 tokenizer_data=tokenizer_data or {}, name="qwen25_7b",
+                                                 tokenizer=TinyVLTokenizer)
+            self.llama_template = self.llama_template_images = "{}"  # the pack always passes its template
+
+    with replaced(llama, "Qwen25_7BVLI_Config", TinyConfig), \
+            replaced(llama.qwen_vl, "Qwen2VLVisionTransformer", TinyVision):
+        clip = comfy.sd.CLIP(target=types.SimpleNamespace(clip=TinyTE, tokenizer=TinyTokenizer, params={}),
+                             model_options={"dtype": torch.float32})
+    sd = comfy.utils.load_torch_file(path)
+    small = sd["model.embed_tokens.weight"]
+    big = torch.zeros(QWEN_VOCAB, small.shape[1], dtype=small.dtype)
+    big[: small.shape[0]] = small
+    for tiny_id, real in remap.items():
+        big[real] = small[tiny_id]
+    sd["model.embed_tokens.weight"] = big
+    missing, unexpected = clip.load_sd(sd)
+    assert not missing and not unexpected, (missing, unexpected)
+    return clip
+
+
+def run_qwen() -> dict:
+    from FLENwheel.nodes.qwen_nodes import FLENAngleSweep, FLENQwenEdit, FLENQwenEditFromComfy
+    from FLENwheel.nodes.training_nodes import FLENTrainEditorLoRA
+
+    vae_path = f"{VAE}/qwen_image_vae_tiny.safetensors"
+    vcfg = meta_config(vae_path, "vae")
+
+    class TinyWanLatent(comfy.latent_formats.Wan21):
+        latent_channels = vcfg["z_dim"]
+
+        def __init__(self):
+            self.scale_factor = 1.0
+            self.latents_mean = torch.tensor(vcfg["latents_mean"]).view(1, -1, 1, 1, 1)
+            self.latents_std = torch.tensor(vcfg["latents_std"]).view(1, -1, 1, 1, 1)
+
+    dm = f"{DM}/qwen_image_edit_2509_tiny_bf16.safetensors"
+    model = native_model(dm, TinyWanLatent())
+    clip = qwen_clip(f"{TE}/qwen_2.5_vl_tiny.safetensors")
+    vae = qwen_vae(vae_path)
+    (pipe,) = FLENQwenEditFromComfy.execute(model, clip, vae, "tiny-native-qwen").args
+    lora_a = f"{models_dir}/loras/flen-tiny/qwen_edit_lora_a.safetensors"
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 48, 64, 3, generator=gen)  # two sources, 4:3
+    ref = torch.rand(1, 64, 64, 3, generator=gen)
+
+    def stack(strength=None):
+        if strength is None:
+            return LoraStack()
+        return LoraStack((LoraEntry("flen-tiny/qwen_edit_lora_a.safetensors", lora_a, strength),))
+
+    def edit(seed, lora=None, cfg=1.0, batch=1, image2=None):
+        return FLENQwenEdit.execute(pipe, image, "turn the head left", "blurry", 2, cfg, seed, 1.0, 80, 64, batch,
+                                    stack(lora), image2).args
+
+    progress: list = []
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: progress.append((value, total, preview is not None)))
+    a, metas = edit(3, batch=2)
+    comfy.utils.set_progress_bar_global_hook(None)
+    b, _ = edit(3, batch=2)
+    c, _ = edit(4, batch=2)
+    lora1, lora_metas = edit(3, 1.0, batch=2)
+    lora0, _ = edit(3, 0.0, batch=2)
+    cfg, cfg_metas = edit(3, cfg=3.0, batch=2)
+    with_ref, _ = edit(3, batch=2, image2=ref)
+    sweep, sweep_metas, prompts, labels = FLENAngleSweep.execute(
+        pipe, image[:1], "model-card head angles", "", "en", 1.0, "", 2, 1.0, 9, 1.0, 80, 64, stack(1.0)).args
+    out = {"shape": list(a.shape), "finite": bool(torch.isfinite(a).all()), "same_seed": float((a - b).abs().max()),
+           "other_seed": float((a - c).abs().max()), "batch_seeds_differ": float((a[0] - a[1]).abs().max()),
+           "lora_change": float((lora1 - a).abs().max()), "lora_zero": float((lora0 - a).abs().max()),
+           "cfg_change": float((cfg - a).abs().max()), "ref_change": float((with_ref - a).abs().max()),
+           "metas": [{k: m[k] for k in ("seed", "model", "source_index", "width", "height")} for m in metas],
+           "lora_meta": lora_metas[0]["loras"], "cfg_meta": cfg_metas[0]["true_cfg"], "progress": progress,
+           "sweep_shape": list(sweep.shape), "sweep_labels": labels, "sweep_meta_labels":
+           [m["label"] for m in sweep_metas]}
+    # the condition image reaches Qwen2.5-VL as an image embedding (ComfyUI swaps it in for <|image_pad|>)
+    tokens = clip.tokenize("Picture 1: <|vision_start|><|image_pad|><|vision_end|>turn", images=[ref],
+                           llama_template="{}")
+    out["vl_image_slots"] = sum(isinstance(t[0], dict) for row in tokens["qwen25_7b"] for t in row)
+    try:
+        _base_model("(the connected base pipe)", pipe, "qwen_pipe", "FLEN Train Editor LoRA")
+    except FlenUserError as exc:
+        out["trainer_error"] = str(exc)
+    out["trainer_node"] = FLENTrainEditorLoRA.define_schema().node_id
+    try:
+        FLENQwenEditFromComfy.execute(model, flux_clip(f"{TE}/clip_l_tiny.safetensors",
+                                                       f"{TE}/t5xxl_tiny_bf16.safetensors"), vae, "x")
+    except FlenUserError as exc:
+        out["wrong_clip_error"] = str(exc)
+    return out
+
+
 if __name__ == "__main__":
-    result = run_flux() if which == "flux" else {}
+    result = run_flux() if which == "flux" else run_qwen()
     print("RESULT " + json.dumps(result, default=str))
     sys.stdout.flush()

@@ -47,3 +47,22 @@ def test_flux_generate_on_comfyui_native_model_matches_the_split_file_path(tiny_
     assert [tuple(p) for p in r["progress"]] == [(i, 6, True) for i in range(1, 7)]
     assert "cannot train on" in r["trainer_error"] and "FLEN FLUX Loader (ComfyUI files)" in r["trainer_error"]
     assert "VAE makes 4-channel latents but the MODEL takes 1" in r["wrong_vae_error"]
+
+
+def test_qwen_edit_and_sweep_on_comfyui_native_model(tiny_models, tmp_path):
+    """No comparison with the split-file path here: ComfyUI's Qwen-Image text conditioning is its own (it cuts the
+    template at the second <|im_start|>, diffusers drops a fixed 64 tokens), so the two paths differ by design."""
+    r = _probe(tiny_models, tmp_path, "qwen")
+    assert r["shape"] == [4, 64, 80, 3] and r["finite"]  # 2 sources × batch 2 at the asked 80×64
+    assert [m["seed"] for m in r["metas"]] == [3, 4, 5, 6] and [m["source_index"] for m in r["metas"]] == [0, 0, 1, 1]
+    assert r["same_seed"] == 0.0 and r["other_seed"] > 0.05 and r["batch_seeds_differ"] > 0.05
+    assert r["lora_change"] > 1e-3 and r["lora_zero"] == 0.0
+    assert r["lora_meta"] == [{"name": "flen-tiny/qwen_edit_lora_a.safetensors", "strength": 1.0, "enabled": True}]
+    assert r["cfg_change"] > 1e-4 and r["cfg_meta"] == 3.0  # true CFG > 1 runs the negative prompt
+    assert r["ref_change"] > 1e-3  # image2 is a second reference (VL image and reference latent)
+    assert r["vl_image_slots"] == 1
+    assert [tuple(p) for p in r["progress"]] == [(i, 8, True) for i in range(1, 9)]
+    assert r["sweep_shape"] == [4, 64, 80, 3] and r["sweep_labels"] == r["sweep_meta_labels"]
+    assert len(r["sweep_labels"]) == 4
+    assert "cannot train on" in r["trainer_error"] and "FLEN Qwen Edit Loader (ComfyUI files)" in r["trainer_error"]
+    assert "wrong text encoder" in r["wrong_clip_error"] and "type qwen_image" in r["wrong_clip_error"]
