@@ -377,11 +377,17 @@ def apply_lora_to_native_model(model, lora_path: str, lora_name: str, strength: 
     tensor of the file maps onto a weight of the model with a matching shape. ComfyUI itself would only log
     'lora key not loaded' (part of the LoRA silently missing) or 'shape … is invalid' at patch time (a LoRA
     for another architecture silently doing nothing); both are refused here."""
-    from ..engines.lora_formats import describe_keys, metadata_alphas, read_lora_file
+    from ..engines.lora_formats import read_lora_file
 
     if strength == 0:
         return model  # LoraLoaderModelOnly's own shortcut
     tensors, metadata = read_lora_file(lora_path)
+    return _apply_native_tensors(model, tensors, metadata, lora_name, strength)
+
+
+def _apply_native_tensors(model, tensors: dict, metadata: dict, lora_name: str, strength: float):
+    from ..engines.lora_formats import describe_keys, metadata_alphas
+
     layout, arch_guess = describe_keys(tensors)
     # ComfyUI reads alphas from tensors only; peft's metadata alpha would be lost (a ×alpha/rank error)
     extra_alphas = metadata_alphas(tensors, metadata)
@@ -523,6 +529,23 @@ def _check_native_parts(model, clip, vae, arch: str, what: str, token_keys: set[
                             f"{want}. Load the model's own VAE ({own}).")
 
 
+def _native_linears(model) -> dict[str, tuple[int, int]]:
+    """The MODEL's patchable linear layers under diffusers names -> (in, out), from ComfyUI's own LoRA key map
+    (for FLUX it maps diffusers names onto slices of BFL's fused weights)."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    out: dict[str, tuple[int, int]] = {}
+    for lora_key, target in key_map.items():
+        if not lora_key.startswith("transformer."):
+            continue
+        key, piece = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
+        shape = shapes.get(key)
+        if shape is None or len(shape) != 2:
+            continue
+        out[lora_key[len("transformer."):]] = (int(shape[1]), int(piece[2]) if piece is not None else int(shape[0]))
+    return out
+
+
 def _with_shift(model, schedule: dict, image_seq_len: int):
     """A clone whose ModelSampling has the schedule's shift at this resolution (what ModelSamplingFlux /
     ModelSamplingAuraFlow would set); the sigmas themselves are passed explicitly."""
@@ -587,6 +610,26 @@ class _NativePipe:
     def modules(self) -> dict[str, torch.nn.Module]:
         return {}  # ComfyUI's own patchers manage these weights
 
+    def _apply_lora(self, model, entry):
+        """ComfyUI's own mapping first (as FLEN Apply LoRA Stack); a layout ComfyUI cannot map completely goes
+        through the pack's converter (engines/lora_formats.py) onto the model's layers under diffusers names,
+        which ComfyUI maps, so the native path takes the same LoRA files as the pack's other paths."""
+        from ..engines.lora_formats import convert, read_lora_file
+
+        try:
+            return apply_lora_to_native_model(model, entry.path, entry.name, entry.strength)
+        except FlenUserError as native_error:
+            tensors, metadata = read_lora_file(entry.path)
+            try:
+                converted = convert(entry.name, tensors, metadata, _native_linears(model), self.architecture)
+            except FlenUserError:
+                raise native_error from None
+        pairs = {}
+        for name, m in converted.modules.items():
+            pairs[f"transformer.{name}.lora_A.weight"] = m.down.float()
+            pairs[f"transformer.{name}.lora_B.weight"] = m.up.float() * m.scale
+        return _apply_native_tensors(model, pairs, {}, entry.name, entry.strength)
+
     def patched_model(self, stack):
         import os
 
@@ -605,7 +648,7 @@ class _NativePipe:
         if key != self._lora_key:
             model = self.model
             for e in active:
-                model = apply_lora_to_native_model(model, e.path, e.name, e.strength)
+                model = model if e.strength == 0 else self._apply_lora(model, e)
             self._lora_model, self._lora_key = model, key
         return self._lora_model
 

@@ -234,6 +234,34 @@ def run_flux() -> dict:
     out["vs_split_files"] = float((a - ref).abs().max())
     out["vs_split_files_lora"] = float((lora1 - ref_lora).abs().max())
     out["split_files_lora_change"] = float((ref_lora - ref).abs().max())
+    # layouts ComfyUI cannot map for FLUX (diffusers names without a prefix, XLabs): the native pipe converts them
+    # with the pack's converter and must match the split-file path, which converts them the same way
+    import tempfile
+
+    from FLENwheel.engines.lora_formats import linear_modules
+    from FLENwheel.nodes.lora_stack_nodes import FLENApplyLoraStack
+    from lora_layouts import make_reference, write_layout
+    from safetensors.torch import save_file
+
+    linears = linear_modules(handle.pipe.transformer)  # peft-wrapped by now: under their own names
+    out["converted"] = {}
+    for layout in ("noprefix_ab", "xlabs"):
+        tensors, meta, _covered, _dtype = write_layout(layout, make_reference(linears, seed=3, magnitude=0.3),
+                                                       linears, "flux")
+        path = f"{tempfile.mkdtemp()}/{layout}.safetensors"
+        save_file(tensors, path, metadata=meta)
+        entry = LoraStack((LoraEntry(f"{layout}.safetensors", path, 0.9),))
+        try:
+            FLENApplyLoraStack.execute(model, entry)
+            comfy_alone = "applied"
+        except FlenUserError as exc:
+            comfy_alone = str(exc)
+        native, _ = FLENFluxGenerate.execute(pipe, "a photo of a person\na red car", 32, 32, 3, 3.5, 5, 1,
+                                             entry).args
+        split, _ = flux_pipeline.generate(handle, request, entry, LocalHost())
+        out["converted"][layout] = {"comfy_alone": comfy_alone, "vs_split_files": float((native - split).abs().max()),
+                                    "change": float((native - a).abs().max())}
+
     # FLUX.1-dev's own schedule (resolution-dependent shift) on both paths
     from diffusers import FlowMatchEulerDiscreteScheduler
 

@@ -43,6 +43,11 @@ def test_flux_generate_on_comfyui_native_model_matches_the_split_file_path(tiny_
     assert r["vs_split_files_lora"] < PARITY_TOLERANCE and r["split_files_lora_change"] > 1e-3
     # also with FLUX.1-dev's resolution-dependent schedule, which really changes the image
     assert r["vs_split_files_dynamic"] < PARITY_TOLERANCE and r["dynamic_change"] > 1e-3
+    # layouts ComfyUI alone cannot map for FLUX go through the pack's converter, with the split-file path's result
+    for layout in ("noprefix_ab", "xlabs"):
+        got = r["converted"][layout]
+        assert "does not fit" in got["comfy_alone"], layout  # FLEN Apply LoRA Stack (ComfyUI's mapping) refuses it
+        assert got["vs_split_files"] < PARITY_TOLERANCE and got["change"] > 1e-3, (layout, got)
     # one progress bar over both images' steps, each step with a preview
     assert [tuple(p) for p in r["progress"]] == [(i, 6, True) for i in range(1, 7)]
     assert "cannot train on" in r["trainer_error"] and "FLEN FLUX Loader (ComfyUI files)" in r["trainer_error"]
