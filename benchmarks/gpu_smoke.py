@@ -1,7 +1,7 @@
 """GPU smoke run (not part of CI: CI has no GPU). Run it on a CUDA machine in every session that touches
 inference, training or the ComfyUI bridge.
 
-    python benchmarks/gpu_smoke.py [--parts tiny flux qwen] [--precisions fp8 nf4] [--cap 24]
+    python benchmarks/gpu_smoke.py [--parts tiny flux qwen native] [--precisions fp8 nf4] [--cap 24]
                                    [--results DIR] [--workdir DIR] [--no-frontend] [--cpu]
 
 tiny: starts a real ComfyUI (CUDA, not --cpu) with the pack in custom_nodes and runs every shipped API
@@ -14,6 +14,11 @@ flux: full-size random-weight FLUX.1-dev (fp8) with 2 LoRAs: one image and the 1
       memory cap (benchmarks/bench_flux_generate.py).
 qwen: full-size random-weight Qwen-Image-Edit-2509 (fp8), 2 LoRAs: edits and a 5-angle sweep under the cap
       (benchmarks/bench_qwen_edit.py).
+native: full-size random-weight ComfyUI split files (benchmarks/native_files.py: FLUX.1-dev fp8 + clip_l + t5xxl fp8
+      + ae; Qwen-Image-Edit-2509 fp8 + Qwen2.5-VL fp8 scaled + VAE), one model at a time, loaded by ComfyUI's own
+      UNETLoader / DualCLIPLoader / CLIPLoader / VAELoader into FLEN FLUX / Qwen Edit from ComfyUI models, one
+      image each under a random LoRA (FLEN LoRA Stack), through POST /prompt. With --cpu the files are cut to one
+      block per stack and the prompts are only queued (ComfyUI validates them), not run.
 
 Prints one line per workflow or part (ok / error with the message) and appends raw JSON lines to
 DIR/gpu_smoke_<date>.jsonl. --no-frontend starts ComfyUI with an empty --front-end-root, for machines without
@@ -139,13 +144,7 @@ def run_tiny(precision: str, workdir: Path, models: Path, no_frontend: bool, cpu
     shutil.rmtree(models / "loras" / "flenwheel", ignore_errors=True)
     prepare_base_directory(base, models)
     demo.write_demo_inputs(base / "input")
-    extra: tuple[str, ...] = ()
-    if no_frontend:
-        web_root = workdir / "empty_web_root"
-        web_root.mkdir(exist_ok=True)
-        (web_root / "index.html").write_text("<!doctype html><title>no frontend</title>")
-        extra = ("--front-end-root", str(web_root))
-    server = ComfyServer(base, python=sys.executable, cpu=cpu, extra_args=extra)
+    server = ComfyServer(base, python=sys.executable, cpu=cpu, extra_args=_frontend_args(workdir, no_frontend))
     t = time.perf_counter()
     try:
         server.start(timeout=300)
@@ -171,6 +170,112 @@ def run_tiny(precision: str, workdir: Path, models: Path, no_frontend: bool, cpu
         (workdir / f"comfyui_{precision}.log").write_text(server.log())
 
 
+NATIVE_STEPS = 4
+
+
+def native_prompt(arch: str, files: dict) -> dict:
+    """An API prompt: ComfyUI's own loaders → the pack's native pipe node → one image under a LoRA → SaveImage."""
+    lora = {"class_type": "FLENLoraStack", "inputs": {"lora_name": files["lora"]["name"], "strength": 0.8,
+                                                       "enabled": True}}
+    save = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"native_{arch}"}}
+    vae = {"class_type": "VAELoader", "inputs": {"vae_name": files["vae"]["name"]}}
+    unet = {"class_type": "UNETLoader", "inputs": {"unet_name": files["diffusion_model"]["name"],
+                                                   "weight_dtype": "default"}}
+    if arch == "flux":
+        return {
+            "1": unet, "3": vae, "5": lora, "7": save,
+            "2": {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": files["clip_l"]["name"],
+                                                             "clip_name2": files["t5xxl"]["name"], "type": "flux"}},
+            "4": {"class_type": "FLENFluxFromComfy", "inputs": {"model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0],
+                                                                "model_name": "flux1-dev-random"}},
+            "6": {"class_type": "FLENFluxGenerate", "inputs": {
+                "flux_pipe": ["4", 0], "prompts": "a photo of a person", "width": 1024, "height": 1024,
+                "steps": NATIVE_STEPS, "guidance": 3.5, "seed": 1, "batch": 1, "lora_stack": ["5", 0]}},
+        }
+    return {
+        "1": unet, "3": vae, "5": lora, "7": save,
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": files["text_encoder"]["name"], "type": "qwen_image"}},
+        "4": {"class_type": "FLENQwenEditFromComfy", "inputs": {"model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0],
+                                                                "model_name": "qwen-image-edit-2509-random"}},
+        "8": {"class_type": "EmptyImage", "inputs": {"width": 1024, "height": 1024, "batch_size": 1,
+                                                     "color": 0x808080}},
+        "6": {"class_type": "FLENQwenEdit", "inputs": {
+            "qwen_pipe": ["4", 0], "image1": ["8", 0], "instruction": "turn the camera 45 degrees to the left",
+            "negative_prompt": "", "steps": NATIVE_STEPS, "true_cfg": 1.0, "seed": 1, "megapixels": 1.0,
+            "width": 1024, "height": 1024, "batch": 1, "lora_stack": ["5", 0]}},
+    }
+
+
+def run_native(workdir: Path, no_frontend: bool, cpu: bool, record: Callable[..., None]) -> None:
+    for arch in ("flux", "qwen"):
+        models = workdir / f"native_models_{arch}"
+        t = time.perf_counter()
+        cmd = [sys.executable, "benchmarks/native_files.py", str(models), arch,
+               *(["--depth", "1"] if cpu else ["--device", "cuda"])]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not lines:
+            record(part="native", workflow=f"{arch} files", ok=False, error=(proc.stderr or proc.stdout)[-2000:])
+            continue
+        files = json.loads(lines[-1])
+        record(part="native", workflow=f"{arch} files", ok=True, seconds=round(time.perf_counter() - t, 1),
+               detail=", ".join(f"{v['name'].split('/')[-1]} {v['mib']} MiB" for v in files.values()
+                                if isinstance(v, dict)))
+        base = workdir / f"comfy_native_{arch}"
+        prepare_base_directory(base, models)
+        server = ComfyServer(base, python=sys.executable, cpu=cpu, extra_args=_frontend_args(workdir, no_frontend))
+        try:
+            server.start(timeout=300)
+            client = ComfyClient(server.url)
+            t = time.perf_counter()
+            prompt = native_prompt(arch, files)
+            if cpu:  # ComfyUI would build the full-size text encoders: check the prompt against /object_info only
+                detail = _check_against_object_info(client, prompt)
+            else:
+                outputs = client.run(prompt, timeout=1200)
+                images = sum(len(o.get("images", [])) for o in outputs.values())
+                if images != 1:
+                    raise RuntimeError(f"expected 1 image, got {images}: {outputs}")
+                loads = [ln.strip() for ln in server.log().splitlines() if "loaded completely" in ln
+                         or "loaded partially" in ln]
+                detail = f"1 image, {NATIVE_STEPS} steps; " + " | ".join(loads)[-400:]
+            record(part="native", workflow=f"{arch} ComfyUI loaders → FLEN", ok=True,
+                   seconds=round(time.perf_counter() - t, 1), detail=detail)
+        except Exception as exc:  # noqa: BLE001 (a smoke run reports and goes on)
+            record(part="native", workflow=f"{arch} ComfyUI loaders → FLEN", ok=False, error=str(exc)[-2000:])
+        finally:
+            server.stop()
+            (workdir / f"comfyui_native_{arch}.log").write_text(server.log())
+            shutil.rmtree(models, ignore_errors=True)  # the next model's files need the disk
+
+
+def _check_against_object_info(client: ComfyClient, prompt: dict) -> str:
+    """Every node of the prompt is registered, and every file it names is in the list ComfyUI's loader offers."""
+    for node in prompt.values():
+        info = client.get(f"/object_info/{node['class_type']}").json().get(node["class_type"])
+        if info is None:
+            raise RuntimeError(f"{node['class_type']} is not registered")
+        specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        for name, value in node["inputs"].items():
+            spec = specs.get(name)
+            if spec is None:
+                raise RuntimeError(f"{node['class_type']} has no input {name!r}")
+            options = spec[0] if isinstance(spec[0], list) else (spec[1] or {}).get("options") if len(spec) > 1 \
+                else None
+            if isinstance(options, list) and not isinstance(value, list) and value not in options:
+                raise RuntimeError(f"{node['class_type']}.{name}: {value!r} is not among ComfyUI's {options[:6]}")
+    return f"{len(prompt)} nodes registered, every file listed by ComfyUI's loaders; not run on the CPU"
+
+
+def _frontend_args(workdir: Path, no_frontend: bool) -> tuple[str, ...]:
+    if not no_frontend:
+        return ()
+    web_root = workdir / "empty_web_root"
+    web_root.mkdir(exist_ok=True)
+    (web_root / "index.html").write_text("<!doctype html><title>no frontend</title>")
+    return ("--front-end-root", str(web_root))
+
+
 def run_bench(part: str, cmd: list[str], record: Callable[..., None]) -> None:
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
@@ -186,7 +291,8 @@ def run_bench(part: str, cmd: list[str], record: Callable[..., None]) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", default=["tiny", "flux", "qwen"], choices=["tiny", "flux", "qwen"])
+    p.add_argument("--parts", nargs="+", default=["tiny", "flux", "qwen", "native"],
+                   choices=["tiny", "flux", "qwen", "native"])
     p.add_argument("--precisions", nargs="+", default=["fp8", "nf4"], choices=["fp8", "nf4", "bf16", "fp32"])
     p.add_argument("--cap", type=float, default=24.0, help="GiB per process for the full-size parts")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
@@ -233,6 +339,8 @@ def main() -> int:
             run_bench("qwen", [py, "benchmarks/bench_qwen_edit.py", "--kit",
                                str(models / "diffusers" / "flen-tiny-qwen-image-edit"), "--cap", str(a.cap),
                                "--loras", "2"], record)
+        if "native" in a.parts:
+            run_native(workdir, a.no_frontend, a.cpu, record)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         failures += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -29,6 +30,10 @@ class FluxHandle(PipelineHandle):
 
     architecture = "flux"
     module_names = ("text_encoder", "text_encoder_2", "transformer", "vae")
+
+    @property
+    def size_multiple(self) -> int:
+        return int(self.pipe.vae_scale_factor) * 2
 
 
 def load_flux(folder: str | Path, name: str, precision: str, device: torch.device) -> FluxHandle:
@@ -117,7 +122,35 @@ class FluxJob:
     extra: dict = field(default_factory=dict)
 
 
-def generate_many(handle: FluxHandle, jobs: list[FluxJob], request: FluxRequest, stack: LoraStack,
+@runtime_checkable
+class ExternalFluxPipe(Protocol):
+    """A FLUX pipe that samples outside diffusers: ComfyUI's own MODEL / CLIP / VAE (FLENFluxFromComfy, built in
+    nodes/comfy_bridge.py). It renders the images; validation and meta records stay here."""
+
+    name: str
+    precision: str
+    files: object
+    folder: str
+
+    @property
+    def size_multiple(self) -> int: ...
+
+    def render(self, jobs: list[FluxJob], request: FluxRequest, stack: LoraStack, host: ModelHost,
+               on_step: StepCallback | None) -> list[torch.Tensor]:
+        """One [1, H, W, 3] image in 0..1 per job, in job order."""
+        ...
+
+
+def _meta(handle, job: FluxJob, request: FluxRequest, stack: LoraStack) -> dict[str, object]:
+    return {
+        "kind": "synthetic", "prompt": job.prompt, "seed": job.seed, "model": handle.name,
+        "precision": handle.precision, "loras": stack.describe(),
+        "width": request.width, "height": request.height, "steps": request.steps,
+        "guidance": request.guidance, **job.extra,
+    }
+
+
+def generate_many(handle: FluxHandle | ExternalFluxPipe, jobs: list[FluxJob], request: FluxRequest, stack: LoraStack,
                   host: ModelHost, on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
     """One image per job at ``request``'s size, steps and guidance (its prompts, seed and batch are unused).
 
@@ -127,10 +160,13 @@ def generate_many(handle: FluxHandle, jobs: list[FluxJob], request: FluxRequest,
     """
     if not jobs:
         raise FlenUserError("No prompt given: write at least one non-empty line.")
-    multiple = handle.pipe.vae_scale_factor * 2
+    multiple = handle.size_multiple
     if request.width % multiple or request.height % multiple:
         raise FlenUserError(f"FLUX needs width and height divisible by {multiple}; got "
                             f"{request.width}×{request.height}.")
+    if isinstance(handle, ExternalFluxPipe):
+        rendered = handle.render(jobs, request, stack, host, on_step)
+        return torch.cat(rendered, dim=0), [_meta(handle, job, request, stack) for job in jobs]
     pipe = handle.pipe
     handle.adapters.apply(stack)
     total = len(jobs) * request.steps
@@ -177,16 +213,11 @@ def generate_many(handle: FluxHandle, jobs: list[FluxJob], request: FluxRequest,
             latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
             decoded = pipe.vae.decode(latents.to(device, pipe.vae.dtype), return_dict=False)[0]
             images.append(((decoded.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu())
-            metas.append({
-                "kind": "synthetic", "prompt": job.prompt, "seed": job.seed, "model": handle.name,
-                "precision": handle.precision, "loras": stack.describe(),
-                "width": request.width, "height": request.height, "steps": request.steps,
-                "guidance": request.guidance, **job.extra,
-            })
+            metas.append(_meta(handle, job, request, stack))
     return torch.cat(images, dim=0), metas
 
 
-def generate(handle: FluxHandle, request: FluxRequest, stack: LoraStack, host: ModelHost,
+def generate(handle: FluxHandle | ExternalFluxPipe, request: FluxRequest, stack: LoraStack, host: ModelHost,
              on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
     """Images for every prompt × batch (image k of the run uses seed + k); see generate_many."""
     if not request.prompts:

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -142,7 +143,27 @@ class EditRequest:
     condition_pixels: int = DEFAULT_CONDITION_PIXELS
 
 
-def output_size(handle: QwenEditHandle, request: EditRequest, first: Image.Image) -> tuple[int, int]:
+@runtime_checkable
+class ExternalEditPipe(Protocol):
+    """A Qwen-Image-Edit pipe that samples outside diffusers: ComfyUI's own MODEL / CLIP / VAE
+    (FLENQwenEditFromComfy, built in nodes/comfy_bridge.py). It renders the edits; validation, sizes and meta
+    records stay here."""
+
+    name: str
+    precision: str
+    files: object
+    folder: str
+
+    @property
+    def size_multiple(self) -> int: ...
+
+    def render(self, jobs: list[EditJob], sizes: list[tuple[int, int]], stack: LoraStack, host: ModelHost,
+               on_step: StepCallback | None) -> list[torch.Tensor]:
+        """For each job in order, ``request.batch`` images [1, H, W, 3] in 0..1 (seeds seed, seed + 1, …)."""
+        ...
+
+
+def output_size(handle: QwenEditHandle | ExternalEditPipe, request: EditRequest, first: Image.Image) -> tuple[int, int]:
     """Explicit width/height if given, else the pixel budget at the first image's aspect ratio."""
     m = handle.size_multiple
     if request.width or request.height:
@@ -184,7 +205,7 @@ class _Encoded:
     neg_mask: torch.Tensor | None
 
 
-def _check_job(handle: QwenEditHandle, job: EditJob) -> tuple[int, int]:
+def _check_job(handle: QwenEditHandle | ExternalEditPipe, job: EditJob) -> tuple[int, int]:
     if not 1 <= len(job.images) <= 3:
         raise FlenUserError(f"Qwen-Image-Edit-2509 takes 1 to 3 input images; got {len(job.images)}.")
     if not job.request.instruction.strip():
@@ -213,7 +234,17 @@ def _encode(pipe, job: EditJob, size: tuple[int, int], device: torch.device) -> 
     return _Encoded(size[0], size[1], embeds.to("cpu"), cpu(mask), cpu(neg_embeds), cpu(neg_mask))
 
 
-def edit_many(handle: QwenEditHandle, jobs: list[EditJob], stack: LoraStack, host: ModelHost,
+def _meta(handle, job: EditJob, seed: int, width: int, height: int, stack: LoraStack) -> dict[str, object]:
+    request = job.request
+    return {
+        "kind": "enriched", "instruction": request.instruction,
+        "negative_prompt": request.negative_prompt, "seed": seed, "model": handle.name,
+        "precision": handle.precision, "loras": stack.describe(), "width": width, "height": height,
+        "steps": request.steps, "true_cfg": request.true_cfg, "inputs": len(job.images), **job.extra,
+    }
+
+
+def edit_many(handle: QwenEditHandle | ExternalEditPipe, jobs: list[EditJob], stack: LoraStack, host: ModelHost,
               on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
     """Runs every job ``request.batch`` times (seeds seed, seed+1, …), in job order.
 
@@ -224,6 +255,11 @@ def edit_many(handle: QwenEditHandle, jobs: list[EditJob], stack: LoraStack, hos
     if not jobs:
         raise FlenUserError("Nothing to edit: the batch of input images is empty.")
     sizes = [_check_job(handle, job) for job in jobs]
+    if isinstance(handle, ExternalEditPipe):
+        rendered = handle.render(jobs, sizes, stack, host, on_step)
+        return torch.cat(rendered, dim=0), [_meta(handle, job, job.request.seed + b, w, h, stack)
+                                            for job, (w, h) in zip(jobs, sizes, strict=True)
+                                            for b in range(job.request.batch)]
     pipe = handle.pipe
     handle.adapters.apply(stack)
     total = sum(job.request.batch * job.request.steps for job in jobs)
@@ -266,16 +302,11 @@ def edit_many(handle: QwenEditHandle, jobs: list[EditJob], stack: LoraStack, hos
                     result = decode_latents(pipe, packed, height, width)
                 done += request.steps
                 out.append(result.float().clamp(0, 1).permute(0, 2, 3, 1).cpu())
-                metas.append({
-                    "kind": "enriched", "instruction": request.instruction,
-                    "negative_prompt": request.negative_prompt, "seed": seed, "model": handle.name,
-                    "precision": handle.precision, "loras": stack.describe(), "width": width, "height": height,
-                    "steps": request.steps, "true_cfg": request.true_cfg, "inputs": len(job.images), **job.extra,
-                })
+                metas.append(_meta(handle, job, seed, width, height, stack))
     return torch.cat(out, dim=0), metas
 
 
-def edit(handle: QwenEditHandle, images: list[Image.Image], request: EditRequest, stack: LoraStack,
+def edit(handle: QwenEditHandle | ExternalEditPipe, images: list[Image.Image], request: EditRequest, stack: LoraStack,
          host: ModelHost, on_step: StepCallback | None = None) -> tuple[torch.Tensor, list[dict[str, object]]]:
     """Edits one set of 1–3 input images ``request.batch`` times (see edit_many)."""
     return edit_many(handle, [EditJob(list(images), request)], stack, host, on_step)

@@ -10,6 +10,7 @@ bars with previews, interrupts, and the PromptServer for routes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import weakref
@@ -441,11 +442,17 @@ def apply_lora_to_native_model(model, lora_path: str, lora_name: str, strength: 
     tensor of the file maps onto a weight of the model with a matching shape. ComfyUI itself would only log
     'lora key not loaded' (part of the LoRA silently missing) or 'shape … is invalid' at patch time (a LoRA
     for another architecture silently doing nothing); both are refused here."""
-    from ..engines.lora_formats import describe_keys, metadata_alphas, read_lora_file
+    from ..engines.lora_formats import read_lora_file
 
     if strength == 0:
         return model  # LoraLoaderModelOnly's own shortcut
     tensors, metadata = read_lora_file(lora_path)
+    return _apply_native_tensors(model, tensors, metadata, lora_name, strength)
+
+
+def _apply_native_tensors(model, tensors: dict, metadata: dict, lora_name: str, strength: float):
+    from ..engines.lora_formats import describe_keys, metadata_alphas
+
     layout, arch_guess = describe_keys(tensors)
     # ComfyUI reads alphas from tensors only; peft's metadata alpha would be lost (a ×alpha/rank error)
     extra_alphas = metadata_alphas(tensors, metadata)
@@ -526,3 +533,298 @@ def save_image_path(filename_prefix: str, width: int, height: int) -> tuple[str,
         raise FlenUserError(f"filename_prefix '{filename_prefix}' points outside ComfyUI's output folder; "
                             "use a relative prefix such as 'flenwheel/images'.") from exc
     return folder, stem, counter, subfolder
+
+
+# ---- ComfyUI's own MODEL / CLIP / VAE as the pack's pipes -------------------------------------------------------
+#
+# FLENFluxFromComfy and FLENQwenEditFromComfy wrap what ComfyUI's native loaders give (UNETLoader, DualCLIPLoader,
+# CLIPLoader, VAELoader, a checkpoint loader, ComfyUI-GGUF's loaders: anything that yields a MODEL) into the pipes
+# the pack's edit, sweep, generate and model-card nodes take. Sampling is ComfyUI's own (euler over the diffusers
+# pipelines' flow-matching sigmas, engines/flow_schedule.py), the LoRA stack goes through ComfyUI's LoRA patching
+# (apply_lora_to_native_model, as FLENApplyLoraStack), and ComfyUI's manager moves the weights.
+
+NATIVE_TRAINING_MESSAGE = (
+    "{node}: the connected {slot} wraps ComfyUI's own MODEL / CLIP / VAE (FLEN {what} from ComfyUI models), which "
+    "the built-in trainers cannot train on: they load the weights themselves in a child process. Connect "
+    "{loader} (ComfyUI's split files from models/diffusion_models, text_encoders and vae) or pick a diffusers "
+    "folder in 'model'.")
+
+_QWEN_EDIT_TEMPLATE = (
+    "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+    "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+    "image that meets the user's requirements while maintaining consistency with the original input where "
+    "appropriate.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def _image_model(model) -> str:
+    try:
+        return str(model.model.model_config.unet_config.get("image_model", ""))
+    except AttributeError:
+        return ""
+
+
+def _native_dtype(model) -> str:
+    try:
+        return str(model.model.get_dtype()).removeprefix("torch.")
+    except AttributeError:
+        return "?"
+
+
+def _check_native_parts(model, clip, vae, arch: str, what: str, token_keys: set[str], clip_hint: str) -> None:
+    got = _image_model(model)
+    if not hasattr(model, "clone") or not hasattr(model, "model"):
+        raise FlenUserError(f"{what}: 'model' is not a ComfyUI MODEL. Connect Load Diffusion Model (UNETLoader), a "
+                            "checkpoint loader or ComfyUI-GGUF's Unet Loader (GGUF).")
+    if got != arch:
+        raise FlenUserError(f"{what}: the MODEL is {got or 'an unknown architecture'} "
+                            f"({type(getattr(model.model, 'model_config', model.model)).__name__}), not {arch}. "
+                            f"Load the {'FLUX.1' if arch == 'flux' else 'Qwen-Image-Edit-2509'} diffusion model.")
+    if not hasattr(clip, "tokenize") or not hasattr(clip, "encode_from_tokens_scheduled"):
+        raise FlenUserError(f"{what}: 'clip' is not a ComfyUI CLIP. {clip_hint}")
+    keys = set(clip.tokenize("a").keys())
+    if not token_keys <= keys:
+        raise FlenUserError(f"{what}: the CLIP is the wrong text encoder (it tokenizes for {sorted(keys)}, this "
+                            f"model needs {sorted(token_keys)}). {clip_hint}")
+    if not hasattr(vae, "decode") or not hasattr(vae, "latent_channels"):
+        raise FlenUserError(f"{what}: 'vae' is not a ComfyUI VAE. Connect Load VAE.")
+    want = model.get_model_object("latent_format").latent_channels
+    if vae.latent_channels != want:
+        own = "ae.safetensors" if arch == "flux" else "qwen_image_vae.safetensors"
+        raise FlenUserError(f"{what}: the VAE makes {vae.latent_channels}-channel latents but the MODEL takes "
+                            f"{want}. Load the model's own VAE ({own}).")
+
+
+def _native_linears(model) -> dict[str, tuple[int, int]]:
+    """The MODEL's patchable linear layers under diffusers names -> (in, out), from ComfyUI's own LoRA key map
+    (for FLUX it maps diffusers names onto slices of BFL's fused weights)."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    out: dict[str, tuple[int, int]] = {}
+    for lora_key, target in key_map.items():
+        if not lora_key.startswith("transformer."):
+            continue
+        key, piece = (target[0], target[1]) if isinstance(target, tuple) else (target, None)
+        shape = shapes.get(key)
+        if shape is None or len(shape) != 2:
+            continue
+        out[lora_key[len("transformer."):]] = (int(shape[1]), int(piece[2]) if piece is not None else int(shape[0]))
+    return out
+
+
+def _with_shift(model, schedule: dict, image_seq_len: int):
+    """A clone whose ModelSampling has the schedule's shift at this resolution (what ModelSamplingFlux /
+    ModelSamplingAuraFlow would set); the sigmas themselves are passed explicitly."""
+    import comfy.model_sampling as ms_mod
+
+    from ..engines.flow_schedule import flow_shift
+
+    current = model.get_model_object("model_sampling")
+    sampling = type(current)(model.model.model_config)
+    if isinstance(sampling, ms_mod.ModelSamplingFlux):
+        # ComfyUI's FLUX sampling takes the exponent mu as its "shift"
+        sampling.set_parameters(shift=math.log(flow_shift(schedule, image_seq_len)))
+    elif isinstance(sampling, ms_mod.ModelSamplingDiscreteFlow):
+        sampling.set_parameters(shift=flow_shift(schedule, image_seq_len), multiplier=current.multiplier)
+    else:
+        return model
+    patched = model.clone()
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
+
+
+def _empty_latent(vae, width: int, height: int) -> torch.Tensor:
+    f = int(vae.spacial_compression_encode())
+    shape = [1, int(vae.latent_channels), height // f, width // f]
+    if getattr(vae, "latent_dim", 2) == 3:
+        shape.insert(2, 1)
+    return torch.zeros(shape)
+
+
+def _pil_to_image(img) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def _decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    images = vae.decode(samples)
+    return images.reshape(-1, *images.shape[-3:])[:, :, :, :3].float().clamp(0, 1).cpu()
+
+
+class _NativePipe:
+    """What both native pipes share: the parts, the LoRA-patched model (cached per stack) and the sampler."""
+
+    architecture = ""
+    native = True  # the trainers check this (NATIVE_TRAINING_MESSAGE)
+
+    def __init__(self, model, clip, vae, name: str, schedule: dict) -> None:
+        self.model, self.clip, self.vae = model, clip, vae
+        self.name = name
+        self.precision = f"comfyui {_native_dtype(model)}"
+        self.files = None
+        self.folder = ""
+        self.schedule = dict(schedule)
+        self._lora_key: tuple | None = None
+        self._lora_model = model
+
+    @property
+    def size_multiple(self) -> int:
+        return int(self.vae.spacial_compression_encode()) * 2
+
+    @property
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {}  # ComfyUI's own patchers manage these weights
+
+    def _apply_lora(self, model, entry):
+        """ComfyUI's own mapping first (as FLEN Apply LoRA Stack); a layout ComfyUI cannot map completely goes
+        through the pack's converter (engines/lora_formats.py) onto the model's layers under diffusers names,
+        which ComfyUI maps, so the native path takes the same LoRA files as the pack's other paths."""
+        from ..engines.lora_formats import convert, read_lora_file
+
+        try:
+            return apply_lora_to_native_model(model, entry.path, entry.name, entry.strength)
+        except FlenUserError as native_error:
+            tensors, metadata = read_lora_file(entry.path)
+            try:
+                converted = convert(entry.name, tensors, metadata, _native_linears(model), self.architecture)
+            except FlenUserError:
+                raise native_error from None
+        pairs = {}
+        for name, m in converted.modules.items():
+            pairs[f"transformer.{name}.lora_A.weight"] = m.down.float()
+            pairs[f"transformer.{name}.lora_B.weight"] = m.up.float() * m.scale
+        return _apply_native_tensors(model, pairs, {}, entry.name, entry.strength)
+
+    def patched_model(self, stack):
+        import os
+
+        active = stack.active()
+        names = [e.path for e in active]
+        if len(set(names)) != len(names):
+            raise FlenUserError("The same LoRA is in the stack twice; keep one entry and set its strength.")
+        stamps = []
+        for e in active:
+            try:
+                st = os.stat(e.path)
+            except OSError as exc:
+                raise FlenUserError(f"LoRA '{e.name}' is missing from models/loras ({exc}).") from exc
+            stamps.append((e.path, e.strength, st.st_size, st.st_mtime_ns))
+        key = tuple(stamps)
+        if key != self._lora_key:
+            model = self.model
+            for e in active:
+                model = model if e.strength == 0 else self._apply_lora(model, e)
+            self._lora_model, self._lora_key = model, key
+        return self._lora_model
+
+    def sample(self, model, latent: torch.Tensor, seed: int, steps: int, cfg: float, positive, negative,
+               host, on_step, done: int, total: int) -> torch.Tensor:
+        import comfy.sample
+        import comfy.samplers
+
+        from ..engines.flow_schedule import flow_sigmas
+
+        h, w = latent.shape[-2:]
+        seq_len = (h // 2) * (w // 2)
+        model = _with_shift(model, self.schedule, seq_len)
+        sigmas = flow_sigmas(self.schedule, steps, seq_len)
+        noise = comfy.sample.prepare_noise(latent, seed)
+
+        def callback(step, x0, _x, _total):
+            host.check_interrupt()
+            if on_step is not None:
+                on_step(done + step + 1, total, x0)
+
+        return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas,
+                                          positive, negative, latent, callback=callback, disable_pbar=True, seed=seed)
+
+
+class NativeFluxPipe(_NativePipe):
+    """FLEN_FLUX_PIPE over ComfyUI's MODEL / CLIP (clip_l + t5xxl) / VAE (engines.flux_pipeline.ExternalFluxPipe)."""
+
+    architecture = "flux"
+
+    def render(self, jobs, request, stack, host, on_step) -> list[torch.Tensor]:
+        import node_helpers
+
+        model = self.patched_model(stack)
+        conds: dict[str, list] = {}
+        for job in jobs:  # all prompts first: the text encoders leave the GPU once
+            if job.prompt not in conds:
+                cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(job.prompt))
+                conds[job.prompt] = node_helpers.conditioning_set_values(cond, {"guidance": request.guidance})
+        total = len(jobs) * request.steps
+        latents = []
+        for k, job in enumerate(jobs):
+            latent = _empty_latent(self.vae, request.width, request.height)
+            # guidance is distilled into FLUX.1-dev: cfg 1, so ComfyUI never runs the negative
+            latents.append(self.sample(model, latent, job.seed, request.steps, 1.0, conds[job.prompt],
+                                       conds[job.prompt], host, on_step, k * request.steps, total))
+        return [_decode(self.vae, s) for s in latents]
+
+
+class NativeQwenEditPipe(_NativePipe):
+    """FLEN_QWEN_EDIT_PIPE over ComfyUI's MODEL / CLIP (Qwen2.5-VL) / VAE (engines.qwen_edit.ExternalEditPipe).
+    Conditioning as ComfyUI's TextEncodeQwenImageEditPlus builds it, except that the reference latents have the
+    output's area (as the pack's diffusers path sets them) rather than a fixed 1024²."""
+
+    architecture = "qwen_image"
+
+    def _encode(self, job, width: int, height: int, prompt: str):
+        import comfy.utils
+        import node_helpers
+
+        from ..engines.qwen_edit import _dims
+
+        vl_images, refs, image_prompt = [], [], ""
+        for i, img in enumerate(job.images):
+            samples = _pil_to_image(img).movedim(-1, 1)
+            ratio = img.width / img.height
+            cw, ch = _dims(job.request.condition_pixels, ratio)
+            vl_images.append(comfy.utils.common_upscale(samples, cw, ch, "area", "disabled").movedim(1, -1))
+            rw, rh = _dims(width * height, ratio)
+            refs.append(self.vae.encode(comfy.utils.common_upscale(samples, rw, rh, "area", "disabled").movedim(1, -1)))
+            image_prompt += f"Picture {i + 1}: <|vision_start|><|image_pad|><|vision_end|>"
+        tokens = self.clip.tokenize(image_prompt + prompt, images=vl_images, llama_template=_QWEN_EDIT_TEMPLATE)
+        cond = self.clip.encode_from_tokens_scheduled(tokens)
+        return node_helpers.conditioning_set_values(cond, {"reference_latents": refs}, append=True)
+
+    def render(self, jobs, sizes, stack, host, on_step) -> list[torch.Tensor]:
+        model = self.patched_model(stack)
+        encoded = []
+        for job, (w, h) in zip(jobs, sizes, strict=True):  # every instruction first, then every denoise
+            positive = self._encode(job, w, h, job.request.instruction)
+            negative = (self._encode(job, w, h, job.request.negative_prompt or " ")
+                        if job.request.true_cfg > 1.0 else positive)
+            encoded.append((positive, negative))
+        total = sum(job.request.batch * job.request.steps for job in jobs)
+        done, latents = 0, []
+        for job, (w, h), (positive, negative) in zip(jobs, sizes, encoded, strict=True):
+            r = job.request
+            for b in range(r.batch):
+                latents.append(self.sample(model, _empty_latent(self.vae, w, h), r.seed + b, r.steps,
+                                           max(1.0, r.true_cfg), positive, negative, host, on_step, done, total))
+                done += r.steps
+        return [_decode(self.vae, s) for s in latents]
+
+
+def native_flux_pipe(model, clip, vae, name: str, schedule: dict | None = None) -> NativeFluxPipe:
+    """FLENFluxFromComfy's pipe; ``schedule`` is a diffusers scheduler config (default: FLUX.1-dev's, shipped)."""
+    from ..engines import split_files as sf
+
+    what = "FLEN FLUX from ComfyUI models"
+    _check_native_parts(model, clip, vae, "flux", what, {"l", "t5xxl"},
+                        "Connect DualCLIPLoader with clip_l and t5xxl, type flux.")
+    return NativeFluxPipe(model, clip, vae, name or "comfyui-flux",
+                          schedule or sf.shipped_config(sf.FLUX_CONFIGS, "scheduler"))
+
+
+def native_qwen_edit_pipe(model, clip, vae, name: str, schedule: dict | None = None) -> NativeQwenEditPipe:
+    """FLENQwenEditFromComfy's pipe; ``schedule``: a diffusers scheduler config (default: Qwen-Image-Edit-2509's)."""
+    from ..engines import split_files as sf
+
+    what = "FLEN Qwen Edit from ComfyUI models"
+    _check_native_parts(model, clip, vae, "qwen_image", what, {"qwen25_7b"},
+                        "Connect Load CLIP with qwen_2.5_vl_7b (fp8_scaled or bf16), type qwen_image.")
+    return NativeQwenEditPipe(model, clip, vae, name or "comfyui-qwen-image-edit",
+                              schedule or sf.shipped_config(sf.QWEN_EDIT_CONFIGS, "scheduler"))

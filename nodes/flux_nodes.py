@@ -82,6 +82,35 @@ class FLENFluxFileLoader(io.ComfyNode):
             lambda: flux_pipeline.load_flux_files(files, name, precision, bridge.compute_device())))
 
 
+class FLENFluxFromComfy(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENFluxFromComfy",
+            display_name="FLEN FLUX from ComfyUI models",
+            category=f"{CATEGORY}/synthesis",
+            description="Wraps what ComfyUI's own loaders give (Load Diffusion Model, DualCLIPLoader, Load VAE, a "
+                        "checkpoint loader, ComfyUI-GGUF's GGUF loaders) into a FLUX pipe for FLEN FLUX Generate and "
+                        "FLEN Model Card. Inference only: the trainers need the split-file or diffusers loaders.",
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.1 MODEL from ComfyUI's loaders (UNETLoader, a checkpoint "
+                                                 "loader, ComfyUI-GGUF's Unet Loader (GGUF), after any model "
+                                                 "patches)."),
+                io.Clip.Input("clip", tooltip="clip_l + t5xxl from DualCLIPLoader (type flux) or a checkpoint loader."),
+                io.Vae.Input("vae", tooltip="The FLUX VAE (ae.safetensors) from Load VAE."),
+                io.String.Input("model_name", default="", optional=True,
+                                tooltip="The name recorded in FLEN_META and model cards (e.g. flux1-dev-Q8_0); "
+                                        "empty: comfyui-flux."),
+            ],
+            outputs=[FluxPipeType.Output(display_name="flux_pipe",
+                                         tooltip="The FLUX pipe, sampling through ComfyUI's own model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, model_name: str = "") -> io.NodeOutput:
+        return io.NodeOutput(bridge.native_flux_pipe(model, clip, vae, (model_name or "").strip()))
+
+
 class FLENFluxGenerate(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -93,7 +122,7 @@ class FLENFluxGenerate(io.ComfyNode):
                         "with step previews. Returns the images and one FLEN_META record per image.",
             inputs=[
                 FluxPipeType.Input("flux_pipe", tooltip="From FLEN FLUX Loader (a diffusers folder or ComfyUI's "
-                                                        "split files)."),
+                                                        "split files) or FLEN FLUX from ComfyUI models."),
                 io.String.Input("prompts", multiline=True, default="a photo of ohwx_char person, neutral expression",
                                 tooltip="One prompt per line; empty lines are ignored. {token} is replaced by "
                                         "instance_token. With variations > 0 the lines are templates: {expression}, "
@@ -144,4 +173,4 @@ class FLENFluxGenerate(io.ComfyNode):
         return io.NodeOutput(images, metas)
 
 
-NODES = [FLENFluxLoader, FLENFluxFileLoader, FLENFluxGenerate]
+NODES = [FLENFluxLoader, FLENFluxFileLoader, FLENFluxFromComfy, FLENFluxGenerate]

@@ -39,7 +39,8 @@ class FLENModelCard(io.ComfyNode):
                         "(<lora>.card.png) and a JSON report (<lora>.card.json) beside the LoRA, never overwriting.",
             inputs=[
                 FluxPipeType.Input("flux_pipe",
-                                   tooltip="From FLEN FLUX Loader (the base model the LoRA was trained on)."),
+                                   tooltip="From FLEN FLUX Loader or FLEN FLUX from ComfyUI models (the base model "
+                                           "the LoRA was trained on)."),
                 LoraStackType.Input("lora_stack",
                                     tooltip="The first enabled LoRA of this stack is the version the card is for "
                                             "(e.g. flenwheel/<character>/char_lora_v2.safetensors); the card is "

@@ -117,6 +117,36 @@ class FLENQwenEditFileLoader(io.ComfyNode):
             lambda: qwen_edit.load_qwen_edit_files(files, name, precision, bridge.compute_device())))
 
 
+class FLENQwenEditFromComfy(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FLENQwenEditFromComfy",
+            display_name="FLEN Qwen Edit from ComfyUI models",
+            category=f"{CATEGORY}/enrich",
+            description="Wraps what ComfyUI's own loaders give (Load Diffusion Model, Load CLIP type qwen_image, Load "
+                        "VAE, ComfyUI-GGUF's GGUF loaders) into a Qwen-Image-Edit-2509 pipe for FLEN Qwen Edit and "
+                        "FLEN Angle Sweep. Inference only: the editor trainer needs the split-file or diffusers "
+                        "loaders.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Qwen-Image-Edit-2509 MODEL from ComfyUI's loaders (UNETLoader, "
+                                                 "ComfyUI-GGUF's Unet Loader (GGUF), after any model patches)."),
+                io.Clip.Input("clip", tooltip="Qwen2.5-VL 7B from Load CLIP, type qwen_image "
+                                              "(qwen_2.5_vl_7b_fp8_scaled.safetensors or the bf16 file)."),
+                io.Vae.Input("vae", tooltip="The Qwen-Image VAE (qwen_image_vae.safetensors) from Load VAE."),
+                io.String.Input("model_name", default="", optional=True,
+                                tooltip="The name recorded in FLEN_META (e.g. qwen-image-edit-2509-Q4_K_M); empty: "
+                                        "comfyui-qwen-image-edit."),
+            ],
+            outputs=[QwenEditPipeType.Output(display_name="qwen_pipe",
+                                             tooltip="The editor, sampling through ComfyUI's own model.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, model_name: str = "") -> io.NodeOutput:
+        return io.NodeOutput(bridge.native_qwen_edit_pipe(model, clip, vae, (model_name or "").strip()))
+
+
 def _sources(images: torch.Tensor, name: str) -> list:
     qwen_edit.check_image_batch(name, images)
     return [qwen_edit.tensor_to_pil(img) for img in images]
@@ -133,7 +163,8 @@ class FLENQwenEdit(io.ComfyNode):
                         "image1's batch is edited separately (image2/3 are shared or matched by index).",
             inputs=[
                 QwenEditPipeType.Input("qwen_pipe", tooltip="From FLEN Qwen Edit Loader (a diffusers folder or "
-                                                            "ComfyUI's split files)."),
+                                                            "ComfyUI's split files) or FLEN Qwen Edit from "
+                                                            "ComfyUI models."),
                 io.Image.Input("image1", tooltip="The image to edit (a batch edits each image in turn)."),
                 io.String.Input("instruction", multiline=True, default="将镜头向左旋转45度",
                                 tooltip="What to change, in Chinese or English."),
@@ -180,7 +211,8 @@ class FLENAngleSweep(io.ComfyNode):
                         "custom lines; returns a labelled batch and the prompt list for native edit nodes.",
             inputs=[
                 QwenEditPipeType.Input("qwen_pipe", tooltip="From FLEN Qwen Edit Loader (a diffusers folder or "
-                                                            "ComfyUI's split files)."),
+                                                            "ComfyUI's split files) or FLEN Qwen Edit from "
+                                                            "ComfyUI models."),
                 io.Image.Input("images", tooltip="Source photos; each is swept through every line."),
                 io.Combo.Input("preset", options=list(PRESETS), default="model-card head angles",
                                tooltip="A named set of camera angles / expressions (see the node's doc page)."),
@@ -225,4 +257,4 @@ class FLENAngleSweep(io.ComfyNode):
         return io.NodeOutput(images, metas, prompts, [line.label for line in lines])
 
 
-NODES = [FLENQwenEditLoader, FLENQwenEditFileLoader, FLENQwenEdit, FLENAngleSweep]
+NODES = [FLENQwenEditLoader, FLENQwenEditFileLoader, FLENQwenEditFromComfy, FLENQwenEdit, FLENAngleSweep]

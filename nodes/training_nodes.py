@@ -349,6 +349,11 @@ def _base_model(model: str, pipe, slot: str, node: str) -> dict:
     import dataclasses
 
     if pipe is not None:
+        if getattr(pipe, "native", False):
+            flux = slot == "flux_pipe"
+            raise FlenUserError(bridge.NATIVE_TRAINING_MESSAGE.format(
+                node=node, slot=slot, what="FLUX" if flux else "Qwen Edit",
+                loader="FLEN FLUX Loader (ComfyUI files)" if flux else "FLEN Qwen Edit Loader (ComfyUI files)"))
         if getattr(pipe, "files", None) is not None:
             return {"model": "", "files": {k: v for k, v in dataclasses.asdict(pipe.files).items() if v}}
         return {"model": pipe.folder}

@@ -25,6 +25,7 @@ EXPECTED_NODES |= {"FLENTrainCharacterLoRA", "FLENTrainEditorLoRA"}  # issue 7
 EXPECTED_NODES |= {"FLENAIToolkitLauncher"}  # issue 7 ai-toolkit
 EXPECTED_NODES |= {"FLENCharacter"}  # issue 15: one character per workflow
 EXPECTED_NODES |= {"FLENQwenEditFileLoader", "FLENFluxFileLoader"}  # issue 17: ComfyUI's split files
+EXPECTED_NODES |= {"FLENQwenEditFromComfy", "FLENFluxFromComfy"}  # ComfyUI's own MODEL / CLIP / VAE
 
 
 def test_object_info_lists_pack_nodes_with_categories_tooltips_and_docs(comfy):
