@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..engines import dataset as ds
 from ..engines import edit_pairs
+from ..engines import identity as face_id
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import read_safetensors_header
 from ..engines.safe_paths import Root, resolve_inside
@@ -138,7 +139,7 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
             elif kind == "sample" and ev.get("paths"):
                 image = None
                 with contextlib.suppress(OSError):
-                    with Image.open(ev["paths"][0]) as im:
+                    with Image.open(ev.get("grid") or ev["paths"][0]) as im:
                         image = im.convert("RGB")
                 progress.update(int(ev["step"]), total, f"{label}: samples at step {ev['step']}", image)
             elif kind == "resume":
@@ -248,7 +249,7 @@ def lora_name(path: str) -> str:
 
 # Keys of the trainer config that name files: the node sets them from its own inputs (combos, the dataset
 # socket), so a prompt's 'advanced' text can never point the trainer at a folder of its choosing.
-PATH_KEYS = ("model", "files", "dataset", "output_dir", "init_lora", "class_images", "character")
+PATH_KEYS = ("model", "files", "dataset", "output_dir", "init_lora", "class_images", "character", "identity_root")
 
 
 def _advanced(text: str, workspace: Path) -> dict:
@@ -339,8 +340,8 @@ def _common_inputs(default_res: int) -> list:
                         tooltip="More trainer settings as 'key: value' lines (YAML), e.g. 'batch_size: 2', "
                                 "'extra_target_modules: [proj_out]', 'sample_prompts: [...]'. Unknown keys are "
                                 "refused with the list of known ones; so are file keys (model, dataset, "
-                                "output_dir, init_lora, class_images): they come from the inputs. run_dir is a "
-                                "folder name inside the character's training folder."),
+                                "output_dir, init_lora, class_images, identity_root): they come from the "
+                                "inputs. run_dir is a folder name inside the character's training folder."),
     ]
 
 
@@ -395,7 +396,24 @@ def _char_option_inputs() -> list:
                                "captions as written (they already hold it). prepend / append: the token first / "
                                "last, once. replace_placeholder: [trigger] or {token} in a caption becomes the "
                                "token; captions without one get it in front."),
+        io.Combo.Input("identity_model", options=["none", *face_id.model_choices(bridge.insightface_packs())],
+                       default="none", optional=True,
+                       tooltip="Score every sample step's samples (model-card prompts, fixed seeds) against the "
+                               "dataset's faces with this face model, and also save the weights of the "
+                               "best-scoring step as <name>.best.safetensors (when it is not the last step). "
+                               "The scores are recorded in the LoRA. none: no scoring."),
     ]
+
+
+def _identity_config(name: str) -> dict:
+    name = (name or "").strip()
+    if not name or name == "none":
+        return {}
+    from ..engines import identity_dlib
+
+    if name != identity_dlib.DLIB_MODEL:
+        face_id.pack_folder(bridge.insightface_root(), name)  # a missing pack is refused before the trainer starts
+    return {"identity_model": name, "identity_root": bridge.insightface_root()}
 
 
 def _option_config(lr_scheduler: str, lr_warmup_steps: int, resolutions: str, timestep_sampling: str,
@@ -441,6 +459,10 @@ def _summary(label: str, name: str, done: dict) -> str:
             f"{start:.4f} → {end:.4f}.")
     if done.get("ema_lora"):
         text += f" EMA weights: {lora_name(str(done['ema_lora']))}."
+    best = done.get("best")
+    if best:
+        text += (f" Best identity score {best['score']:.3f} at step {best['step']}"
+                 + (f": {lora_name(str(done['best_lora']))}." if done.get("best_lora") else " (the final weights)."))
     if done.get("tensorboard"):
         text += f" TensorBoard: {done['tensorboard']}."
     return text
@@ -515,7 +537,7 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
                 flux_pipe=None, lr_scheduler: str = "constant", lr_warmup_steps: int = 0, resolutions: str = "",
                 timestep_sampling: str = "logit_normal", weighting_scheme: str = "none", ema: bool = False,
                 ema_decay: float = 0.99, tensorboard: bool = True, caption_dropout_rate: float = 0.0,
-                trigger_placement: str = "as_captioned") -> io.NodeOutput:
+                trigger_placement: str = "as_captioned", identity_model: str = "none") -> io.NodeOutput:
         path, character = _dataset(dataset, "character", "FLEN Train Character LoRA")
         base = _base_model(model, flux_pipe, "flux_pipe", "FLEN Train Character LoRA")
         config = _common_config(base, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
@@ -525,7 +547,8 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
                       class_prompt=class_prompt.strip(), character=character)
         config.update(_option_config(lr_scheduler, lr_warmup_steps, resolutions, timestep_sampling, weighting_scheme,
                                      ema, ema_decay, tensorboard),
-                      caption_dropout_rate=float(caption_dropout_rate), trigger_placement=trigger_placement)
+                      caption_dropout_rate=float(caption_dropout_rate), trigger_placement=trigger_placement,
+                      **_identity_config(identity_model))
         config.update(_advanced(advanced, path.parent.parent))
         lora, done = run_trainer("training.train_char_lora", config, path.parent.parent, "char LoRA")
         name = lora_name(lora)

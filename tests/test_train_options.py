@@ -281,3 +281,81 @@ def test_option_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="'ema_decay' is 1.0; it must be between 0 and"):
         config_from_dict(CharLoraConfig, {**good, "ema_decay": 1.0})
     assert torch.is_tensor(sample_t(config_from_dict(CharLoraConfig, good), 2, step_generator(0, 1)))
+
+
+# ---- samples: one grid per sample step, the best step by identity score -----------------------------------
+
+def test_identity_scorer_scores_the_datasets_faces_with_the_face_model(tiny_models, tmp_path):
+    """The real scorer (tiny face pack): the dataset's own faces score high, another face lower, a blank 0."""
+    from training.tiny_models import INSIGHTFACE_PACK, draw_test_face
+
+    dataset = char_dataset(tmp_path / "output", "quinn", size=256)
+    cfg = config_from_dict(CharLoraConfig, settings(tiny_models, dataset, tmp_path / "loras", sample_every=2,
+                                                    identity_model=INSIGHTFACE_PACK,
+                                                    identity_root=str(tiny_models / "insightface")))
+    score = CharLoraTask(cfg).identity_scorer()
+    own = score([draw_test_face(0, size=256), draw_test_face(1, size=256)])
+    other = score([draw_test_face(9, size=256), draw_test_face(9, size=256)])
+    blank = score([Image.new("RGB", (256, 256), (128, 128, 128))])
+    assert own["faces"] == 2 and own["references"] == 3
+    assert own["score"] > other["score"] and own["score"] > 0.5
+    assert blank == {**blank, "score": 0.0, "faces": 0, "scores": [None]}
+    with pytest.raises(ConfigError, match="identity_model scores the sample images .* set 'sample_every'"):
+        CharLoraTask(config_from_dict(CharLoraConfig, {**cfg.__dict__, "sample_every": 0}))
+    blank_set = tmp_path / "blank"
+    from engines import dataset as ds
+
+    blank_path = ds.write_dataset(blank_set, "rae", [Image.new("RGB", (64, 64), (90, 90, 90))],
+                                  token=TOKEN).dataset.path
+    with pytest.raises(ConfigError, match="finds no usable face in the dataset's images"):
+        CharLoraTask(config_from_dict(CharLoraConfig, {**cfg.__dict__, "dataset": str(blank_path)})).identity_scorer()
+
+
+class _BrightnessScored(CharLoraTask):
+    """The tiny FLUX draws no faces, so this stands in for the face model: the samples' mean brightness."""
+
+    def identity_scorer(self):
+        def score(images):
+            values = [float(np.asarray(im, dtype=np.float64).mean()) / 255 for im in images]
+            return {"score": round(sum(values) / len(values), 6), "scores": values, "faces": len(values)}
+
+        return score
+
+
+def test_best_sample_step_is_kept_recorded_and_survives_a_resume(tiny_models, dataset, tmp_path):
+    common = settings(tiny_models, dataset, tmp_path / "loras", steps=8, sample_every=2, tensorboard=False)
+    events: list = []
+    path, task, _ = train(CharLoraConfig, _BrightnessScored, events, run_dir=str(tmp_path / "a"), **common)
+    scored = [e for e in events if e["flen_event"] == "identity"]
+    assert [e["step"] for e in scored] == [2, 4, 6, 8]
+    best = max(scored, key=lambda e: e["score"])  # the first of equal scores: max keeps the first
+    done = events[-1]
+    assert done["best"] == {"step": best["step"], "score": best["score"]}
+    prov = json.loads(read_lora(path)[1]["flenwheel"])
+    assert prov["best_checkpoint"]["step"] == best["step"]
+    assert [r["step"] for r in prov["best_checkpoint"]["scores"]] == [2, 4, 6, 8]
+    # one grid per sample step
+    grids = sorted(p.name for p in (task.run_dir() / "samples").glob("*_grid.png"))
+    assert grids == [f"step_{s:08d}_grid.png" for s in (2, 4, 6, 8)]
+    with Image.open(task.run_dir() / "samples" / grids[0]) as im:
+        assert im.height > 128 and im.width >= 128
+    assert best["step"] != 8, "pick another score sign: the test needs a best step before the last"
+    best_file = path.with_name(path.name.replace(".safetensors", ".best.safetensors"))
+    assert done["best_lora"] == str(best_file)
+    # the kept weights are those of that step: a run of exactly that many steps ends with them
+    short, _, _ = train(CharLoraConfig, CharLoraTask, run_dir=str(tmp_path / "short"),
+                        **{**common, "steps": best["step"], "sample_every": 0})
+    kept, short_w = read_lora(best_file)[0], read_lora(short)[0]
+    for k in short_w:
+        torch.testing.assert_close(kept[k], short_w[k], rtol=0, atol=1e-6)
+    assert json.loads(read_lora(best_file)[1]["flenwheel"])["best_checkpoint"]["of"] == path.name
+    # stopped after the best step and resumed from a checkpoint: the same best weights
+    resumed = {**common, "checkpoint_every": best["step"] + 1}  # the latest checkpoint comes after the best step
+    assert train(CharLoraConfig, _BrightnessScored, run_dir=str(tmp_path / "b"), stop_at_step=7, **resumed)[0] is None
+    path_b, _, events_b = train(CharLoraConfig, _BrightnessScored, run_dir=str(tmp_path / "b"), **resumed)
+    assert any(e["flen_event"] == "resume" for e in events_b)
+    assert [e["step"] for e in events_b if e["flen_event"] == "identity"] == [8]  # the others came with the checkpoint
+    assert events_b[-1]["best"] == done["best"]
+    kept_b = read_lora(path_b.with_name(path_b.name.replace(".safetensors", ".best.safetensors")))[0]
+    for k in kept:
+        torch.testing.assert_close(kept_b[k], kept[k], rtol=0, atol=1e-6)

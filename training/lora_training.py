@@ -8,14 +8,18 @@ What every trainer gets from here:
   folder), the VAE and text encoders are then released, so the peak is the transformer's; base in bf16,
   fp32 or NF4 (bitsandbytes, CUDA only); peft LoRA on the attention projections (q/k/v/out, plus any
   extra modules); gradient checkpointing; 8-bit AdamW on CUDA, torch AdamW elsewhere.
-* **Loss** — rectified-flow matching: ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``.
+* **Loss** — rectified-flow matching: ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``; ``t`` from one of
+  the samplers of ``sample_t`` (logit-normal by default), optionally weighted by ``loss_weights``; the learning
+  rate per step from ``lr_at`` (constant by default, warmup, cosine, linear); optional EMA of the LoRA weights,
+  saved beside it as ``<name>.ema.safetensors``; several resolutions, each with its aspect buckets.
 * **Determinism and resume** — data order, noise and timesteps of step ``s`` are functions of
   ``(seed, s)``; a checkpoint (every N steps, written to a temp folder and renamed) holds the LoRA
   weights, the optimizer state (safetensors for tensors, JSON for the rest: no pickle), the RNG states,
   the step and the epoch's data order. A run resumed from its latest checkpoint ends with the same LoRA
   as a run that never stopped.
 * **Reporting** — one JSON object per line on stdout (``{"event": "step", ...}``) for the launcher node,
-  a loss log (``loss.jsonl``) and sample images every N steps from fixed prompts and seeds.
+  a loss log (``loss.jsonl``: loss, learning rate, times, bucket and items of every step), TensorBoard event
+  files, a loss-curve image at the end and sample images every N steps from fixed prompts and seeds.
 * **Output** — ``<loras>/flenwheel/<character>/<prefix>_vN.safetensors``, never overwriting, diffusers
   key format (``transformer.<module>.lora_A/B.weight``) with ``lora_alpha == rank`` (an ``alpha`` other
   than the rank is folded into ``lora_B``), provenance in the safetensors metadata.
@@ -67,6 +71,7 @@ SAMPLES_DIR = "samples"
 TENSORBOARD_DIR = "tensorboard"
 LOSS_CURVE = "loss_curve.png"
 EMA_SUFFIX = ".ema.safetensors"  # char_lora_v3.safetensors → char_lora_v3.ema.safetensors, beside it
+BEST_SUFFIX = ".best.safetensors"  # the weights of the sample step with the best identity score, beside it
 EVENT_KEY = "flen_event"  # every progress line on stdout is a JSON object with this key (nodes/training_nodes.py
                           # parses them)
 
@@ -553,6 +558,11 @@ class TrainTask:
     def provenance(self) -> dict[str, Any]:
         return {}
 
+    def identity_scorer(self) -> Callable[[list[Any]], dict[str, Any]] | None:
+        """None, or a function of the sample images (PIL) of one sample step → {"score": higher is better,
+        ...details}: the trainer keeps the weights of the best-scoring step."""
+        return None
+
 
 # ---- optimizer state without pickle ------------------------------------------------------------------
 
@@ -714,6 +724,9 @@ class Trainer:
         self.transformer: torch.nn.Module | None = None
         self.params: list[tuple[str, torch.nn.Parameter]] = []
         self.ema: list[torch.Tensor] | None = None  # aligned with self.params
+        self.identity: list[dict[str, Any]] = []     # one record per scored sample step
+        self.best: dict[str, Any] | None = None      # {"step", "score"} of the best of them
+        self.best_sd: dict[str, torch.Tensor] | None = None
         self.eval_start = self.eval_end = float("nan")
 
     # -- cache
@@ -858,8 +871,11 @@ class Trainer:
         save_tensors(tmp / "rng.safetensors", rng_tensors)
         if self.ema is not None:
             save_tensors(tmp / "ema.safetensors", {n: e for (n, _), e in zip(self.params, self.ema, strict=True)})
+        if self.best_sd is not None:
+            save_tensors(tmp / "best.safetensors", self.best_sd)
         state = {"step": step, "epoch": epoch, "order": order, "optimizer": opt_structure, "rng": rng_info,
                  "param_names": [n for n, _ in self.params], "eval_start": self.eval_start,
+                 "identity": self.identity, "best": self.best,
                  "config": config_dict(self.cfg), "saved_at": time.time()}
         atomic_write_bytes(tmp / "state.json", json.dumps(state, default=str).encode())  # written last: complete
         if final.exists():
@@ -884,6 +900,9 @@ class Trainer:
                                   "false to start over with ema, or turn ema off to go on.")
             saved = load_tensors(ckpt / "ema.safetensors")
             self.ema = [saved[n].to(p.device, torch.float32) for n, p in self.params]
+        self.identity, self.best = list(state.get("identity") or []), state.get("best")
+        if self.best is not None and (ckpt / "best.safetensors").is_file():
+            self.best_sd = load_tensors(ckpt / "best.safetensors")
         return state
 
     # -- one step
@@ -1020,6 +1039,7 @@ class Trainer:
         n_batches = len(epoch_order(train, cfg.batch_size, cfg.seed, 0))
         params = [p for _, p in self.params]
         dropout = self.task.caption_dropout_rate if self.task.null_cond else 0.0
+        scorer = self.task.identity_scorer() if cfg.sample_every and samples else None
         t_start = time.time()
         last_loss = float("nan")
         try:
@@ -1068,7 +1088,7 @@ class Trainer:
                     path = self._save_checkpoint(step, opt, order, epoch)
                     self.emit("checkpoint", step=step, path=str(path))
                 if cfg.sample_every and samples and step % cfg.sample_every == 0:
-                    self.emit("sample", step=step, total=cfg.steps, paths=self.sample(samples, step))
+                    self._sample_step(samples, step, scorer)
                 if cfg.stop_at_step and step >= cfg.stop_at_step and step < cfg.steps:
                     # as if killed here: no extra checkpoint, a resume starts from the latest one
                     self.emit("stopped", step=step)
@@ -1083,16 +1103,51 @@ class Trainer:
         curve = self.run_dir / LOSS_CURVE
         atomic_write_bytes(curve, _png_bytes(loss_curve_image(read_loss_log(self.run_dir / LOSS_LOG))))
         path = self._write_lora(final_sd, parent, opt_name, cfg.steps, last_loss)
-        ema_path = self._write_ema(path, parent, opt_name, last_loss) if self.ema is not None else None
+        ema_path = self._write_beside(path, EMA_SUFFIX, self.ema_state(), parent, opt_name, last_loss, {
+            "ema": {"decay": cfg.ema_decay}}) if self.ema is not None else None
+        best_path = None
+        if self.best is not None and self.best_sd is not None and self.best["step"] != cfg.steps:
+            best_path = self._write_beside(path, BEST_SUFFIX, self.best_sd, parent, opt_name, last_loss, {
+                "best_checkpoint": {**self.best, "scores": self.identity}})
         done = {"lora": str(path), "steps": cfg.steps, "loss": last_loss, "eval_loss_start": self.eval_start,
                 "eval_loss_end": self.eval_end, "at": time.time(), "loss_curve": str(curve),
-                "ema_lora": str(ema_path) if ema_path else None,
+                "ema_lora": str(ema_path) if ema_path else None, "best_lora": str(best_path) if best_path else None,
+                "best": self.best, "identity": self.identity,
                 "tensorboard": str(self.run_dir / TENSORBOARD_DIR) if board is not None else None}
         atomic_write_bytes(self.run_dir / DONE_FILE, json.dumps(done).encode())
         self.emit("done", lora=str(path), steps=cfg.steps, loss=last_loss, eval_loss_start=self.eval_start,
                   eval_loss_end=self.eval_end, loss_curve=str(curve), ema_lora=done["ema_lora"],
-                  tensorboard=done["tensorboard"])
+                  best_lora=done["best_lora"], best=self.best, tensorboard=done["tensorboard"])
         return path
+
+    def _sample_step(self, samples: list[Example], step: int, scorer) -> None:
+        """Samples from the fixed prompts and seeds, one grid of them, and (with a scorer) the identity score:
+        the weights of the best-scoring step are kept."""
+        from PIL import Image
+
+        paths = self.sample(samples, step)
+        images = []
+        for path in paths:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        record = None
+        if scorer is not None:
+            record = {"step": step, **scorer(images)}
+            self.identity.append(record)
+            # a step whose samples show no face at all is not a candidate, whatever its score
+            if record.get("faces", 1) and (self.best is None or record["score"] > self.best["score"]):
+                self.best = {"step": step, "score": record["score"]}
+                self.best_sd = {k: v.cpu() for k, v in self.lora_state().items()}
+            self.emit("identity", step=step, score=record["score"], faces=record.get("faces"),
+                      best_step=(self.best or {}).get("step"), best_score=(self.best or {}).get("score"))
+        labels = [f"{i + 1}" for i in range(len(images))]
+        if record is not None and isinstance(record.get("scores"), list):
+            labels = [f"{i + 1}: " + ("no face" if sc is None else f"{sc:.3f}")
+                      for i, sc in enumerate(record["scores"])]
+        title = f"step {step}" + (f" · identity {record['score']:.3f}" if record is not None else "")
+        grid = self.run_dir / SAMPLES_DIR / f"step_{step:08d}_grid.png"
+        atomic_write_bytes(grid, _png_bytes(sample_grid(images, labels, title)))
+        self.emit("sample", step=step, total=self.cfg.steps, paths=paths, grid=str(grid))
 
     def _tensorboard(self, start: int):
         """A SummaryWriter on <run_dir>/tensorboard, or None (tensorboard off, or the package missing: said once).
@@ -1157,26 +1212,58 @@ class Trainer:
     def _write_lora(self, sd: dict[str, torch.Tensor], parent: dict[str, Any] | None, opt_name: str,
                     steps: int, loss: float) -> Path:
         folder = Path(self.cfg.output_dir) / "flenwheel" / self.task.character
-        ema = {"ema": {"decay": self.cfg.ema_decay, "file_suffix": EMA_SUFFIX}} if self.ema is not None else {}
+        extra: dict[str, Any] = {}
+        if self.ema is not None:
+            extra["ema"] = {"decay": self.cfg.ema_decay, "file_suffix": EMA_SUFFIX}
+        if self.best is not None:
+            # the final weights are the best ones when the last sample step scored best: no second file then
+            extra["best_checkpoint"] = {**self.best, "scores": self.identity,
+                                        "file_suffix": None if self.best["step"] == steps else BEST_SUFFIX}
         # the version number is known only once the name is claimed; it is in the file name
-        return write_new_version(folder, self.task.prefix, self._lora_file(sd, parent, opt_name, steps, loss, ema))
+        return write_new_version(folder, self.task.prefix, self._lora_file(sd, parent, opt_name, steps, loss, extra))
 
-    def _write_ema(self, plain: Path, parent: dict[str, Any] | None, opt_name: str, loss: float) -> Path:
-        """<plain>.ema.safetensors beside the plain LoRA; claimed with a hard link, never overwriting."""
-        target = plain.with_name(plain.name[:-len(".safetensors")] + EMA_SUFFIX)
-        extra = {"ema": {"decay": self.cfg.ema_decay, "of": plain.name, "of_sha256": sha256_file(plain)}}
-        data = self._lora_file(self.ema_state(), parent, opt_name, self.cfg.steps, loss, extra)
-        tmp = plain.parent / f".tmp-ema-{os.getpid()}-{time.time_ns()}.part"
+    def _write_beside(self, plain: Path, suffix: str, sd: dict[str, torch.Tensor], parent: dict[str, Any] | None,
+                      opt_name: str, loss: float, extra: dict[str, Any]) -> Path:
+        """<plain name><suffix> beside the plain LoRA (EMA, best checkpoint); claimed with a hard link, never
+        overwriting. Its provenance names the plain file and its sha256."""
+        target = plain.with_name(plain.name[:-len(".safetensors")] + suffix)
+        key = next(iter(extra))
+        extra = {key: {**extra[key], "of": plain.name, "of_sha256": sha256_file(plain)}}
+        data = self._lora_file(sd, parent, opt_name, self.cfg.steps, loss, extra)
+        tmp = plain.parent / f".tmp-beside-{os.getpid()}-{time.time_ns()}.part"
         tmp.write_bytes(data)
         try:
             os.link(tmp, target)
         except FileExistsError:
-            raise FlenUserError(f"{target} already exists (left by another run?); the EMA LoRA was not written. "
-                                f"The plain LoRA {plain.name} is complete.") from None
+            raise FlenUserError(f"{target} already exists (left by another run?); it was not written. The plain "
+                                f"LoRA {plain.name} is complete.") from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return target
+
+
+def sample_grid(images: list[Any], labels: list[str], title: str):
+    """One row of sample images (scaled up to at least 128 px) with a label under each and a title above."""
+    from PIL import Image, ImageDraw
+
+    side = max([128, *(max(im.size) for im in images)]) if images else 128
+    cells = []
+    for im in images:
+        scale = side / max(im.size)
+        cells.append(im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS))
+    pad, label_h, title_h = 4, 16, 18
+    width = pad + sum(c.width + pad for c in cells) if cells else 2 * pad + side
+    grid = Image.new("RGB", (width, title_h + side + label_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((pad, 3), title, fill=(0, 0, 0))
+    x = pad
+    for cell, label in zip(cells, labels, strict=False):
+        grid.paste(cell, (x, title_h))
+        draw.text((x, title_h + side + 2), label, fill=(0, 0, 0))
+        x += cell.width + pad
+    return grid
 
 
 def read_loss_log(path: Path) -> list[dict[str, Any]]:

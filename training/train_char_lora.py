@@ -8,7 +8,9 @@ instance prompts; with ``prior_preservation`` the images of ``class_images`` (ca
 ``class_prompt``) keep the class from drifting. Images go into aspect-ratio buckets of about
 ``resolution``² pixels. Phased training: ``init_lora`` starts from an earlier LoRA
 (head phase ``char_lora_v1`` → body phase ``char_lora_v2``); ``phase`` picks the dataset's head or
-body images. The shared machinery (memory, resume, samples, output) is in ``training.lora_training``.
+body images. ``trigger_placement`` puts the instance token first, last or in a ``[trigger]`` placeholder;
+``caption_dropout_rate`` trains that share of examples with the empty caption. The shared machinery
+(memory, resume, schedules, samplers, EMA, samples, output) is in ``training.lora_training``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 
 from engines import dataset as ds
 from engines.diffusers_folder import read_model_index
+from engines.errors import FlenUserError
 from engines.review_store import validate_character
 from engines.safe_images import open_image
 from training.lora_training import (
@@ -51,7 +54,7 @@ DEFAULT_SAMPLE_CELLS = ("neutral / front", "smiling / three-quarter", "angry / p
 # keys that change how a run is carried out but not what it learns (left out of the run folder's name)
 RUN_ONLY_KEYS = ("run_dir", "stop_at_step", "resume", "log_every", "checkpoint_every", "keep_checkpoints",
                  "memory_cap_gb", "device", "sample_every", "sample_prompts", "sample_steps", "sample_size",
-                 "sample_seed", "sample_shift", "output_dir", "tensorboard")
+                 "sample_seed", "sample_shift", "output_dir", "tensorboard", "identity_model", "identity_root")
 # keys added after runs were first named: left out of the name while at their default, so that an earlier
 # run's folder (and its checkpoints) keeps its name
 LATER_KEYS = ("resolutions", "logit_mean", "logit_std", "sigmoid_scale", "discrete_flow_shift", "weighting_scheme",
@@ -68,6 +71,8 @@ class CharLoraConfig(TrainConfig):
     prior_loss_weight: float = 1.0
     caption_dropout_rate: float = 0.0  # share of steps' examples trained with an empty caption
     trigger_placement: str = "as_captioned"
+    identity_model: str = ""           # face pack (or dlib) scoring each sample step's likeness; "": none
+    identity_root: str = ""            # the folder holding models/<pack> (ComfyUI's models/insightface)
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"phase": PHASES, "trigger_placement": TRIGGER_PLACEMENTS}
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {"prior_loss_weight": (0.0, 100.0),
@@ -189,6 +194,9 @@ class CharLoraTask(TrainTask):
             if not self.class_prompt:
                 raise ConfigError("prior_preservation needs 'class_prompt' (e.g. 'a photo of a person'); the "
                                   "dataset has none.")
+        if cfg.identity_model and not cfg.sample_every:
+            raise ConfigError("identity_model scores the sample images of each sample step; set 'sample_every' "
+                              "(e.g. to checkpoint_every) or leave identity_model empty.")
         # A diffusers AutoencoderKL, loaded on the first decode. Any: diffusers' top-level names resolve to dummy
         # classes for the checker, and ModelMixin.to is a wrapped function it cannot call.
         self.vae: Any = None
@@ -306,6 +314,35 @@ class CharLoraTask(TrainTask):
             x = vae.decode(z.to(device, vae.dtype), return_dict=False)[0]
         self.vae.to("cpu")
         return tensor_to_image(x[0])
+
+    def identity_scorer(self):
+        """The samples' likeness: the cosine of each sample's face to the mean of the dataset images' faces
+        (engines.identity, as the model card scores), averaged over the samples; a sample without a face
+        counts 0, so a step whose samples lose the face cannot win."""
+        if not self.cfg.identity_model:
+            return None
+        import numpy as np
+
+        from engines import identity
+        from engines.safe_images import open_rgb
+
+        model = identity.load_face_model(self.cfg.identity_root, self.cfg.identity_model)
+        try:
+            bank = identity.build_bank(model, [np.asarray(open_rgb(Path(it["image_path"]))) for it in self.items],
+                                       self.cfg.identity_root)
+        except FlenUserError as exc:
+            raise ConfigError(f"identity_model '{self.cfg.identity_model}' finds no usable face in the dataset's "
+                              f"images, so the samples cannot be scored against them ({exc}). Choose another face "
+                              "model or set identity_model to none.") from None
+
+        def score(images: list) -> dict[str, Any]:
+            rows = identity.score_images(bank, model, [np.asarray(im.convert("RGB")) for im in images])
+            scores = [r.score_mean for r in rows]
+            return {"score": round(sum(sc or 0.0 for sc in scores) / max(1, len(scores)), 4), "scores": scores,
+                    "faces": sum(sc is not None for sc in scores), "model": self.cfg.identity_model,
+                    "references": len(bank.references)}
+
+        return score
 
     def provenance(self) -> dict[str, Any]:
         d = self.dataset
