@@ -59,7 +59,8 @@ def test_trained_lora_name_drives_a_lora_stack_in_the_same_prompt(comfy, comfy_s
     assert prov["dataset"]["character"] == character and prov["steps_done"] == 4
     training = comfy_server.base / "output" / "flenwheel" / character / "training"
     (run,) = [p for p in training.iterdir() if p.name.startswith("char_lora-v1-")]
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000002_00.png", "step_00000004_00.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000002_00.png", "step_00000002_grid.png",
+                                                                   "step_00000004_00.png", "step_00000004_grid.png"]
     assert not (training / "launcher_child.json").exists()  # the child is gone
 
 
