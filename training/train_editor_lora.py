@@ -91,10 +91,11 @@ class EditorLoraTask(TrainTask):
 
     def cache_key(self) -> dict[str, Any]:
         cfg = self.cfg
-        key = {"trainer": self.trainer_name, "model": base_model_key(cfg), "dataset": self.dataset.hash,
-               "resolution": cfg.resolution, "multiple": cfg.bucket_multiple, "control": self.control_side,
-               "condition": cfg.condition_resolution, "precision": cfg.precision, "msl": cfg.max_sequence_length,
-               "samples": cfg.sample_pairs if cfg.sample_every else 0}
+        key: dict[str, Any] = {"trainer": self.trainer_name, "model": base_model_key(cfg), "dataset": self.dataset.hash,
+                               "resolution": cfg.resolution, "multiple": cfg.bucket_multiple,
+                               "control": self.control_side, "condition": cfg.condition_resolution,
+                               "precision": cfg.precision, "msl": cfg.max_sequence_length,
+                               "samples": cfg.sample_pairs if cfg.sample_every else 0}
         if cfg.resolutions:  # only when used, so that the caches of earlier runs stay valid
             key["resolutions"] = cfg.all_resolutions()
         return key
