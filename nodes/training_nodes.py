@@ -24,11 +24,14 @@ import time
 from pathlib import Path
 from typing import TypeGuard
 
+import numpy as np
+import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image
 
 from ..engines import dataset as ds
 from ..engines import edit_pairs
+from ..engines import identity as face_id
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import read_safetensors_header
 from ..engines.safe_paths import Root, resolve_inside
@@ -128,12 +131,15 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
             kind = ev[EVENT_KEY]
             if kind == "step":
                 step = int(ev["step"])
+                lr = f", lr {float(ev['lr']):.2e}" if ev.get("lr") is not None else ""
                 progress.update(step, total, f"{label} (pid {proc.pid}): step {step}/{total}, "
-                                             f"loss {float(ev['loss']):.4f}, {ev.get('s_per_step', 0):.2f} s/step")
+                                             f"loss {float(ev['loss']):.4f}{lr}, {ev.get('s_per_step', 0):.2f} s/step")
+            elif kind == "warning":
+                bridge.progress_text(f"{label}: {ev.get('message', '')}")
             elif kind == "sample" and ev.get("paths"):
                 image = None
                 with contextlib.suppress(OSError):
-                    with Image.open(ev["paths"][0]) as im:
+                    with Image.open(ev.get("grid") or ev["paths"][0]) as im:
                         image = im.convert("RGB")
                 progress.update(int(ev["step"]), total, f"{label}: samples at step {ev['step']}", image)
             elif kind == "resume":
@@ -243,7 +249,7 @@ def lora_name(path: str) -> str:
 
 # Keys of the trainer config that name files: the node sets them from its own inputs (combos, the dataset
 # socket), so a prompt's 'advanced' text can never point the trainer at a folder of its choosing.
-PATH_KEYS = ("model", "files", "dataset", "output_dir", "init_lora", "class_images", "character")
+PATH_KEYS = ("model", "files", "dataset", "output_dir", "init_lora", "class_images", "character", "identity_root")
 
 
 def _advanced(text: str, workspace: Path) -> dict:
@@ -336,10 +342,89 @@ def _common_inputs(default_res: int) -> list:
                         tooltip="More trainer settings as 'key: value' lines (YAML), e.g. 'batch_size: 2', "
                                 "'extra_target_modules: [proj_out]', 'sample_prompts: [...]'. Unknown keys are "
                                 "refused with the list of known ones; so are file keys (model, dataset, "
-                                "output_dir, init_lora, class_images): they come from the inputs. run_dir is a "
-                                "folder name inside the character's training folder."),
+                                "output_dir, init_lora, class_images, identity_root): they come from the "
+                                "inputs. run_dir is a folder name inside the character's training folder."),
     ]
 
+
+# Appended after the older inputs, so that saved workflows' widget values keep their places; every one has a
+# default that trains as before.
+def _option_inputs() -> list:
+    return [
+        io.Combo.Input("lr_scheduler", options=["constant", "constant_with_warmup", "cosine", "linear"],
+                       default="constant", optional=True,
+                       tooltip="Learning-rate schedule. constant: the same rate throughout. constant_with_warmup: "
+                               "rises linearly over lr_warmup_steps, then constant. cosine / linear: warmup, then "
+                               "decays towards 0 at the last step (smoother end; good for long runs)."),
+        io.Int.Input("lr_warmup_steps", default=0, min=0, max=1_000_000, optional=True,
+                     tooltip="Steps over which the rate rises from 0 to learning_rate (not with 'constant'). "
+                             "5-10% of steps is usual; helps high learning rates start stably."),
+        io.String.Input("resolutions", default="", optional=True,
+                        tooltip="Several training resolutions in one run, comma separated, e.g. '512,768,1024' "
+                                "(each a multiple of 64): every image is trained at each, in aspect buckets per "
+                                "resolution. Empty: only 'resolution'."),
+        io.Combo.Input("timestep_sampling", options=["logit_normal", "uniform", "sigmoid", "shift", "flux_shift"],
+                       default="logit_normal", optional=True,
+                       tooltip="How training noise levels are drawn. logit_normal: most steps at mid noise "
+                               "(default, SD3/FLUX practice). uniform: all levels alike. sigmoid: like "
+                               "logit_normal with a scale (sigmoid_scale under advanced). shift: towards high noise "
+                               "(discrete_flow_shift, default 3): composition and likeness. flux_shift: shifted "
+                               "by image size, as FLUX samples."),
+        io.Combo.Input("weighting_scheme", options=["none", "sigma_sqrt", "cosmap"], default="none", optional=True,
+                       tooltip="Loss weight by noise level. none: plain mean (default). cosmap: mild emphasis on "
+                               "mid noise (SD3). sigma_sqrt: strong emphasis on low noise (fine detail); can be "
+                               "unstable with uniform sampling."),
+        io.Boolean.Input("ema", default=False, optional=True,
+                         tooltip="Also save an exponential moving average of the LoRA weights as "
+                                 "<name>.ema.safetensors beside the LoRA: often smoother, less over-fit results. "
+                                 "The plain LoRA is written as always."),
+        io.Float.Input("ema_decay", default=0.99, min=0.0, max=0.9999, step=0.001, optional=True,
+                       tooltip="EMA decay per step: 0.99 averages over about the last 100 steps; use 0.999 for "
+                               "runs of several thousand steps."),
+        io.Boolean.Input("tensorboard", default=True, optional=True,
+                         tooltip="Write TensorBoard event files (loss, learning rate, timestep) to the run folder's "
+                                 "tensorboard/: tensorboard --logdir output/flenwheel/<character>/training."),
+    ]
+
+
+def _char_option_inputs() -> list:
+    return [
+        io.Float.Input("caption_dropout_rate", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                       tooltip="Share of training examples whose caption is replaced by the empty caption (seeded). "
+                               "0.05-0.1 makes the likeness come through without the trigger too; 0: never."),
+        io.Combo.Input("trigger_placement", options=["as_captioned", "prepend", "append", "replace_placeholder"],
+                       default="as_captioned", optional=True,
+                       tooltip="Where the instance token goes in each caption. as_captioned: the dataset's "
+                               "captions as written (they already hold it). prepend / append: the token first / "
+                               "last, once. replace_placeholder: [trigger] or {token} in a caption becomes the "
+                               "token; captions without one get it in front."),
+        io.Combo.Input("identity_model", options=["none", *face_id.model_choices(bridge.insightface_packs())],
+                       default="none", optional=True,
+                       tooltip="Score every sample step's samples (model-card prompts, fixed seeds) against the "
+                               "dataset's faces with this face model, and also save the weights of the "
+                               "best-scoring step as <name>.best.safetensors (when it is not the last step). "
+                               "The scores are recorded in the LoRA. none: no scoring."),
+    ]
+
+
+def _identity_config(name: str) -> dict:
+    name = (name or "").strip()
+    if not name or name == "none":
+        return {}
+    from ..engines import identity_dlib
+
+    if name != identity_dlib.DLIB_MODEL:
+        face_id.pack_folder(bridge.insightface_root(), name)  # a missing pack is refused before the trainer starts
+    return {"identity_model": name, "identity_root": bridge.insightface_root()}
+
+
+def _option_config(lr_scheduler: str, lr_warmup_steps: int, resolutions: str, timestep_sampling: str,
+                   weighting_scheme: str, ema: bool, ema_decay: float, tensorboard: bool) -> dict:
+    text = (resolutions or "").strip()
+    return {"lr_scheduler": lr_scheduler, "lr_warmup_steps": int(lr_warmup_steps),
+            "resolutions": text if text else [], "timestep_sampling": timestep_sampling,
+            "weighting_scheme": weighting_scheme, "ema": bool(ema), "ema_decay": float(ema_decay),
+            "tensorboard": bool(tensorboard)}
 
 
 
@@ -375,14 +460,37 @@ def _common_config(model: dict, dataset_path: Path, precision: str, steps: int, 
 
 def _summary(label: str, name: str, done: dict) -> str:
     start, end = (float(done.get(k, float("nan"))) for k in ("eval_loss_start", "eval_loss_end"))
-    return (f"{label}: wrote {name} after {done.get('steps')} steps; loss on the training set "
+    text = (f"{label}: wrote {name} after {done.get('steps')} steps; loss on the training set "
             f"{start:.4f} → {end:.4f}.")
+    if done.get("ema_lora"):
+        text += f" EMA weights: {lora_name(str(done['ema_lora']))}."
+    best = done.get("best")
+    if best:
+        text += (f" Best identity score {best['score']:.3f} at step {best['step']}"
+                 + (f": {lora_name(str(done['best_lora']))}." if done.get("best_lora") else " (the final weights)."))
+    if done.get("tensorboard"):
+        text += f" TensorBoard: {done['tensorboard']}."
+    return text
+
+
+def _loss_curve(done: dict) -> torch.Tensor:
+    """The trainer's loss-curve PNG as an IMAGE (a blank one if it is missing)."""
+    path = done.get("loss_curve")
+    try:
+        with Image.open(str(path)) as im:
+            rgb = im.convert("RGB")
+    except (OSError, TypeError, ValueError):
+        rgb = Image.new("RGB", (64, 64), (255, 255, 255))
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)[None]
 
 
 _OUTPUTS = [LoraNameType.Output(display_name="lora_name",
                                 tooltip="The new LoRA's name in models/loras (e.g. flenwheel/<character>/"
                                         "char_lora_v1.safetensors): connect it to FLEN LoRA Stack's lora_name."),
-            io.String.Output(display_name="summary", tooltip="What was trained, and the loss before → after.")]
+            io.String.Output(display_name="summary", tooltip="What was trained, and the loss before → after."),
+            io.Image.Output(display_name="loss_curve",
+                            tooltip="The loss per step (light), its moving average (dark) and the learning rate "
+                                    "(orange) of the run.")]
 
 
 class FLENTrainCharacterLoRA(io.ComfyNode):
@@ -419,6 +527,8 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
                                            "folder or ComfyUI split files (fp8 files train over their fp8 "
                                            "weights; nf4 needs the diffusers folder). The trainer loads the files "
                                            "itself in its own process."),
+                *_option_inputs(),
+                *_char_option_inputs(),
             ],
             outputs=_OUTPUTS,
             is_output_node=True,
@@ -429,7 +539,10 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
                 learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
                 init_lora: str = "", resume: bool = True, advanced: str = "", phase: str = "all",
                 prior_preservation: bool = False, class_images: str = "", class_prompt: str = "",
-                flux_pipe=None) -> io.NodeOutput:
+                flux_pipe=None, lr_scheduler: str = "constant", lr_warmup_steps: int = 0, resolutions: str = "",
+                timestep_sampling: str = "logit_normal", weighting_scheme: str = "none", ema: bool = False,
+                ema_decay: float = 0.99, tensorboard: bool = True, caption_dropout_rate: float = 0.0,
+                trigger_placement: str = "as_captioned", identity_model: str = "none") -> io.NodeOutput:
         path, character = _dataset(dataset, "character", "FLEN Train Character LoRA")
         base = _base_model(model, flux_pipe, "flux_pipe", "FLEN Train Character LoRA")
         config = _common_config(base, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
@@ -437,11 +550,15 @@ class FLENTrainCharacterLoRA(io.ComfyNode):
         config.update(phase=phase, prior_preservation=bool(prior_preservation),
                       class_images=_class_images(class_images, bool(prior_preservation)),
                       class_prompt=class_prompt.strip(), character=character)
+        config.update(_option_config(lr_scheduler, lr_warmup_steps, resolutions, timestep_sampling, weighting_scheme,
+                                     ema, ema_decay, tensorboard),
+                      caption_dropout_rate=float(caption_dropout_rate), trigger_placement=trigger_placement,
+                      **_identity_config(identity_model))
         config.update(_advanced(advanced, path.parent.parent))
         lora, done = run_trainer("training.train_char_lora", config, path.parent.parent, "char LoRA")
         name = lora_name(lora)
         summary = _summary("FLEN Train Character LoRA", name, done)
-        return io.NodeOutput(name, summary, ui={"text": [summary]})
+        return io.NodeOutput(name, summary, _loss_curve(done), ui={"text": [summary]})
 
 
 class FLENTrainEditorLoRA(io.ComfyNode):
@@ -468,6 +585,7 @@ class FLENTrainEditorLoRA(io.ComfyNode):
                                        tooltip="Train on what this Qwen edit loader names instead of 'model': its "
                                                "diffusers folder or ComfyUI split files (fp8 files train over their "
                                                "fp8 weights; nf4 needs the diffusers folder)."),
+                *_option_inputs(),
             ],
             outputs=_OUTPUTS,
             is_output_node=True,
@@ -477,17 +595,22 @@ class FLENTrainEditorLoRA(io.ComfyNode):
     def execute(cls, edit_pairs: dict, model: str, precision: str, steps: int, rank: int, alpha: float,
                 learning_rate: float, resolution: int, seed: int, checkpoint_every: int, sample_every: int,
                 init_lora: str = "", resume: bool = True, advanced: str = "",
-                control_resolution: int = 0, qwen_pipe=None) -> io.NodeOutput:
+                control_resolution: int = 0, qwen_pipe=None, lr_scheduler: str = "constant",
+                lr_warmup_steps: int = 0, resolutions: str = "", timestep_sampling: str = "logit_normal",
+                weighting_scheme: str = "none", ema: bool = False, ema_decay: float = 0.99,
+                tensorboard: bool = True) -> io.NodeOutput:
         path, character = _dataset(edit_pairs, "edit_pairs", "FLEN Train Editor LoRA")
         base = _base_model(model, qwen_pipe, "qwen_pipe", "FLEN Train Editor LoRA")
         config = _common_config(base, path, precision, steps, rank, alpha, learning_rate, resolution, seed,
                                 checkpoint_every, sample_every, init_lora, resume)
         config.update(control_resolution=int(control_resolution), character=character)
+        config.update(_option_config(lr_scheduler, lr_warmup_steps, resolutions, timestep_sampling, weighting_scheme,
+                                     ema, ema_decay, tensorboard))
         config.update(_advanced(advanced, path.parent.parent))
         lora, done = run_trainer("training.train_editor_lora", config, path.parent.parent, "editor LoRA")
         name = lora_name(lora)
         summary = _summary("FLEN Train Editor LoRA", name, done)
-        return io.NodeOutput(name, summary, ui={"text": [summary]})
+        return io.NodeOutput(name, summary, _loss_curve(done), ui={"text": [summary]})
 
 
 NODES = [FLENTrainCharacterLoRA, FLENTrainEditorLoRA]

@@ -185,3 +185,90 @@ def test_config_errors_are_clear(tmp_path, tiny_models, capsys):
     (tmp_path / "notds").mkdir()
     with pytest.raises(ConfigError, match="is not a dataset version folder"):
         CharLoraTask(config_from_dict(CharLoraConfig, {**good, "dataset": str(tmp_path / "notds")}))
+
+
+def test_default_options_keep_the_loss_curve_of_before_the_options(trained):
+    """The loss per step with default options equals the curve measured before the schedule, sampler, EMA,
+    dropout and resolution options existed (tests/data/default_loss_curves.json, commit named there)."""
+    reference = json.loads((REPO / "tests" / "data" / "default_loss_curves.json").read_text())
+    log = [json.loads(line) for line in (trained["task"].run_dir() / "loss.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["loss"] for r in log], reference["char"], rtol=1e-5, atol=0)
+    done = trained["events"][-1]
+    np.testing.assert_allclose([done["eval_loss_start"], done["eval_loss_end"]], reference["char_eval"], rtol=1e-5)
+    assert {r["lr"] for r in log} == {1e-2}  # constant
+
+
+def test_ema_weights_equal_a_hand_computed_ema_of_two_steps(trained, tiny_models, tmp_path):
+    """From a known start (init_lora W0), one step gives W1 and two give W2; the EMA file of the two-step run
+    must be d²·W0 + d(1-d)·W1 + (1-d)·W2 and differ from the plain LoRA beside it."""
+    common = settings(tiny_models, trained["dataset"], tmp_path / "loras", sample_every=0,
+                      init_lora=str(trained["path"]))
+    one, _, _ = train(CharLoraConfig, CharLoraTask, run_dir=str(tmp_path / "one"), **{**common, "steps": 1})
+    d = 0.5
+    two, _, events = train(CharLoraConfig, CharLoraTask, run_dir=str(tmp_path / "two"),
+                           **{**common, "steps": 2, "ema": True, "ema_decay": d})
+    ema_path = two.with_name(two.name.replace(".safetensors", ".ema.safetensors"))
+    assert events[-1]["ema_lora"] == str(ema_path) and ema_path.is_file()
+    w0, w1 = read_lora(trained["path"])[0], read_lora(one)[0]
+    w2, meta2 = read_lora(two)
+    ema, meta_e = read_lora(ema_path)
+    assert sorted(ema) == sorted(w2)
+    for k in w2:
+        expected = d * d * w0[k] + d * (1 - d) * w1[k] + (1 - d) * w2[k]
+        torch.testing.assert_close(ema[k], expected, rtol=0, atol=1e-6)
+    assert max(float((ema[k] - w2[k]).abs().max()) for k in w2) > 1e-4
+    prov_e, prov_2 = json.loads(meta_e["flenwheel"]), json.loads(meta2["flenwheel"])
+    assert prov_e["ema"] == {"decay": d, "of": two.name, "of_sha256": sha256_file(two)}
+    assert prov_2["ema"]["decay"] == d and prov_2["hyperparameters"]["ema"] is True
+    # the EMA file takes no version number: the next run is still v<N+1>
+    three, _, _ = train(CharLoraConfig, CharLoraTask, run_dir=str(tmp_path / "three"), **{**common, "steps": 1})
+    assert int(three.stem.rsplit("_v", 1)[1]) == int(two.stem.rsplit("_v", 1)[1]) + 1
+
+
+def _phase_dataset(output_dir):
+    images = [draw_test_face(i, size=32) for i in range(4)]
+    metas = [{"phase": "head"}, {"phase": "head"}, {"phase": "body"}, {"phase": "body"}]
+    result = ds.write_dataset(output_dir, "erin", images, metas, token="ohwx_char person", phase="auto",
+                              class_prompt="a photo of a person")
+    return result.dataset.path
+
+
+def test_each_phase_trains_only_on_its_own_images(tiny_models, tmp_path):
+    dataset = _phase_dataset(tmp_path / "output")
+    files = {it["file"]: it["phase"] for it in ds.load_dataset(dataset).items}
+    assert sorted(files.values()) == ["body", "body", "head", "head"]
+    seen = {}
+    for phase in ("head", "body", "all"):
+        _, task, _ = train(CharLoraConfig, CharLoraTask, **settings(
+            tiny_models, dataset, tmp_path / "loras", phase=phase, steps=6, sample_every=0,
+            run_dir=str(tmp_path / f"run_{phase}")))
+        log = [json.loads(line) for line in (task.run_dir() / "loss.jsonl").read_text().splitlines()]
+        seen[phase] = {k for r in log for k in r["items"]}
+    assert seen["head"] == {f for f, p in files.items() if p == "head"}
+    assert seen["body"] == {f for f, p in files.items() if p == "body"}
+    assert seen["all"] == set(files)
+
+
+def test_prior_preservation_adds_the_weighted_prior_loss(trained, tiny_models, tmp_path):
+    classes = tmp_path / "class_images"
+    classes.mkdir()
+    for i in (7, 8):
+        draw_test_face(i, size=32).save(classes / f"person_{i}.png")
+    common = settings(tiny_models, trained["dataset"], tmp_path / "loras", steps=4, sample_every=0)
+    runs = {}
+    for name, extra in (("off", {}), ("zero", {"prior_preservation": True, "class_images": str(classes),
+                                              "prior_loss_weight": 0.0}),
+                        ("on", {"prior_preservation": True, "class_images": str(classes), "prior_loss_weight": 0.7})):
+        path, task, _ = train(CharLoraConfig, CharLoraTask, run_dir=str(tmp_path / name), **{**common, **extra})
+        log = [json.loads(line) for line in (task.run_dir() / "loss.jsonl").read_text().splitlines()]
+        runs[name] = (read_lora(path)[0], log)
+    off, zero, on = (runs[k][0] for k in ("off", "zero", "on"))
+    for k in off:  # weight 0: the prior term adds nothing, so the instance part is the same as without prior
+        torch.testing.assert_close(zero[k], off[k], rtol=0, atol=1e-7)
+    assert max(float((on[k] - off[k]).abs().max()) for k in off) > 1e-4  # the prior loss trains the LoRA
+    on_log = runs["on"][1]
+    for r in on_log:
+        assert r["prior_loss"] > 0
+        assert abs(r["loss"] - (r["instance_loss"] + 0.7 * r["prior_loss"])) < 1e-5
+        assert not any(k.startswith("class:") for k in r["items"])  # class images only in the prior term
+    assert on_log[0]["instance_loss"] == runs["off"][1][0]["loss"]

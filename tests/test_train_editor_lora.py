@@ -122,3 +122,24 @@ def test_config_errors_are_clear(trained, tiny_models, tmp_path):
     with pytest.raises(FlenUserError, match="needs one of: QwenImageEditPlusPipeline"):
         EditorLoraTask(config_from_dict(EditorLoraConfig, {**good, "model": str(tiny_models / "diffusers" /
                                                                                  "flen-tiny-flux")}))
+
+
+def test_default_options_keep_the_loss_curve_of_before_the_options(trained):
+    """As for the character trainer: default options give the curve measured before the new options."""
+    from train_helpers import REPO
+
+    reference = json.loads((REPO / "tests" / "data" / "default_loss_curves.json").read_text())
+    log = [json.loads(line) for line in (trained["task"].run_dir() / "loss.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == pytest.approx(reference["editor"], rel=1e-5, abs=0)
+    done = trained["events"][-1]
+    assert [done["eval_loss_start"], done["eval_loss_end"]] == pytest.approx(reference["editor_eval"], rel=1e-5)
+
+
+def test_several_resolutions_use_every_bucket(trained, tiny_models, tmp_path):
+    _, task, _ = train(EditorLoraConfig, EditorLoraTask, **settings(
+        tiny_models, trained["dataset"], tmp_path / "loras", steps=6, sample_every=0, resolutions="32,48",
+        run_dir=str(tmp_path / "multi")))
+    log = [json.loads(line) for line in (task.run_dir() / "loss.jsonl").read_text().splitlines()]
+    assert {tuple(r["bucket"]) for r in log} == {(32, 32), (48, 48)}
+    files = [it["file"] for it in ds.load_dataset(trained["dataset"]).items]
+    assert {r["items"][0] for r in log} == {f"{f}@{res}" for f in files for res in (32, 48)}

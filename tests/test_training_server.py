@@ -59,7 +59,8 @@ def test_trained_lora_name_drives_a_lora_stack_in_the_same_prompt(comfy, comfy_s
     assert prov["dataset"]["character"] == character and prov["steps_done"] == 4
     training = comfy_server.base / "output" / "flenwheel" / character / "training"
     (run,) = [p for p in training.iterdir() if p.name.startswith("char_lora-v1-")]
-    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000002_00.png", "step_00000004_00.png"]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000002_00.png", "step_00000002_grid.png",
+                                                                   "step_00000004_00.png", "step_00000004_grid.png"]
     assert not (training / "launcher_child.json").exists()  # the child is gone
 
 
@@ -107,3 +108,44 @@ def test_interrupt_ends_the_trainer_process(comfy, comfy_server):
     messages = [m[0] for m in entry()["status"]["messages"]]
     assert "execution_interrupted" in messages
     assert not (comfy_server.base / "models" / "loras" / "flenwheel" / character).exists()  # no LoRA written
+
+
+def test_trainer_options_through_the_node(comfy, comfy_server):
+    """The node's option inputs reach the trainer: warmup schedule in the loss log, both resolutions' buckets,
+    EMA file beside the LoRA, shift sampling, seeded caption dropout, token placement, TensorBoard files and
+    the loss-curve IMAGE output (saved by a SaveImage)."""
+    character = "to_" + uuid.uuid4().hex[:8]
+    prompt = dataset_nodes(character)
+    prompt["train"] = train_node(steps=6, sample_every=0, seed=2)
+    prompt["train"]["inputs"].update(
+        lr_scheduler="constant_with_warmup", lr_warmup_steps=3, resolutions="32, 48", timestep_sampling="shift",
+        weighting_scheme="cosmap", ema=True, ema_decay=0.9, tensorboard=True, caption_dropout_rate=0.5,
+        trigger_placement="append")
+    prompt["curve"] = {"class_type": "SaveImage", "inputs": {"images": ["train", 2], "filename_prefix": character}}
+    outputs = comfy.run(prompt)
+    name = f"flenwheel/{character}/char_lora_v1.safetensors"
+    text = outputs["train"]["text"][0]
+    assert name in text and f"flenwheel/{character}/char_lora_v1.ema.safetensors" in text, text
+    loras = comfy_server.base / "models" / "loras" / "flenwheel" / character
+    assert sorted(p.name for p in loras.iterdir()) == ["char_lora_v1.ema.safetensors", "char_lora_v1.safetensors"]
+    with safe_open(str(loras / "char_lora_v1.safetensors"), "pt") as fh:
+        prov = json.loads(fh.metadata()["flenwheel"])
+    hp = prov["hyperparameters"]
+    assert (hp["lr_scheduler"], hp["lr_warmup_steps"], hp["resolutions"], hp["timestep_sampling"],
+            hp["weighting_scheme"], hp["ema"], hp["ema_decay"], hp["caption_dropout_rate"],
+            hp["trigger_placement"]) == ("constant_with_warmup", 3, [32, 48], "shift", "cosmap", True, 0.9, 0.5,
+                                         "append")
+    assert all(c.endswith("ohwx_char person") for c in prov["captions"]["used"].values())
+    training = comfy_server.base / "output" / "flenwheel" / character / "training"
+    (run,) = [p for p in training.iterdir() if p.name.startswith("char_lora-v1-")]
+    log = [json.loads(line) for line in (run / "loss.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01, 0.01, 0.01, 0.01])
+    assert {tuple(r["bucket"]) for r in log} == {(32, 32), (48, 48)}
+    assert all("captions_dropped" in r for r in log)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    (image,) = outputs["curve"]["images"]
+    saved = comfy_server.base / "output" / image.get("subfolder", "") / image["filename"]
+    from PIL import Image
+
+    with Image.open(saved) as im:
+        assert im.size == (768, 384)

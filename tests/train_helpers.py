@@ -17,12 +17,13 @@ from training.tiny_models import draw_test_face
 REPO = Path(__file__).resolve().parents[1]
 
 
-def char_dataset(output_dir: Path, character: str, n: int = 3, size: int = 32) -> Path:
+def char_dataset(output_dir: Path, character: str, n: int = 3, size: int = 32, template: str = "") -> Path:
     """A character dataset version of ``n`` drawn faces (one landscape, for a second bucket)."""
     images = [draw_test_face(i, size=size) for i in range(n - 1)]
     images.append(draw_test_face(n, size=size * 2).resize((size * 2, size)))
+    extra = {"template": template} if template else {}
     result = ds.write_dataset(output_dir, character, images, token="ohwx_char person", phase="head",
-                              class_prompt="a photo of a person")
+                              class_prompt="a photo of a person", **extra)
     return result.dataset.path
 
 

@@ -8,14 +8,18 @@ What every trainer gets from here:
   folder), the VAE and text encoders are then released, so the peak is the transformer's; base in bf16,
   fp32 or NF4 (bitsandbytes, CUDA only); peft LoRA on the attention projections (q/k/v/out, plus any
   extra modules); gradient checkpointing; 8-bit AdamW on CUDA, torch AdamW elsewhere.
-* **Loss** — rectified-flow matching: ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``.
+* **Loss** — rectified-flow matching: ``x_t = (1 - t) x0 + t noise``, target ``noise - x0``; ``t`` from one of
+  the samplers of ``sample_t`` (logit-normal by default), optionally weighted by ``loss_weights``; the learning
+  rate per step from ``lr_at`` (constant by default, warmup, cosine, linear); optional EMA of the LoRA weights,
+  saved beside it as ``<name>.ema.safetensors``; several resolutions, each with its aspect buckets.
 * **Determinism and resume** — data order, noise and timesteps of step ``s`` are functions of
   ``(seed, s)``; a checkpoint (every N steps, written to a temp folder and renamed) holds the LoRA
   weights, the optimizer state (safetensors for tensors, JSON for the rest: no pickle), the RNG states,
   the step and the epoch's data order. A run resumed from its latest checkpoint ends with the same LoRA
   as a run that never stopped.
 * **Reporting** — one JSON object per line on stdout (``{"event": "step", ...}``) for the launcher node,
-  a loss log (``loss.jsonl``) and sample images every N steps from fixed prompts and seeds.
+  a loss log (``loss.jsonl``: loss, learning rate, times, bucket and items of every step), TensorBoard event
+  files, a loss-curve image at the end and sample images every N steps from fixed prompts and seeds.
 * **Output** — ``<loras>/flenwheel/<character>/<prefix>_vN.safetensors``, never overwriting, diffusers
   key format (``transformer.<module>.lora_A/B.weight``) with ``lora_alpha == rank`` (an ``alpha`` other
   than the rank is folded into ``lora_B``), provenance in the safetensors metadata.
@@ -53,7 +57,10 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("bf16", "fp32", "nf4", "fp8")
 OPTIMIZERS = ("auto", "adamw8bit", "adamw")
-TIMESTEP_SAMPLING = ("logit_normal", "uniform")
+# Names as kohya sd-scripts / musubi-tuner spell them (--timestep_sampling, --weighting_scheme, --lr_scheduler).
+TIMESTEP_SAMPLING = ("logit_normal", "uniform", "sigmoid", "shift", "flux_shift")
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 CHECKPOINTS_DIR = "checkpoints"
@@ -61,6 +68,10 @@ LOSS_LOG = "loss.jsonl"
 DONE_FILE = "done.json"
 CACHE_DIR = "cache"
 SAMPLES_DIR = "samples"
+TENSORBOARD_DIR = "tensorboard"
+LOSS_CURVE = "loss_curve.png"
+EMA_SUFFIX = ".ema.safetensors"  # char_lora_v3.safetensors → char_lora_v3.ema.safetensors, beside it
+BEST_SUFFIX = ".best.safetensors"  # the weights of the sample step with the best identity score, beside it
 EVENT_KEY = "flen_event"  # every progress line on stdout is a JSON object with this key (nodes/training_nodes.py
                           # parses them)
 
@@ -88,12 +99,20 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     extra_target_modules: list[str] = field(default_factory=list)
     learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
     steps: int = 1000
     batch_size: int = 1
     seed: int = 0
     resolution: int = 512
+    resolutions: list[int] = field(default_factory=list)  # several in one run, e.g. [512, 768, 1024]; empty: resolution
     bucket_multiple: int = 64
     timestep_sampling: str = "logit_normal"
+    logit_mean: float = 0.0            # logit_normal: t = sigmoid(N(logit_mean, logit_std))
+    logit_std: float = 1.0
+    sigmoid_scale: float = 1.0         # sigmoid, shift, flux_shift: t = sigmoid(sigmoid_scale * N(0, 1)), shifted
+    discrete_flow_shift: float = 3.0   # shift: t' = s t / (1 + (s - 1) t)
+    weighting_scheme: str = "none"     # loss weight per sample by its time: none, sigma_sqrt, cosmap
     guidance: float = 1.0
     gradient_checkpointing: bool = True
     optimizer: str = "auto"
@@ -113,6 +132,9 @@ class TrainConfig:
     memory_cap_gb: float = 0.0         # CUDA only: cap this process' VRAM (0: no cap)
     stop_at_step: int = 0              # stop after this step as if interrupted (tests, time-boxed runs)
     log_every: int = 1
+    ema: bool = False                  # also save an exponential moving average of the LoRA weights
+    ema_decay: float = 0.99
+    tensorboard: bool = True           # event files in <run_dir>/tensorboard (needs the tensorboard package)
 
     def effective_alpha(self) -> float:
         return float(self.alpha) if self.alpha else float(self.rank)
@@ -120,9 +142,12 @@ class TrainConfig:
     def modules(self) -> list[str]:
         return list(dict.fromkeys([*self.target_modules, *self.extra_target_modules]))
 
+    def all_resolutions(self) -> list[int]:
+        return list(dict.fromkeys(self.resolutions)) if self.resolutions else [self.resolution]
+
 
 _CHOICES = {"precision": PRECISIONS, "optimizer": OPTIMIZERS, "timestep_sampling": TIMESTEP_SAMPLING,
-            "device": DEVICES}
+            "device": DEVICES, "weighting_scheme": WEIGHTING_SCHEMES, "lr_scheduler": LR_SCHEDULERS}
 _RANGES: dict[str, tuple[float, float]] = {
     "rank": (1, 1024), "alpha": (0, 1e6), "learning_rate": (1e-8, 1.0), "steps": (1, 10_000_000),
     "batch_size": (1, 64), "seed": (0, 2**32 - 1), "resolution": (16, 4096), "bucket_multiple": (2, 256),
@@ -130,7 +155,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "keep_checkpoints": (1, 1000), "sample_every": (0, 10_000_000), "sample_steps": (1, 200),
     "sample_size": (0, 4096), "sample_seed": (0, 2**32 - 1), "sample_shift": (0.1, 100),
     "max_sequence_length": (8, 4096), "memory_cap_gb": (0, 1e4), "stop_at_step": (0, 10_000_000),
-    "log_every": (1, 1_000_000),
+    "log_every": (1, 1_000_000), "lr_warmup_steps": (0, 10_000_000), "ema_decay": (0.0, 0.99999),
+    "logit_mean": (-10, 10), "logit_std": (0.01, 10), "sigmoid_scale": (0.01, 10), "discrete_flow_shift": (0.01, 100),
 }
 _REQUIRED = ("model", "dataset", "output_dir")
 
@@ -143,6 +169,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
     if get_origin(tp) is list:
         inner = get_args(tp)[0]
+        if inner is int:
+            return _int_list(key, value, where)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, inner) for v in value):
@@ -171,6 +199,21 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: '{key}' must be a text, got {value!r}.")
         return value
     return value
+
+
+def _int_list(key: str, value: Any, where: str) -> list[int]:
+    """A list of whole numbers, also written as one number or as text: "512, 768, 1024"."""
+    if isinstance(value, str):
+        parts = [v.strip() for v in value.replace(";", ",").split(",") if v.strip()]
+        if not all(p.isdigit() for p in parts):
+            raise ConfigError(f"{where}: '{key}' must be whole numbers separated by commas (e.g. 512,768,1024), "
+                              f"got {value!r}.")
+        return [int(p) for p in parts]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return list(value)
+    raise ConfigError(f"{where}: '{key}' must be a list of whole numbers (e.g. [512, 768, 1024]), got {value!r}.")
 
 
 def config_from_dict(cls: type, data: Any, where: str = "config") -> Any:
@@ -212,6 +255,17 @@ def validate_config(cfg: Any, where: str = "config") -> None:
     if cfg.resolution % cfg.bucket_multiple:
         raise ConfigError(f"{where}: 'resolution' {cfg.resolution} is not a multiple of 'bucket_multiple' "
                           f"{cfg.bucket_multiple}.")
+    for res in cfg.resolutions:
+        if not 16 <= res <= 4096 or res % cfg.bucket_multiple:
+            raise ConfigError(f"{where}: 'resolutions' has {res}; each must be between 16 and 4096 and a multiple "
+                              f"of 'bucket_multiple' {cfg.bucket_multiple}.")
+    if cfg.lr_scheduler == "constant" and cfg.lr_warmup_steps:
+        raise ConfigError(f"{where}: 'lr_warmup_steps' is {cfg.lr_warmup_steps} but 'lr_scheduler' is 'constant', "
+                          "which has no warmup; choose 'constant_with_warmup' (or cosine / linear), or set "
+                          "lr_warmup_steps to 0.")
+    if cfg.lr_warmup_steps >= cfg.steps and cfg.lr_scheduler != "constant":
+        raise ConfigError(f"{where}: 'lr_warmup_steps' ({cfg.lr_warmup_steps}) must be fewer than 'steps' "
+                          f"({cfg.steps}).")
     if cfg.sample_size and cfg.sample_size % cfg.bucket_multiple:
         raise ConfigError(f"{where}: 'sample_size' {cfg.sample_size} is not a multiple of 'bucket_multiple' "
                           f"{cfg.bucket_multiple}.")
@@ -476,10 +530,12 @@ class TrainTask:
     architecture = ""        # for metadata
     trainer_name = ""        # python -m name
     prior_loss_weight = 1.0
+    caption_dropout_rate = 0.0  # a task that drops captions sets null_cond (the empty caption's cond) in encode()
     character = ""
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.null_cond: dict[str, torch.Tensor] | None = None
 
     def run_dir(self) -> Path:
         raise NotImplementedError
@@ -506,6 +562,11 @@ class TrainTask:
 
     def provenance(self) -> dict[str, Any]:
         return {}
+
+    def identity_scorer(self) -> Callable[[list[Any]], dict[str, Any]] | None:
+        """None, or a function of the sample images (PIL) of one sample step → {"score": higher is better,
+        ...details}: the trainer keeps the weights of the best-scoring step."""
+        return None
 
 
 # ---- optimizer state without pickle ------------------------------------------------------------------
@@ -585,10 +646,73 @@ def epoch_order(examples: list[Example], batch_size: int, seed: int, epoch: int)
     return [batches[i] for i in perm]
 
 
-def sample_t(cfg: TrainConfig, n: int, g: torch.Generator) -> torch.Tensor:
-    if cfg.timestep_sampling == "uniform":
+def flux_mu(seq_len: int) -> float:
+    """FLUX's resolution-dependent shift (the pipeline's calculate_shift): 0.5 at 256 image tokens, 1.15 at 4096,
+    linear in between and beyond."""
+    return 0.5 + (1.15 - 0.5) * (seq_len - 256) / (4096 - 256)
+
+
+def sample_t(cfg: TrainConfig, n: int, g: torch.Generator, seq_len: int = 256) -> torch.Tensor:
+    """Times (sigmas) of one batch, in (0, 1): 1 is pure noise. ``seq_len``: image tokens (for flux_shift).
+
+    uniform       t ~ U(0, 1)
+    logit_normal  t = sigmoid(N(logit_mean, logit_std))        (SD3's default; the default here)
+    sigmoid       t = sigmoid(sigmoid_scale · N(0, 1))
+    shift         sigmoid, then t' = s·t / (1 + (s - 1)·t), s = discrete_flow_shift: more time at high noise
+    flux_shift    sigmoid, then FLUX's time shift with mu from the image size: bigger images, noisier times
+    """
+    kind = cfg.timestep_sampling
+    if kind == "uniform":
         return torch.rand(n, generator=g)
-    return torch.sigmoid(torch.randn(n, generator=g))
+    z = torch.randn(n, generator=g)
+    if kind == "logit_normal":
+        return torch.sigmoid(z * cfg.logit_std + cfg.logit_mean)
+    t = torch.sigmoid(z * cfg.sigmoid_scale)
+    if kind == "shift":
+        s = cfg.discrete_flow_shift
+        return s * t / (1 + (s - 1) * t)
+    if kind == "flux_shift":
+        mu = math.exp(flux_mu(seq_len))
+        return mu / (mu + (1 / t - 1))
+    return t
+
+
+def loss_weights(scheme: str, t: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights by time, as diffusers' compute_loss_weighting_for_sd3 names them; None: plain mean.
+
+    sigma_sqrt  1 / t²: stresses the low-noise end (detail); large near t = 0, so keep the sampler away from it
+    cosmap      2 / (π (1 - 2t + 2t²)): the cosine-map weighting of SD3's paper, mildly favouring mid times
+    """
+    if scheme == "sigma_sqrt":
+        return t.float().clamp_min(1e-3) ** -2.0
+    if scheme == "cosmap":
+        return 2.0 / (math.pi * (1 - 2 * t.float() + 2 * t.float() ** 2))
+    return None
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of (1-based) ``step``: a pure function of the step, so a resumed run follows the same
+    schedule. Warmup rises linearly to the full rate at step ``lr_warmup_steps``; cosine and linear then decay
+    towards 0 at the last step."""
+    base, warm, total = cfg.learning_rate, cfg.lr_warmup_steps, cfg.steps
+    if cfg.lr_scheduler == "constant":
+        return base
+    if step <= warm:
+        return base * step / warm
+    if cfg.lr_scheduler == "constant_with_warmup":
+        return base
+    progress = (step - warm - 1) / max(1, total - warm)
+    if cfg.lr_scheduler == "cosine":
+        return base * 0.5 * (1 + math.cos(math.pi * progress))
+    return base * (1 - progress)
+
+
+def caption_dropout_mask(seed: int, step: int, n: int, rate: float) -> list[bool]:
+    """Which of the ``n`` examples of ``step`` train with an empty caption: seeded by (seed, step)."""
+    if rate <= 0:
+        return [False] * n
+    g = step_generator(seed, step, salt=3)
+    return (torch.rand(n, generator=g) < rate).tolist()
 
 
 class Trainer:
@@ -604,6 +728,10 @@ class Trainer:
         self.dtype = compute_dtype(self.cfg, self.device)
         self.transformer: torch.nn.Module | None = None
         self.params: list[tuple[str, torch.nn.Parameter]] = []
+        self.ema: list[torch.Tensor] | None = None  # aligned with self.params
+        self.identity: list[dict[str, Any]] = []     # one record per scored sample step
+        self.best: dict[str, Any] | None = None      # {"step", "score"} of the best of them
+        self.best_sd: dict[str, torch.Tensor] | None = None
         self.eval_start = self.eval_end = float("nan")
 
     # -- cache
@@ -616,6 +744,8 @@ class Trainer:
             try:
                 cached = load_tensors(tensors_path)
                 index = json.loads(index_path.read_text())
+                null = index.get("null")
+                self.task.null_cond = {k: cached[f"null.cond.{k}"] for k in null} if null else None
                 self.emit("cache", reused=True, examples=len(index["train"]))
                 return ([_example_from(e, cached) for e in index["train"]],
                         [_example_from(e, cached) for e in index["samples"]])
@@ -627,6 +757,9 @@ class Trainer:
         tensors: dict[str, torch.Tensor] = {}
         index = {"key": key, "train": [_example_to(e, "t", i, tensors) for i, e in enumerate(train)],
                  "samples": [_example_to(e, "s", i, tensors) for i, e in enumerate(samples)]}
+        if self.task.null_cond:
+            index["null"] = sorted(self.task.null_cond)
+            tensors.update({f"null.cond.{k}": v for k, v in self.task.null_cond.items()})
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(tensors_path, tensors)
         atomic_write_bytes(index_path, json.dumps(index, default=str).encode())
@@ -741,8 +874,13 @@ class Trainer:
         save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         rng_tensors, rng_info = rng_state()
         save_tensors(tmp / "rng.safetensors", rng_tensors)
+        if self.ema is not None:
+            save_tensors(tmp / "ema.safetensors", {n: e for (n, _), e in zip(self.params, self.ema, strict=True)})
+        if self.best_sd is not None:
+            save_tensors(tmp / "best.safetensors", self.best_sd)
         state = {"step": step, "epoch": epoch, "order": order, "optimizer": opt_structure, "rng": rng_info,
                  "param_names": [n for n, _ in self.params], "eval_start": self.eval_start,
+                 "identity": self.identity, "best": self.best,
                  "config": config_dict(self.cfg), "saved_at": time.time()}
         atomic_write_bytes(tmp / "state.json", json.dumps(state, default=str).encode())  # written last: complete
         if final.exists():
@@ -761,27 +899,66 @@ class Trainer:
         opt_state = _unflatten_state(state["optimizer"], load_tensors(ckpt / "optimizer.safetensors"))
         opt.load_state_dict(opt_state)
         set_rng_state(load_tensors(ckpt / "rng.safetensors"), state["rng"])
+        if self.ema is not None:
+            if not (ckpt / "ema.safetensors").is_file():
+                raise ConfigError(f"Checkpoint {ckpt} has no EMA weights (it was saved with ema off); set resume: "
+                                  "false to start over with ema, or turn ema off to go on.")
+            saved = load_tensors(ckpt / "ema.safetensors")
+            self.ema = [saved[n].to(p.device, torch.float32) for n, p in self.params]
+        self.identity, self.best = list(state.get("identity") or []), state.get("best")
+        if self.best is not None and (ckpt / "best.safetensors").is_file():
+            self.best_sd = load_tensors(ckpt / "best.safetensors")
         return state
 
     # -- one step
-    def _loss(self, batch: list[Example], step: int) -> torch.Tensor:
+    def _loss(self, batch: list[Example], step: int,
+              drop: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flow-matching loss of ``batch`` at ``step``, its times). ``drop``: examples whose caption is
+        replaced by the empty caption (caption dropout)."""
         cfg = self.cfg
         g = step_generator(cfg.seed, step)
         x0 = torch.stack([e.latents for e in batch]).to(self.device, torch.float32)
         noise = torch.randn(x0.shape, generator=g).to(self.device)
-        t = sample_t(cfg, x0.shape[0], g).to(self.device)
+        t = sample_t(cfg, x0.shape[0], g, seq_len=(x0.shape[-2] // 2) * (x0.shape[-1] // 2)).to(self.device)
         tt = t.view(-1, *([1] * (x0.dim() - 1)))
         noisy = ((1 - tt) * x0 + tt * noise).to(self.dtype)
-        cond = {k: torch.stack([e.cond[k] for e in batch]).to(self.device) for k in batch[0].cond}
+        conds = [{**e.cond, **self.task.null_cond} if drop and drop[i] and self.task.null_cond else e.cond
+                 for i, e in enumerate(batch)]
+        cond = {k: torch.stack([c[k] for c in conds]).to(self.device) for k in batch[0].cond}
         pred = self.task.predict(self._model(), noisy, t.to(self.dtype), cond)
         target = noise - x0
-        return torch.nn.functional.mse_loss(pred.float(), target.float())
+        weights = loss_weights(cfg.weighting_scheme, t)
+        if weights is None:
+            return torch.nn.functional.mse_loss(pred.float(), target.float()), t
+        per_sample = ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+        return (per_sample * weights.to(per_sample)).mean(), t
 
     def _prior_batch(self, prior: list[Example], step: int) -> list[Example]:
         g = step_generator(self.cfg.seed, step, salt=2)
         idx = torch.randint(len(prior), (self.cfg.batch_size,), generator=g).tolist()
         bucket = prior[idx[0]].bucket
         return [prior[i] for i in idx if prior[i].bucket == bucket]
+
+    # -- EMA
+    def _ema_update(self) -> None:
+        if self.ema is None:
+            return
+        d = self.cfg.ema_decay
+        with torch.no_grad():
+            for e, (_, p) in zip(self.ema, self.params, strict=True):
+                e.mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def ema_state(self) -> dict[str, torch.Tensor]:
+        """The EMA weights in lora_state()'s keys (swapped into the model for the moment it takes to read them)."""
+        assert self.ema is not None
+        plain = [p.data for _, p in self.params]
+        try:
+            for e, (_, p) in zip(self.ema, self.params, strict=True):
+                p.data = e
+            return self.lora_state()
+        finally:
+            for d, (_, p) in zip(plain, self.params, strict=True):
+                p.data = d
 
     @torch.no_grad()
     def eval_loss(self, examples: list[Example]) -> float:
@@ -844,6 +1021,8 @@ class Trainer:
         self.transformer = self.task.load_transformer(self.device, self.dtype)
         self._add_lora()
         parent = self._load_init_lora() if cfg.init_lora else None
+        if cfg.ema:  # starts at the first step's weights (init_lora's, when phased); a resume loads its own
+            self.ema = [p.detach().float().clone() for _, p in self.params]
         opt, opt_name = self._optimizer()
         start, epoch, order = 0, 0, None
         ckpts = self.checkpoints() if cfg.resume else []
@@ -859,50 +1038,135 @@ class Trainer:
         self.eval_start = eval_start
         self.emit("eval", step=start, eval_loss=eval_start)
         self._trim_loss_log(start)
+        board = self._tensorboard(start)
+        if board is not None and start == 0:
+            board.add_scalar("loss/eval", eval_start, 0)
         n_batches = len(epoch_order(train, cfg.batch_size, cfg.seed, 0))
         params = [p for _, p in self.params]
+        dropout = self.task.caption_dropout_rate if self.task.null_cond else 0.0
+        scorer = self.task.identity_scorer() if cfg.sample_every and samples else None
         t_start = time.time()
         last_loss = float("nan")
-        for step in range(start + 1, cfg.steps + 1):
-            e, k = divmod(step - 1, n_batches)
-            if order is None or e != epoch:
-                epoch, order = e, epoch_order(train, cfg.batch_size, cfg.seed, e)
-            batch = [train[i] for i in order[k]]
-            loss = self._loss(batch, step)
-            if prior:
-                loss = loss + self.task.prior_loss_weight * self._loss(self._prior_batch(prior, step), step + 10**9)
-            loss.backward()
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            last_loss = float(loss.detach())
-            if not math.isfinite(last_loss):
-                raise FlenUserError(f"The loss became {last_loss} at step {step}; lower the learning rate "
-                                    f"({cfg.learning_rate:g}) or use precision fp32/bf16.")
-            with open(self.run_dir / LOSS_LOG, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, "loss": last_loss, "epoch": e, "time": time.time()}) + "\n")
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                self.emit("step", step=step, total=cfg.steps, loss=round(last_loss, 6), epoch=e,
-                          s_per_step=round((time.time() - t_start) / (step - start), 4))
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.steps:
-                path = self._save_checkpoint(step, opt, order, epoch)
-                self.emit("checkpoint", step=step, path=str(path))
-            if cfg.sample_every and samples and step % cfg.sample_every == 0:
-                self.emit("sample", step=step, total=cfg.steps, paths=self.sample(samples, step))
-            if cfg.stop_at_step and step >= cfg.stop_at_step and step < cfg.steps:
-                # as if killed here: no extra checkpoint, a resume starts from the latest one
-                self.emit("stopped", step=step)
-                return None
-        final_sd = self.lora_state()
-        self.eval_end = self.eval_loss(train)
+        try:
+            for step in range(start + 1, cfg.steps + 1):
+                e, k = divmod(step - 1, n_batches)
+                if order is None or e != epoch:
+                    epoch, order = e, epoch_order(train, cfg.batch_size, cfg.seed, e)
+                batch = [train[i] for i in order[k]]
+                lr = lr_at(cfg, step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                drop = caption_dropout_mask(cfg.seed, step, len(batch), dropout)
+                loss, t = self._loss(batch, step, drop)
+                record: dict[str, Any] = {"step": step, "loss": 0.0, "epoch": e, "lr": lr,
+                                          "t": [round(float(v), 6) for v in t], "bucket": list(batch[0].bucket),
+                                          "items": [x.key for x in batch]}
+                if dropout:
+                    record["captions_dropped"] = sum(drop)
+                if prior:
+                    prior_loss, _ = self._loss(self._prior_batch(prior, step), step + 10**9)
+                    record["instance_loss"], record["prior_loss"] = float(loss.detach()), float(prior_loss.detach())
+                    loss = loss + self.task.prior_loss_weight * prior_loss
+                loss.backward()
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                self._ema_update()
+                last_loss = float(loss.detach())
+                if not math.isfinite(last_loss):
+                    raise FlenUserError(f"The loss became {last_loss} at step {step}; lower the learning rate "
+                                        f"({cfg.learning_rate:g}) or use precision fp32/bf16.")
+                record.update(loss=last_loss, time=time.time())
+                with open(self.run_dir / LOSS_LOG, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if board is not None:
+                    board.add_scalar("loss/train", last_loss, step)
+                    board.add_scalar("lr", lr, step)
+                    board.add_scalar("timestep", float(t.float().mean()), step)
+                    if prior:
+                        board.add_scalar("loss/prior", record["prior_loss"], step)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    self.emit("step", step=step, total=cfg.steps, loss=round(last_loss, 6), epoch=e, lr=lr,
+                              s_per_step=round((time.time() - t_start) / (step - start), 4))
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step != cfg.steps:
+                    path = self._save_checkpoint(step, opt, order, epoch)
+                    self.emit("checkpoint", step=step, path=str(path))
+                if cfg.sample_every and samples and step % cfg.sample_every == 0:
+                    self._sample_step(samples, step, scorer)
+                if cfg.stop_at_step and step >= cfg.stop_at_step and step < cfg.steps:
+                    # as if killed here: no extra checkpoint, a resume starts from the latest one
+                    self.emit("stopped", step=step)
+                    return None
+            final_sd = self.lora_state()
+            self.eval_end = self.eval_loss(train)
+            if board is not None:
+                board.add_scalar("loss/eval", self.eval_end, cfg.steps)
+        finally:
+            if board is not None:
+                board.close()
+        curve = self.run_dir / LOSS_CURVE
+        atomic_write_bytes(curve, _png_bytes(loss_curve_image(read_loss_log(self.run_dir / LOSS_LOG))))
         path = self._write_lora(final_sd, parent, opt_name, cfg.steps, last_loss)
+        ema_path = self._write_beside(path, EMA_SUFFIX, self.ema_state(), parent, opt_name, last_loss, {
+            "ema": {"decay": cfg.ema_decay}}) if self.ema is not None else None
+        best_path = None
+        if self.best is not None and self.best_sd is not None and self.best["step"] != cfg.steps:
+            best_path = self._write_beside(path, BEST_SUFFIX, self.best_sd, parent, opt_name, last_loss, {
+                "best_checkpoint": {**self.best, "scores": self.identity}})
         done = {"lora": str(path), "steps": cfg.steps, "loss": last_loss, "eval_loss_start": self.eval_start,
-                "eval_loss_end": self.eval_end, "at": time.time()}
+                "eval_loss_end": self.eval_end, "at": time.time(), "loss_curve": str(curve),
+                "ema_lora": str(ema_path) if ema_path else None, "best_lora": str(best_path) if best_path else None,
+                "best": self.best, "identity": self.identity,
+                "tensorboard": str(self.run_dir / TENSORBOARD_DIR) if board is not None else None}
         atomic_write_bytes(self.run_dir / DONE_FILE, json.dumps(done).encode())
         self.emit("done", lora=str(path), steps=cfg.steps, loss=last_loss, eval_loss_start=self.eval_start,
-                  eval_loss_end=self.eval_end)
+                  eval_loss_end=self.eval_end, loss_curve=str(curve), ema_lora=done["ema_lora"],
+                  best_lora=done["best_lora"], best=self.best, tensorboard=done["tensorboard"])
         return path
+
+    def _sample_step(self, samples: list[Example], step: int, scorer) -> None:
+        """Samples from the fixed prompts and seeds, one grid of them, and (with a scorer) the identity score:
+        the weights of the best-scoring step are kept."""
+        from PIL import Image
+
+        paths = self.sample(samples, step)
+        images = []
+        for path in paths:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        record = None
+        if scorer is not None:
+            record = {"step": step, **scorer(images)}
+            self.identity.append(record)
+            # a step whose samples show no face at all is not a candidate, whatever its score
+            if record.get("faces", 1) and (self.best is None or record["score"] > self.best["score"]):
+                self.best = {"step": step, "score": record["score"]}
+                self.best_sd = {k: v.cpu() for k, v in self.lora_state().items()}
+            self.emit("identity", step=step, score=record["score"], faces=record.get("faces"),
+                      best_step=(self.best or {}).get("step"), best_score=(self.best or {}).get("score"))
+        labels = [f"{i + 1}" for i in range(len(images))]
+        if record is not None and isinstance(record.get("scores"), list):
+            labels = [f"{i + 1}: " + ("no face" if sc is None else f"{sc:.3f}")
+                      for i, sc in enumerate(record["scores"])]
+        title = f"step {step}" + (f" · identity {record['score']:.3f}" if record is not None else "")
+        grid = self.run_dir / SAMPLES_DIR / f"step_{step:08d}_grid.png"
+        atomic_write_bytes(grid, _png_bytes(sample_grid(images, labels, title)))
+        self.emit("sample", step=step, total=self.cfg.steps, paths=paths, grid=str(grid))
+
+    def _tensorboard(self, start: int):
+        """A SummaryWriter on <run_dir>/tensorboard, or None (tensorboard off, or the package missing: said once).
+        A resumed run purges the events after its checkpoint's step, which the lost steps had written."""
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            self.emit("warning", message=f"TensorBoard event files are not written: {exc}. Install it with "
+                                         "'pip install tensorboard' (it is in FLENwheel's requirements.txt), or set "
+                                         "tensorboard: false.")
+            return None
+        return SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=start + 1 if start else None)
 
     def _trim_loss_log(self, step: int) -> None:
         log = self.run_dir / LOSS_LOG
@@ -917,15 +1181,15 @@ class Trainer:
                 continue
         atomic_write_bytes(log, ("\n".join(keep) + ("\n" if keep else "")).encode())
 
-    def _write_lora(self, sd: dict[str, torch.Tensor], parent: dict[str, Any] | None, opt_name: str,
-                    steps: int, loss: float) -> Path:
+    def _lora_file(self, sd: dict[str, torch.Tensor], parent: dict[str, Any] | None, opt_name: str, steps: int,
+                   loss: float, extra: dict[str, Any]) -> bytes:
+        """The bytes of a LoRA file: diffusers keys, alpha folded into lora_B, provenance in the metadata."""
         from safetensors.torch import save
 
         cfg = self.cfg
         scale = cfg.effective_alpha() / cfg.rank  # folded into lora_B so that lora_alpha == rank
         out = {f"transformer.{k}": (v * scale if ".lora_B." in k else v).float().contiguous().cpu()
                for k, v in sorted(sd.items())}
-        folder = Path(cfg.output_dir) / "flenwheel" / self.task.character
         provenance = {
             "base_model": Path(cfg.files.get("diffusion_model") or cfg.model).name,
             "base_model_path": str(cfg.files.get("diffusion_model") or cfg.model),
@@ -933,8 +1197,12 @@ class Trainer:
             "hyperparameters": config_dict(cfg), "optimizer_used": opt_name, "device": str(self.device),
             "steps_done": steps, "final_loss": loss,
             "eval_loss_start": self.eval_start, "eval_loss_end": self.eval_end, "parent_lora": parent,
+            "schedule": {"lr_scheduler": cfg.lr_scheduler, "lr_warmup_steps": cfg.lr_warmup_steps,
+                         "learning_rate": cfg.learning_rate, "final_lr": lr_at(cfg, steps)},
+            "timesteps": {"sampling": cfg.timestep_sampling, "weighting_scheme": cfg.weighting_scheme},
+            "resolutions": cfg.all_resolutions(),
             "software": software_versions(),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.task.provenance(),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **self.task.provenance(), **extra,
         }
         metadata = {
             "format": "pt", "flenwheel": json.dumps(provenance, sort_keys=True, default=str),
@@ -944,8 +1212,120 @@ class Trainer:
             "dataset_version": str(self.task.provenance().get("dataset", {}).get("version", "")),
             "dataset_hash": str(self.task.provenance().get("dataset", {}).get("hash", "")),
         }
+        return save(out, metadata=metadata)
+
+    def _write_lora(self, sd: dict[str, torch.Tensor], parent: dict[str, Any] | None, opt_name: str,
+                    steps: int, loss: float) -> Path:
+        folder = Path(self.cfg.output_dir) / "flenwheel" / self.task.character
+        extra: dict[str, Any] = {}
+        if self.ema is not None:
+            extra["ema"] = {"decay": self.cfg.ema_decay, "file_suffix": EMA_SUFFIX}
+        if self.best is not None:
+            # the final weights are the best ones when the last sample step scored best: no second file then
+            extra["best_checkpoint"] = {**self.best, "scores": self.identity,
+                                        "file_suffix": None if self.best["step"] == steps else BEST_SUFFIX}
         # the version number is known only once the name is claimed; it is in the file name
-        return write_new_version(folder, self.task.prefix, save(out, metadata=metadata))
+        return write_new_version(folder, self.task.prefix, self._lora_file(sd, parent, opt_name, steps, loss, extra))
+
+    def _write_beside(self, plain: Path, suffix: str, sd: dict[str, torch.Tensor], parent: dict[str, Any] | None,
+                      opt_name: str, loss: float, extra: dict[str, Any]) -> Path:
+        """<plain name><suffix> beside the plain LoRA (EMA, best checkpoint); claimed with a hard link, never
+        overwriting. Its provenance names the plain file and its sha256."""
+        target = plain.with_name(plain.name[:-len(".safetensors")] + suffix)
+        key = next(iter(extra))
+        extra = {key: {**extra[key], "of": plain.name, "of_sha256": sha256_file(plain)}}
+        data = self._lora_file(sd, parent, opt_name, self.cfg.steps, loss, extra)
+        tmp = plain.parent / f".tmp-beside-{os.getpid()}-{time.time_ns()}.part"
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise FlenUserError(f"{target} already exists (left by another run?); it was not written. The plain "
+                                f"LoRA {plain.name} is complete.") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return target
+
+
+def sample_grid(images: list[Any], labels: list[str], title: str):
+    """One row of sample images (scaled up to at least 128 px) with a label under each and a title above."""
+    from PIL import Image, ImageDraw
+
+    side = max([128, *(max(im.size) for im in images)]) if images else 128
+    cells = []
+    for im in images:
+        scale = side / max(im.size)
+        cells.append(im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS))
+    pad, label_h, title_h = 4, 16, 18
+    width = pad + sum(c.width + pad for c in cells) if cells else 2 * pad + side
+    grid = Image.new("RGB", (width, title_h + side + label_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    draw.text((pad, 3), title, fill=(0, 0, 0))
+    x = pad
+    for cell, label in zip(cells, labels, strict=False):
+        grid.paste(cell, (x, title_h))
+        draw.text((x, title_h + side + 2), label, fill=(0, 0, 0))
+        x += cell.width + pad
+    return grid
+
+
+def read_loss_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a loss log (loss.jsonl); unreadable lines are skipped."""
+    out = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                if isinstance(rec, dict) and "step" in rec and "loss" in rec:
+                    out.append(rec)
+    return out
+
+
+def loss_curve_image(records: list[dict[str, Any]], width: int = 768, height: int = 384):
+    """A PIL chart of a loss log: the loss per step (light), its moving average (dark) and the learning
+    rate (orange, own scale, right-hand labels)."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 56, width - 56, 24, height - 28
+    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    if not records:
+        draw.text((left + 8, top + 8), "no steps logged", fill=(0, 0, 0))
+        return image
+    steps = [int(r["step"]) for r in records]
+    losses = [float(r["loss"]) for r in records]
+    window = max(1, len(losses) // 20)
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    lo, hi = min(losses), max(losses)
+    hi = hi if hi > lo else lo + 1e-6
+    s0, s1 = steps[0], max(steps[-1], steps[0] + 1)
+
+    def xy(step: float, value: float, vlo: float, vhi: float) -> tuple[float, float]:
+        return (left + (right - left) * (step - s0) / (s1 - s0),
+                bottom - (bottom - top) * (value - vlo) / (vhi - vlo))
+
+    lrs = [float(r.get("lr", 0.0)) for r in records]
+    if max(lrs) > 0:
+        lr_hi = max(lrs)
+        draw.line([xy(s, v, 0.0, lr_hi) for s, v in zip(steps, lrs, strict=True)], fill=(230, 140, 30), width=1)
+        draw.text((right + 4, top - 4), f"{lr_hi:.1e}", fill=(230, 140, 30))
+        draw.text((right + 4, bottom - 8), "lr 0", fill=(230, 140, 30))
+    if len(steps) > 1:
+        draw.line([xy(s, v, lo, hi) for s, v in zip(steps, losses, strict=True)], fill=(150, 180, 230), width=1)
+        draw.line([xy(s, v, lo, hi) for s, v in zip(steps, smooth, strict=True)], fill=(20, 60, 160), width=2)
+    else:
+        x, y = xy(steps[0], losses[0], lo, hi)
+        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=(20, 60, 160))
+    draw.text((4, top - 4), f"{hi:.4g}", fill=(0, 0, 0))
+    draw.text((4, bottom - 8), f"{lo:.4g}", fill=(0, 0, 0))
+    draw.text((left, bottom + 6), f"step {s0}", fill=(0, 0, 0))
+    draw.text((right - 60, bottom + 6), f"step {steps[-1]}", fill=(0, 0, 0))
+    draw.text((left + 8, 4), f"loss (mean of {window}) and learning rate", fill=(0, 0, 0))
+    return image
 
 
 def _png_bytes(image) -> bytes:

@@ -8,11 +8,14 @@ instance prompts; with ``prior_preservation`` the images of ``class_images`` (ca
 ``class_prompt``) keep the class from drifting. Images go into aspect-ratio buckets of about
 ``resolution``² pixels. Phased training: ``init_lora`` starts from an earlier LoRA
 (head phase ``char_lora_v1`` → body phase ``char_lora_v2``); ``phase`` picks the dataset's head or
-body images. The shared machinery (memory, resume, samples, output) is in ``training.lora_training``.
+body images. ``trigger_placement`` puts the instance token first, last or in a ``[trigger]`` placeholder;
+``caption_dropout_rate`` trains that share of examples with the empty caption. The shared machinery
+(memory, resume, schedules, samplers, EMA, samples, output) is in ``training.lora_training``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -23,6 +26,7 @@ import torch
 
 from engines import dataset as ds
 from engines.diffusers_folder import read_model_index
+from engines.errors import FlenUserError
 from engines.review_store import validate_character
 from engines.safe_images import open_image
 from training.lora_training import (
@@ -42,12 +46,19 @@ from training.lora_training import (
 )
 
 PHASES = ("all", "head", "body")
+# where the instance token goes in each caption (ai-toolkit's trigger_word / [trigger] behaviour is replace_placeholder)
+TRIGGER_PLACEMENTS = ("as_captioned", "prepend", "append", "replace_placeholder")
+PLACEHOLDERS = ("[trigger]", "{token}")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_SAMPLE_CELLS = ("neutral / front", "smiling / three-quarter", "angry / profile", "standing / front")
 # keys that change how a run is carried out but not what it learns (left out of the run folder's name)
 RUN_ONLY_KEYS = ("run_dir", "stop_at_step", "resume", "log_every", "checkpoint_every", "keep_checkpoints",
                  "memory_cap_gb", "device", "sample_every", "sample_prompts", "sample_steps", "sample_size",
-                 "sample_seed", "sample_shift", "output_dir")
+                 "sample_seed", "sample_shift", "output_dir", "tensorboard", "identity_model", "identity_root")
+# keys added after runs were first named: left out of the name while at their default, so that an earlier
+# run's folder (and its checkpoints) keeps its name
+LATER_KEYS = ("resolutions", "logit_mean", "logit_std", "sigmoid_scale", "discrete_flow_shift", "weighting_scheme",
+              "lr_scheduler", "lr_warmup_steps", "ema", "ema_decay", "caption_dropout_rate", "trigger_placement")
 
 
 @dataclass
@@ -58,13 +69,41 @@ class CharLoraConfig(TrainConfig):
     class_images: str = ""             # folder of class images (prior preservation)
     class_prompt: str = ""             # default: the dataset's class prompt
     prior_loss_weight: float = 1.0
+    caption_dropout_rate: float = 0.0  # share of steps' examples trained with an empty caption
+    trigger_placement: str = "as_captioned"
+    identity_model: str = ""           # face pack (or dlib) scoring each sample step's likeness; "": none
+    identity_root: str = ""            # the folder holding models/<pack> (ComfyUI's models/insightface)
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"phase": PHASES}
-    RANGES: ClassVar[dict[str, tuple[float, float]]] = {"prior_loss_weight": (0.0, 100.0)}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"phase": PHASES, "trigger_placement": TRIGGER_PLACEMENTS}
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {"prior_loss_weight": (0.0, 100.0),
+                                                        "caption_dropout_rate": (0.0, 1.0)}
+
+
+def place_trigger(caption: str, token: str, placement: str) -> str:
+    """The caption a training image is trained with. as_captioned: the dataset's caption (the token alone when it
+    has none); prepend / append: the token first / last, once; replace_placeholder: [trigger] or {token} become
+    the token, and a caption with neither gets the token in front."""
+    caption = caption.strip()
+    if placement == "as_captioned" or not token:
+        return caption or token
+    if placement == "replace_placeholder":
+        if any(p in caption for p in PLACEHOLDERS):
+            for p in PLACEHOLDERS:
+                caption = caption.replace(p, token)
+            return caption
+        placement = "prepend"
+    rest = [part.strip() for part in caption.replace(token, "").split(",")]
+    rest_text = ", ".join(part for part in rest if part)
+    if not rest_text:
+        return token
+    return f"{token}, {rest_text}" if placement == "prepend" else f"{rest_text}, {token}"
 
 
 def run_name(prefix: str, version: str, cfg: TrainConfig) -> str:
-    data = {k: v for k, v in config_dict(cfg).items() if k not in RUN_ONLY_KEYS}
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    defaults["resolutions"] = []
+    data = {k: v for k, v in config_dict(cfg).items()
+            if k not in RUN_ONLY_KEYS and not (k in LATER_KEYS and v == defaults.get(k))}
     digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{prefix}-{version}-{digest}"
 
@@ -137,6 +176,12 @@ class CharLoraTask(TrainTask):
         self.token = cfg.instance_token or str(self.dataset.info.get("instance_token") or "")
         self.class_prompt = cfg.class_prompt or str(self.dataset.info.get("class_prompt") or "")
         self.prior_loss_weight = cfg.prior_loss_weight
+        self.caption_dropout_rate = cfg.caption_dropout_rate
+        if cfg.trigger_placement != "as_captioned" and not self.token:
+            raise ConfigError(f"trigger_placement '{cfg.trigger_placement}' needs an instance token; the dataset has "
+                              "none: set 'instance_token' (e.g. 'ohwx person').")
+        self.captions = {it["file"]: place_trigger(str(it.get("caption") or ""), self.token, cfg.trigger_placement)
+                         for it in self.items}
         self.class_files: list[Path] = []
         if cfg.prior_preservation:
             folder = Path(cfg.class_images)
@@ -149,6 +194,9 @@ class CharLoraTask(TrainTask):
             if not self.class_prompt:
                 raise ConfigError("prior_preservation needs 'class_prompt' (e.g. 'a photo of a person'); the "
                                   "dataset has none.")
+        if cfg.identity_model and not cfg.sample_every:
+            raise ConfigError("identity_model scores the sample images of each sample step; set 'sample_every' "
+                              "(e.g. to checkpoint_every) or leave identity_model empty.")
         # A diffusers AutoencoderKL, loaded on the first decode. Any: diffusers' top-level names resolve to dummy
         # classes for the checker, and ModelMixin.to is a wrapped function it cannot call.
         self.vae: Any = None
@@ -171,11 +219,19 @@ class CharLoraTask(TrainTask):
 
     def cache_key(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"trainer": self.trainer_name, "model": base_model_key(cfg), "dataset": self.dataset.hash,
-                "items": [it["file"] for it in self.items], "resolution": cfg.resolution,
-                "multiple": cfg.bucket_multiple, "precision": cfg.precision, "msl": cfg.max_sequence_length,
-                "class": [str(p) for p in self.class_files], "class_prompt": self.class_prompt,
-                "samples": self.sample_prompts() if cfg.sample_every else [], "sample_size": cfg.sample_size}
+        key = {"trainer": self.trainer_name, "model": base_model_key(cfg), "dataset": self.dataset.hash,
+               "items": [it["file"] for it in self.items], "resolution": cfg.resolution,
+               "multiple": cfg.bucket_multiple, "precision": cfg.precision, "msl": cfg.max_sequence_length,
+               "class": [str(p) for p in self.class_files], "class_prompt": self.class_prompt,
+               "samples": self.sample_prompts() if cfg.sample_every else [], "sample_size": cfg.sample_size}
+        # added only when used, so that the caches of earlier runs stay valid
+        if cfg.resolutions:
+            key["resolutions"] = cfg.all_resolutions()
+        if cfg.trigger_placement != "as_captioned":
+            key["captions"] = self.captions
+        if cfg.caption_dropout_rate:
+            key["null_caption"] = True
+        return key
 
     # -- encoding (once)
     def encode(self, device: torch.device, dtype: torch.dtype) -> tuple[list[Example], list[Example]]:
@@ -190,7 +246,7 @@ class CharLoraTask(TrainTask):
             pipe = FluxPipeline.from_pretrained(cfg.model, transformer=None, dtype=dtype)
         for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
             m.eval().requires_grad_(False).to(device)
-        buckets = bucket_sizes(cfg.resolution, cfg.bucket_multiple)
+        resolutions = cfg.all_resolutions()
         texts: dict[str, dict[str, torch.Tensor]] = {}
 
         def text(prompt: str) -> dict[str, torch.Tensor]:
@@ -202,10 +258,10 @@ class CharLoraTask(TrainTask):
                 texts[prompt] = {"prompt_embeds": pe[0].float().cpu(), "pooled": pooled[0].float().cpu()}
             return texts[prompt]
 
-        def latents(path: Path) -> tuple[tuple[int, int], torch.Tensor]:
+        def latents(path: Path, res: int) -> tuple[tuple[int, int], torch.Tensor]:
             im, _ = open_image(path)
             with im:
-                bucket = pick_bucket(im.width, im.height, buckets)
+                bucket = pick_bucket(im.width, im.height, bucket_sizes(res, cfg.bucket_multiple))
                 x = image_to_tensor(fit_image(im, bucket)).to(device, dtype)
             with torch.no_grad():
                 z = pipe.vae.encode(x).latent_dist.mode()
@@ -213,12 +269,15 @@ class CharLoraTask(TrainTask):
             return bucket, z[0].float().cpu()
 
         train = []
-        for it in self.items:
-            bucket, z = latents(Path(it["image_path"]))
-            train.append(Example(it["file"], bucket, z, text(str(it.get("caption") or self.token))))
-        for p in self.class_files:
-            bucket, z = latents(p)
-            train.append(Example(f"class:{p.name}", bucket, z, text(self.class_prompt), prior=True))
+        for res in resolutions:  # every image at every resolution, each in its own aspect bucket
+            at = f"@{res}" if len(resolutions) > 1 else ""
+            for it in self.items:
+                bucket, z = latents(Path(it["image_path"]), res)
+                train.append(Example(it["file"] + at, bucket, z, text(self.captions[it["file"]])))
+            for p in self.class_files:
+                bucket, z = latents(p, res)
+                train.append(Example(f"class:{p.name}{at}", bucket, z, text(self.class_prompt), prior=True))
+        self.null_cond = dict(text("")) if cfg.caption_dropout_rate else None
         samples = []
         if cfg.sample_every:
             size = cfg.sample_size or cfg.resolution
@@ -256,11 +315,42 @@ class CharLoraTask(TrainTask):
         self.vae.to("cpu")
         return tensor_to_image(x[0])
 
+    def identity_scorer(self):
+        """The samples' likeness: the cosine of each sample's face to the mean of the dataset images' faces
+        (engines.identity, as the model card scores), averaged over the samples; a sample without a face
+        counts 0, so a step whose samples lose the face cannot win."""
+        if not self.cfg.identity_model:
+            return None
+        import numpy as np
+
+        from engines import identity
+        from engines.safe_images import open_rgb
+
+        model = identity.load_face_model(self.cfg.identity_root, self.cfg.identity_model)
+        try:
+            bank = identity.build_bank(model, [np.asarray(open_rgb(Path(it["image_path"]))) for it in self.items],
+                                       self.cfg.identity_root)
+        except FlenUserError as exc:
+            raise ConfigError(f"identity_model '{self.cfg.identity_model}' finds no usable face in the dataset's "
+                              f"images, so the samples cannot be scored against them ({exc}). Choose another face "
+                              "model or set identity_model to none.") from None
+
+        def score(images: list) -> dict[str, Any]:
+            rows = identity.score_images(bank, model, [np.asarray(im.convert("RGB")) for im in images])
+            scores = [r.score_mean for r in rows]
+            return {"score": round(sum(sc or 0.0 for sc in scores) / max(1, len(scores)), 4), "scores": scores,
+                    "faces": sum(sc is not None for sc in scores), "model": self.cfg.identity_model,
+                    "references": len(bank.references)}
+
+        return score
+
     def provenance(self) -> dict[str, Any]:
         d = self.dataset
         return {"dataset": {"path": str(d.path), "version": d.version, "hash": d.hash, "counts": d.counts,
                             "character": self.character, "instance_token": self.token,
                             "items_used": len(self.items), "phase": self.cfg.phase},
+                "captions": {"trigger_placement": self.cfg.trigger_placement,
+                             "caption_dropout_rate": self.cfg.caption_dropout_rate, "used": self.captions},
                 "prior_preservation": {"class_images": len(self.class_files), "class_prompt": self.class_prompt}
                 if self.class_files else None}
 

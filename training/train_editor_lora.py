@@ -91,10 +91,14 @@ class EditorLoraTask(TrainTask):
 
     def cache_key(self) -> dict[str, Any]:
         cfg = self.cfg
-        return {"trainer": self.trainer_name, "model": base_model_key(cfg), "dataset": self.dataset.hash,
-                "resolution": cfg.resolution, "multiple": cfg.bucket_multiple, "control": self.control_side,
-                "condition": cfg.condition_resolution, "precision": cfg.precision, "msl": cfg.max_sequence_length,
-                "samples": cfg.sample_pairs if cfg.sample_every else 0}
+        key: dict[str, Any] = {"trainer": self.trainer_name, "model": base_model_key(cfg), "dataset": self.dataset.hash,
+                               "resolution": cfg.resolution, "multiple": cfg.bucket_multiple,
+                               "control": self.control_side, "condition": cfg.condition_resolution,
+                               "precision": cfg.precision, "msl": cfg.max_sequence_length,
+                               "samples": cfg.sample_pairs if cfg.sample_every else 0}
+        if cfg.resolutions:  # only when used, so that the caches of earlier runs stay valid
+            key["resolutions"] = cfg.all_resolutions()
+        return key
 
     def encode(self, device: torch.device, dtype: torch.dtype) -> tuple[list[Example], list[Example]]:
         from diffusers import QwenImageEditPlusPipeline
@@ -108,7 +112,7 @@ class EditorLoraTask(TrainTask):
             pipe = QwenImageEditPlusPipeline.from_pretrained(cfg.model, transformer=None, dtype=dtype)
         for m in (pipe.text_encoder, pipe.vae):
             m.eval().requires_grad_(False).to(device)
-        buckets = bucket_sizes(cfg.resolution, cfg.bucket_multiple)
+        resolutions = cfg.all_resolutions()
         root = self.dataset.path
 
         def vae_latents(image: Image.Image) -> torch.Tensor:
@@ -119,8 +123,11 @@ class EditorLoraTask(TrainTask):
         train, samples = [], []
         for n, it in enumerate(self.items):
             target = open_rgb(root / it["file"])
-            bucket = pick_bucket(target.width, target.height, buckets)
-            z = vae_latents(fit_image(target, bucket))[0]
+            # the target at every resolution, each in its own aspect bucket; controls and instruction once
+            targets = []
+            for res in resolutions:
+                bucket = pick_bucket(target.width, target.height, bucket_sizes(res, cfg.bucket_multiple))
+                targets.append((res, bucket, vae_latents(fit_image(target, bucket))[0]))
             controls, shapes, conditions = [], [], []
             for c in it.get("controls") or []:
                 control = open_rgb(root / c["file"])
@@ -139,9 +146,10 @@ class EditorLoraTask(TrainTask):
             cond = {"prompt_embeds": pe[0].float().cpu(),
                     "prompt_mask": (mask[0] if mask is not None else torch.ones(pe.shape[1])).long().cpu(),
                     "control": torch.cat(controls).float(), "control_shapes": torch.tensor(shapes)}
-            ex = Example(it["file"], bucket, z, cond)
-            train.append(ex)
+            for res, bucket, z in targets:
+                train.append(Example(it["file"] + (f"@{res}" if len(resolutions) > 1 else ""), bucket, z, cond))
             if cfg.sample_every and n < cfg.sample_pairs:
+                _, bucket, z = targets[0]
                 samples.append(Example(f"sample:{it['file']}", bucket, torch.zeros_like(z), cond))
         pipe.text_encoder = pipe.vae = None  # released: the peak is the transformer's
         release_memory(device)
