@@ -59,10 +59,16 @@ class _Record:
     device_storage: torch.UntypedStorage | None = None
 
 
+def _version(t: torch.Tensor) -> int:
+    """The version counter; -1 for inference tensors (weights loaded under inference_mode), which keep none and
+    cannot be written in place outside inference mode — their storage identity is what tells a change."""
+    return -1 if t.is_inference() else t._version
+
+
 def _unchanged(rec: _Record, t: torch.Tensor) -> bool:
     """Still the tensor the load put on the device, never written in place since (its version counter)."""
     return (rec.device_storage is not None and t.untyped_storage()._cdata == rec.device_storage._cdata
-            and rec.device_version == t._version)
+            and rec.device_version == _version(t))
 
 
 @dataclass(eq=False)  # identity semantics: instances live in a WeakSet
@@ -130,10 +136,10 @@ class ResidentWeights:
                     t.data = on_device
                 else:
                     t = m._parameters[name] = torch.nn.Parameter(on_device, requires_grad=t.requires_grad)
-                rec.device_version = t._version
+                rec.device_version = _version(t)
             else:
                 m._buffers[name] = on_device
-                rec.device_version = on_device._version
+                rec.device_version = _version(on_device)
             rec.device_storage = on_device.untyped_storage()
             self.stats.to_device_bytes += on_device.numel() * on_device.element_size()
         self._forget_all_but(seen)

@@ -84,3 +84,19 @@ def test_quantised_parameter_types_are_left_to_their_own_move():
     assert ResidentWeights.supports(layer)
     layer.weight = Params4bit(torch.zeros(4, 4))
     assert not ResidentWeights.supports(layer)
+
+
+def test_weights_loaded_under_inference_mode_round_trip():
+    """ComfyUI runs nodes under inference_mode, so the split-file loaders' weights are inference tensors, which
+    keep no version counter (the GPU smoke run failed on every workflow until this was handled)."""
+    with torch.inference_mode():
+        model = torch.nn.Linear(4, 4)
+        model.weight = torch.nn.Parameter(torch.randn(4, 4), requires_grad=False)
+    assert model.weight.is_inference()
+    before = model.weight.data_ptr()
+    resident = ResidentWeights(model)
+    resident.to_device(META)
+    assert model.weight.device == META and resident.changed_on_device() == []
+    resident.to_host(CPU)
+    assert model.weight.device == CPU and model.weight.data_ptr() == before
+    assert resident.stats.copied_back_bytes == 0
