@@ -65,6 +65,19 @@ def _version(t: torch.Tensor) -> int:
     return -1 if t.is_inference() else t._version
 
 
+def _put(m: torch.nn.Module, kind: str, name: str, t: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Puts ``value`` in the module's slot as Module._apply does: a parameter keeps its Parameter object where the
+    tensor types allow it (CPU <-> CUDA), else gets a new one; a buffer is replaced. Returns what now sits there."""
+    if kind == "b":
+        m._buffers[name] = value
+        return value
+    if torch._has_compatible_shallow_copy_type(t, value):
+        t.data = value
+        return t
+    p = m._parameters[name] = torch.nn.Parameter(value, requires_grad=t.requires_grad)
+    return p
+
+
 def _unchanged(rec: _Record, t: torch.Tensor) -> bool:
     """Still the tensor the load put on the device, never written in place since (its version counter)."""
     return (rec.device_storage is not None and t.untyped_storage()._cdata == rec.device_storage._cdata
@@ -130,16 +143,7 @@ class ResidentWeights:
                 rec = self._records[key] = _Record(self._host_copy(t, device),
                                                    t if isinstance(t, torch.nn.Parameter) else None)
             on_device = rec.host.to(device, non_blocking=_is_pinned(rec.host))
-            if kind == "p":
-                # as Module._apply does: keep the Parameter object where the tensor types allow it (CUDA)
-                if torch._has_compatible_shallow_copy_type(t, on_device):
-                    t.data = on_device
-                else:
-                    t = m._parameters[name] = torch.nn.Parameter(on_device, requires_grad=t.requires_grad)
-                rec.device_version = _version(t)
-            else:
-                m._buffers[name] = on_device
-                rec.device_version = _version(on_device)
+            rec.device_version = _version(_put(m, kind, name, t, on_device))
             rec.device_storage = on_device.untyped_storage()
             self.stats.to_device_bytes += on_device.numel() * on_device.element_size()
         self._forget_all_but(seen)
@@ -165,13 +169,7 @@ class ResidentWeights:
                 host = t.detach().to(host_device)
                 self._drop(key)
                 self.stats.copied_back_bytes += size
-            if kind == "p":
-                if torch._has_compatible_shallow_copy_type(t, host):
-                    t.data = host
-                else:
-                    m._parameters[name] = torch.nn.Parameter(host, requires_grad=t.requires_grad)
-            else:
-                m._buffers[name] = host
+            _put(m, kind, name, t, host)
         self._forget_all_but(seen)
 
     def changed_on_device(self) -> list[str]:
