@@ -147,10 +147,22 @@ class ComfyClient:
         if body.get("node_errors"):
             # ComfyUI queues what is valid and drops every output whose inputs fail validation: the prompt would
             # "succeed" without running those outputs. Take it off the queue and say which inputs are wrong.
-            self.post("/queue", {"delete": [body["prompt_id"]]})
+            self._withdraw(body["prompt_id"])
             raise PromptFailed("ComfyUI would skip part of the prompt (its other outputs would run):\n"
                                + _readable_refusal(r))
         return body["prompt_id"]
+
+    def _withdraw(self, prompt_id: str, timeout: float = 60.0) -> None:
+        """Takes a prompt off the queue; one the worker has already picked up runs only its valid remainder,
+        so wait for that to end rather than report while it still runs."""
+        self.post("/queue", {"delete": [prompt_id]})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            queue = self.get("/queue").json()
+            items = queue.get("queue_running", []) + queue.get("queue_pending", [])
+            if not any(len(item) > 1 and item[1] == prompt_id for item in items):
+                return
+            time.sleep(0.2)
 
     def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
         """Waits for a queued prompt; returns its history entry or raises with ComfyUI's error."""
