@@ -34,6 +34,51 @@ def fp8_matmul_available(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    # one tensor per device instead of a fill kernel per matmul (hundreds per forward)
+    scale = _UNIT_SCALES.get(device)
+    if scale is None:
+        scale = _UNIT_SCALES[device] = torch.ones((), device=device, dtype=torch.float32)
+    return scale
+
+
+def e4m3_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 2-D e4m3 matrix, clamped to the e4m3 range (unscaled, as ComfyUI's fp8 ops do)."""
+    return x.reshape(-1, x.shape[-1]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+class SharedCast:
+    """One e4m3 cast of the activations that sibling projections read in a row (to_q / to_k / to_v, the
+    add_*_proj trio, and proj_mlp beside them in FLUX's single blocks): without it each sibling clamps and casts
+    the same tensor again. The cast is reused only for the very tensor object the previous sibling got, not
+    changed in place since (where the tensor tracks versions: inference tensors don't), and only until every
+    sibling has had it, so no activation outlives its block."""
+
+    __slots__ = ("members", "_src", "_version", "_x2", "_left")
+
+    def __init__(self, members: int) -> None:
+        self.members = members
+        self._src: torch.Tensor | None = None
+        self._version: int | None = None
+        self._x2: torch.Tensor | None = None
+        self._left = 0
+
+    def get(self, x: torch.Tensor) -> torch.Tensor:
+        version = None if x.is_inference() else x._version
+        if self._left > 0 and self._src is x and self._version == version and self._x2 is not None:
+            x2 = self._x2
+            self._left -= 1
+            if self._left == 0:
+                self._src = self._x2 = None
+            return x2
+        x2 = e4m3_activations(x)
+        self._src, self._version, self._x2, self._left = x, version, x2, self.members - 1
+        return x2
+
+
 class Fp8Linear(nn.Linear):
     """nn.Linear with an e4m3 weight and a per-tensor scale (peft wraps it like any Linear)."""
 
@@ -47,6 +92,7 @@ class Fp8Linear(nn.Linear):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False)
                      if bias else None)  # type: ignore[assignment]  # torch types Linear.bias as never None
         self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.shared_cast: SharedCast | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, compute_dtype: torch.dtype) -> Fp8Linear:
@@ -75,10 +121,9 @@ class Fp8Linear(nn.Linear):
         needs_grad = torch.is_grad_enabled() and x.requires_grad
         if x.is_cuda and not needs_grad and k % 16 == 0 and n % 16 == 0 and fp8_matmul_available(x.device):
             shape = x.shape
-            x2 = x.reshape(-1, k).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
-            one = torch.ones((), device=x.device, dtype=torch.float32)
-            out = torch._scaled_mm(x2, self.weight.t(), scale_a=one, scale_b=self.weight_scale,
-                                   bias=self.bias, out_dtype=self.compute_dtype)
+            x2 = self.shared_cast.get(x) if self.shared_cast is not None else e4m3_activations(x)
+            out = torch._scaled_mm(x2, self.weight.t(), scale_a=_unit_scale(x.device),
+                                   scale_b=self.weight_scale, bias=self.bias, out_dtype=self.compute_dtype)
             return out.reshape(*shape[:-1], n).to(x.dtype)
         return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), self.bias).to(x.dtype)
 
@@ -94,6 +139,29 @@ def convert_linears_to_fp8(module: nn.Module, compute_dtype: torch.dtype,
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, child, Fp8Linear.from_linear(linear, compute_dtype))
     return len(targets)
+
+
+def share_sibling_casts(model: nn.Module) -> int:
+    """Links the Fp8Linear siblings that diffusers' attention processors call one after another on the same
+    input (see :class:`SharedCast`); returns how many groups. Idempotent."""
+    groups = 0
+    owner_of = {id(attn): parent for parent in model.modules()
+                if isinstance(attn := getattr(parent, "attn", None), nn.Module)}
+    for module in model.modules():
+        for names in (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj")):
+            members = [getattr(module, n, None) for n in names]
+            if not all(isinstance(m, Fp8Linear) for m in members):
+                continue
+            # FLUX's single blocks (attention without the text trio) feed the same normed tokens to proj_mlp
+            if names[0] == "to_q" and getattr(module, "add_q_proj", None) is None:
+                mlp = getattr(owner_of.get(id(module)), "proj_mlp", None)
+                if isinstance(mlp, Fp8Linear):
+                    members.append(mlp)
+            shared = SharedCast(len(members))
+            for m in members:
+                m.shared_cast = shared  # type: ignore[union-attr]
+            groups += 1
+    return groups
 
 
 def _checkpoint_files(folder: Path) -> list[Path]:

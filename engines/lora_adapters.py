@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 
 from .errors import FlenUserError
+from .fp8_linear import share_sibling_casts
+from .fused_norms import fuse_rms_norms
 from .lora_formats import ConvertedLora, guess_architecture, load_lora_file  # noqa: F401  (re-exported)
 from .lora_stack import LoraEntry, LoraStack
 
@@ -200,6 +202,11 @@ class PipelineHandle:
     module_names: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        transformer = getattr(self.pipe, "transformer", None)
+        if isinstance(transformer, torch.nn.Module):
+            # before the adapters wrap any layer: ComfyUI's own fused kernels where diffusers runs several
+            fuse_rms_norms(transformer)
+            share_sibling_casts(transformer)
         self.adapters = AdapterCache(self.pipe, architecture=self.architecture)
 
     @property

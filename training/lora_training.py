@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from engines.errors import FlenUserError
+from engines.fused_norms import fuse_rms_norms
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
@@ -429,7 +430,9 @@ def load_transformer(model_cls, cfg: TrainConfig, device: torch.device, dtype: t
         from engines import split_files as sf
 
         load = sf.load_flux_transformer if model_cls.__name__.startswith("Flux") else sf.load_qwen_transformer
-        return load(cfg.files["diffusion_model"], split_file_dtypes(cfg, dtype)).to(device)
+        model = load(cfg.files["diffusion_model"], split_file_dtypes(cfg, dtype)).to(device)
+        fuse_rms_norms(model)  # one kernel where diffusers' RMSNorm runs seven, forward and backward
+        return model
     if cfg.precision == "fp8":
         # the e4m3 base is read from ComfyUI's split files; a diffusers folder quantises through bitsandbytes
         raise ConfigError("precision 'fp8' quantises ComfyUI's split files (connect a split-file loader, or give "
@@ -439,6 +442,7 @@ def load_transformer(model_cls, cfg: TrainConfig, device: torch.device, dtype: t
     model = model_cls.from_pretrained(cfg.model, subfolder="transformer", dtype=dtype, **kwargs)
     if q is None:
         model.to(device)
+    fuse_rms_norms(model)
     return model
 
 
