@@ -154,6 +154,28 @@ def profile(fn: Callable, label: str, top: int = 14) -> None:
                           top=[dict(kernel=k, ms=round(v[0] / 1e3, 2), calls=v[1]) for k, v in rows])), flush=True)
 
 
+def copy_sources(fn: Callable, label: str, top: int = 12) -> None:
+    """Where the copy and cast kernels come from: CUDA time of the aten copy/cat ops grouped by call stack."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch.no_grad():
+        fn()
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True,
+                           record_shapes=True) as prof:
+            fn()
+            torch.cuda.synchronize()
+    rows = []
+    for avg in prof.key_averages(group_by_stack_n=6, group_by_input_shape=True):
+        if avg.key in ("aten::copy_", "aten::cat", "aten::contiguous", "aten::clone", "aten::reshape", "aten::to"):
+            ms = getattr(avg, "device_time_total", 0) / 1e3
+            rows.append(dict(op=avg.key, ms=round(ms, 2), calls=avg.count, shapes=str(avg.input_shapes)[:160],
+                             stack=[f for f in avg.stack if "site-packages/torch" not in f][:4]))
+    rows.sort(key=lambda r: -r["ms"])
+    print(json.dumps(dict(bench="copy_sources", config=label, model=MODEL, top=rows[:top])), flush=True)
+
+
 def main() -> int:
     global RES, MODEL
     p = argparse.ArgumentParser()
@@ -162,6 +184,7 @@ def main() -> int:
     p.add_argument("--comfy", type=Path)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--forwards", type=int, default=10)
+    p.add_argument("--stacks", action="store_true", help="also print where the copy kernels come from")
     a = p.parse_args()
     RES, MODEL = a.res, a.model
     device = torch.device("cuda")
@@ -210,6 +233,8 @@ def run_ours(a: argparse.Namespace, device: torch.device, gpu: str) -> None:
     for label in ("before", "pack"):
         configure(*configs[label])
         profile(fwd, f"flenwheel-{label}")
+    if a.stacks:
+        copy_sources(fwd, "flenwheel-pack")
     peak = torch.cuda.max_memory_allocated() / 1024**3
     print(json.dumps(dict(impl="flenwheel", bench="fp8_forward_peak", model=a.model, peak_gib=round(peak, 2))))
 
@@ -223,6 +248,8 @@ def run_native(a: argparse.Namespace, device: torch.device, gpu: str) -> None:
               flush=True)
         if ops_name == "fp8mm":
             profile(nfwd, "comfy-fp8mm")
+            if a.stacks:
+                copy_sources(nfwd, "comfy-fp8mm")
         del nm, nfwd
         gc.collect()
         torch.cuda.empty_cache()
