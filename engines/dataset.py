@@ -57,8 +57,8 @@ from PIL import Image
 from .atomic_files import atomic_write
 from .atomic_files import fsync_dir as _fsync_dir
 from .errors import FlenUserError
-from .review_store import validate_character, workspace_root
 from .safe_images import truncation_note
+from .workspace import validate_character, workspace_dir, workspace_root
 
 fcntl: ModuleType | None
 try:  # POSIX: a real cross-process lock; elsewhere a process-wide lock only
@@ -356,7 +356,7 @@ def counts_of(records: list[dict[str, Any]]) -> dict[str, int]:
 # ---- versions ---------------------------------------------------------------------------------
 
 def datasets_root(output_dir: str | os.PathLike, character: str, folder: str = DATASETS_DIR) -> Path:
-    return workspace_root(output_dir) / validate_character(character) / folder
+    return workspace_dir(output_dir, character) / folder
 
 
 def version_dir_of(value: Any, output_dir: str | os.PathLike, folders: tuple[str, ...] = (DATASETS_DIR, "edit_pairs"),

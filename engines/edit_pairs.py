@@ -34,8 +34,8 @@ from PIL import Image
 
 from . import dataset as ds
 from .errors import FlenUserError
-from .review_store import validate_character
 from .safe_images import open_image
+from .workspace import validate_character
 
 EDIT_PAIRS_DIR = "edit_pairs"
 MAX_CONTROLS = 3

@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -36,6 +35,7 @@ from PIL import Image
 from .atomic_files import atomic_write
 from .errors import FlenUserError
 from .safe_images import open_image, open_rgb
+from .workspace import is_character_name, validate_character, workspace_dir, workspace_root
 
 STATUSES = ("pending", "approved", "rejected", "corrected")
 ACTIONS = ("approve", "reject", "correct", "undo")
@@ -46,20 +46,7 @@ SORTS = {"id": "id", "score_desc": "score IS NULL, score DESC, id", "score_asc":
          "newest": "id DESC"}
 THUMB_SIZE = 256
 DB_NAME = "review.sqlite"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_TEXT = 4000
-
-
-def validate_character(name: object) -> str:
-    """A character name is also a folder name: letters, digits, '_' and '-', at most 64."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise FlenUserError(f"Character name {str(name)[:80]!r} is not allowed: use 1–64 letters, digits, "
-                            "'_' or '-' (it becomes a folder name under output/flenwheel/).")
-    return name
-
-
-def workspace_root(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "flenwheel"
 
 
 # ---- schema -----------------------------------------------------------------------------------
@@ -257,7 +244,7 @@ class ReviewStore:
 
     def __init__(self, output_dir: str | os.PathLike, character: str) -> None:
         self.character = validate_character(character)
-        self.root = workspace_root(output_dir) / character
+        self.root = workspace_dir(output_dir, character)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / DB_NAME
         self._lock = threading.RLock()
@@ -654,8 +641,7 @@ def open_store(output_dir: str | os.PathLike, character: str) -> ReviewStore:
 
 def existing_store(output_dir: str | os.PathLike, character: str) -> ReviewStore | None:
     """The store if its workspace already has a database, else None (never creates one)."""
-    validate_character(character)
-    if not (workspace_root(output_dir) / character / DB_NAME).is_file():
+    if not (workspace_dir(output_dir, character) / DB_NAME).is_file():
         return None
     return open_store(output_dir, character)
 
@@ -664,4 +650,4 @@ def list_characters(output_dir: str | os.PathLike) -> list[str]:
     root = workspace_root(output_dir)
     if not root.is_dir():
         return []
-    return sorted(p.parent.name for p in root.glob(f"*/{DB_NAME}") if _NAME_RE.fullmatch(p.parent.name))
+    return sorted(p.parent.name for p in root.glob(f"*/{DB_NAME}") if is_character_name(p.parent.name))

@@ -272,8 +272,9 @@ def client_writable_roots() -> list:
 def pack_write_roots() -> list:
     """Where a path from a prompt may point for the pack's own writes: the workspaces in output/flenwheel."""
     from ..engines.safe_paths import Root
+    from ..engines.workspace import PACK_DIR, workspace_root
 
-    return [Root(Path(folder_paths.get_output_directory()) / "flenwheel", "output/flenwheel")]
+    return [Root(workspace_root(folder_paths.get_output_directory()), f"output/{PACK_DIR}")]
 
 
 def image_read_roots() -> list:

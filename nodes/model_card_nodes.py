@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from comfy_api.v0_0_2 import io
 
-from ..engines import identity
+from ..engines import identity, workspace
 from ..engines import model_card as engine
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import LoraStack
@@ -141,12 +141,10 @@ def _resolve_card(line: str) -> str:
 
 
 def _comparison_folder(cards: list[engine.ModelCard]) -> Path:
-    name = str(cards[0].report.get("lora", {}).get("name", ""))
-    parts = Path(name).parts
-    base = Path(bridge.output_directory()) / "flenwheel"
-    if len(parts) >= 3 and parts[0] == "flenwheel":
-        return base / parts[1] / "model_cards"
-    return base / "model_cards"
+    character = workspace.character_of_lora(str(cards[0].report.get("lora", {}).get("name", "")))
+    if character is not None:
+        return workspace.workspace_dir(bridge.output_directory(), character) / "model_cards"
+    return workspace.workspace_root(bridge.output_directory()) / "model_cards"
 
 
 class FLENCompareVersions(io.ComfyNode):

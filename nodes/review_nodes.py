@@ -10,7 +10,7 @@ import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image
 
-from ..engines import review_store
+from ..engines import review_store, workspace
 from ..engines.errors import FlenUserError
 from ..engines.safe_images import truncation_note
 from . import comfy_bridge as bridge
@@ -237,12 +237,13 @@ class FLENCharacter(io.ComfyNode):
 
     @classmethod
     def execute(cls, character: str) -> io.NodeOutput:
-        name = review_store.validate_character(character.strip())
+        name = workspace.validate_character(character.strip())
         known = review_store.list_characters(bridge.output_directory())
         if name in known:
-            text = f"Character '{name}': existing workspace output/flenwheel/{name}/."
+            text = f"Character '{name}': existing workspace {workspace.workspace_label(name)}/."
         else:
-            text = (f"Character '{name}': no workspace yet (a writing node creates output/flenwheel/{name}/). "
+            text = (f"Character '{name}': no workspace yet (a writing node creates "
+                    f"{workspace.workspace_label(name)}/). "
                     f"Known characters: {', '.join(known) if known else 'none yet'}.")
         return io.NodeOutput(name, ui={"text": [text]})
 

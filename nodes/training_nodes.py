@@ -35,6 +35,7 @@ from ..engines import identity as face_id
 from ..engines.errors import FlenUserError
 from ..engines.lora_stack import read_safetensors_header
 from ..engines.safe_paths import Root, resolve_inside
+from ..engines.workspace import workspace_label, workspace_root
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, FROM_PIPE, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
 
@@ -201,7 +202,7 @@ def clean_stale_children(output_dir: str) -> list[str]:
     names that still runs is an orphan holding the GPU: it is stopped (re-queueing resumes from its last
     checkpoint). The file goes either way. Returns what was done, for the log."""
     done: list[str] = []
-    root = Path(output_dir) / "flenwheel"
+    root = workspace_root(output_dir)
     for child_file in sorted(root.glob(f"*/training/{CHILD_FILE}")) if root.is_dir() else []:
         try:
             record = json.loads(child_file.read_text(encoding="utf-8"))
@@ -272,7 +273,7 @@ def _advanced(text: str, workspace: Path) -> dict:
     if "run_dir" in data:
         if not isinstance(data["run_dir"], str):
             raise FlenUserError("advanced: 'run_dir' must be a folder name.")
-        root = Root(workspace / "training", f"output/flenwheel/{workspace.name}/training")
+        root = Root(workspace / "training", workspace_label(workspace.name, "training"))
         data["run_dir"] = str(resolve_inside(data["run_dir"], [root], "advanced: 'run_dir'"))
     return data
 

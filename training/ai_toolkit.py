@@ -45,22 +45,19 @@ import yaml
 
 try:  # inside ComfyUI the pack is a package (custom_nodes/FLENwheel); from the repo root it is not
     from ..engines import dataset as ds
-    from ..engines import edit_pairs, safe_paths
+    from ..engines import edit_pairs, safe_paths, workspace
     from ..engines import split_files as sf
     from ..engines.atomic_files import chmod_like_open
     from ..engines.errors import FlenUserError
-    from ..engines.review_store import validate_character
 except ImportError:
     from engines import dataset as ds
-    from engines import edit_pairs, safe_paths
+    from engines import edit_pairs, safe_paths, workspace
     from engines import split_files as sf
     from engines.atomic_files import chmod_like_open
     from engines.errors import FlenUserError
-    from engines.review_store import validate_character
 
 JOB_KINDS = ("flux", "qwen_image_edit_2509")
 LORA_PREFIX = {"flux": "char_lora", "qwen_image_edit_2509": "qwen_lora"}
-LORAS_SUBDIR = "flenwheel"
 RUNS_DIR = "ai_toolkit_runs"
 DEFAULT_RESOLUTIONS = (512, 768, 1024)
 TAIL_LINES = 40
@@ -105,7 +102,7 @@ class AIToolkitSettings:
     def validate(self) -> AIToolkitSettings:
         if self.kind not in JOB_KINDS:
             raise FlenUserError(f"Unknown ai-toolkit job kind {self.kind!r}; one of {', '.join(JOB_KINDS)}.")
-        self.character = validate_character(self.character)
+        self.character = workspace.validate_character(self.character)
         if not self.base_model:
             raise FlenUserError("No base model folder: choose the diffusers folder of the base model "
                                 "(models/diffusers/…).")
@@ -298,7 +295,7 @@ def write_config(config: dict[str, Any], path: str | os.PathLike) -> Path:
 # ---- names ------------------------------------------------------------------------------------
 
 def lora_folder(loras_root: str | os.PathLike, character: str) -> Path:
-    return Path(loras_root) / LORAS_SUBDIR / validate_character(character)
+    return workspace.loras_dir(loras_root, character)
 
 
 def next_lora_name(loras_root: str | os.PathLike, character: str, prefix: str) -> str:
@@ -659,7 +656,7 @@ def install_lora(src: str | os.PathLike, loras_root: str | os.PathLike, characte
                 except FileExistsError:
                     continue
             ds._fsync_dir(folder)
-            rel = Path(LORAS_SUBDIR, validate_character(character), dest.name).as_posix()
+            rel = workspace.lora_name(character, dest.name)
             return rel, dest, meta_ok
         raise AIToolkitError(f"No free LoRA name for {prefix}_vN in {folder}.")
     finally:

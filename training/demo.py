@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engines.workspace import loras_dir, workspace_dir
+
 from .comfy_queue import ComfyClient, ComfyServer, comfyui_path, prepare_base_directory
 from .tiny_models import write_tiny_models
 
@@ -233,8 +235,8 @@ def _text(outputs: dict, node_id: str) -> str:
 def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
     """The whole flywheel on the tiny models; returns what it made (label → path)."""
     c = CHARACTER
-    out = base / "output" / "flenwheel" / c
-    loras = base / "models" / "loras" / "flenwheel" / c
+    out = workspace_dir(base / "output", c)
+    loras = loras_dir(base / "models" / "loras", c)
     made: dict[str, Path] = {}
 
     say("1/9 flywheel1_enrich: source photos → angle sweep (Qwen edit + LoRA stack) → identity filter → review queue")
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"writing tiny models to {base / 'models'}")
     write_tiny_models(base / "models", seed=0)
-    for old in (base / "output" / "flenwheel" / CHARACTER, base / "models" / "loras" / "flenwheel" / CHARACTER):
+    for old in (workspace_dir(base / "output", CHARACTER), loras_dir(base / "models" / "loras", CHARACTER)):
         if old.exists():  # a fresh loop each run: v1 and v2 again, not v3 and v4
             say(f"removing the previous demo run's {old}")
             shutil.rmtree(old)

@@ -52,6 +52,7 @@ import torch
 
 from engines.errors import FlenUserError
 from engines.fused_norms import fuse_rms_norms
+from engines.workspace import loras_dir
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
@@ -1220,7 +1221,7 @@ class Trainer:
 
     def _write_lora(self, sd: dict[str, torch.Tensor], parent: dict[str, Any] | None, opt_name: str,
                     steps: int, loss: float) -> Path:
-        folder = Path(self.cfg.output_dir) / "flenwheel" / self.task.character
+        folder = loras_dir(self.cfg.output_dir, self.task.character)
         extra: dict[str, Any] = {}
         if self.ema is not None:
             extra["ema"] = {"decay": self.cfg.ema_decay, "file_suffix": EMA_SUFFIX}

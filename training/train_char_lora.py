@@ -27,8 +27,8 @@ import torch
 from engines import dataset as ds
 from engines.diffusers_folder import read_model_index
 from engines.errors import FlenUserError
-from engines.review_store import validate_character
 from engines.safe_images import open_image
+from engines.workspace import validate_character
 from training.lora_training import (
     ConfigError,
     Example,
