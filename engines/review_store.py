@@ -34,6 +34,8 @@ from PIL import Image
 
 from .atomic_files import atomic_write
 from .errors import FlenUserError
+from .image_arrays import pil_to_float, to_pil
+from .png_files import png_bytes
 from .safe_images import open_image, open_rgb
 from .workspace import is_character_name, validate_character, workspace_dir, workspace_root
 
@@ -134,32 +136,12 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
 
 # ---- files ------------------------------------------------------------------------------------
 
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=4)
-    return buf.getvalue()
-
-
 def _thumb_bytes(img: Image.Image) -> bytes:
     thumb = img.convert("RGB")
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     thumb.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
-
-
-def to_pil(image: Any) -> Image.Image:
-    """HWC float array/tensor in 0..1 (or uint8), or a PIL image → RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return Image.fromarray(arr[:, :, :3], "RGB")
 
 
 def _json(value: Any) -> str:
@@ -279,7 +261,7 @@ class ReviewStore:
             pil = to_pil(image)
             stem = uuid.uuid4().hex
             image_name, thumb_name = f"candidates/{stem}.png", f"candidates/{stem}.thumb.jpg"
-            atomic_write(self.root / image_name, _png_bytes(pil))
+            atomic_write(self.root / image_name, png_bytes(pil))
             atomic_write(self.root / thumb_name, _thumb_bytes(pil))
             mine = own_sources(meta, k, len(images), source_names)
             refs = list(dict.fromkeys(source_names))
@@ -303,7 +285,7 @@ class ReviewStore:
         return ids
 
     def _store_source(self, image: Any) -> str:
-        data = _png_bytes(to_pil(image))
+        data = png_bytes(to_pil(image))
         name = f"sources/{hashlib.sha256(data).hexdigest()[:32]}.png"
         if not (self.root / name).exists():
             atomic_write(self.root / name, data)
@@ -494,7 +476,7 @@ class ReviewStore:
         path = self.file_path(candidate_id, "image")
         im, truncated = open_image(path, f"Candidate {candidate_id}'s image {path.name}", allow_truncated=True)
         with im:
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, truncated
+            return pil_to_float(im), truncated
 
     # -- decisions --
 
@@ -530,7 +512,7 @@ class ReviewStore:
             # the declared size is checked before decoding: a 20 KB PNG can claim 13000² pixels
             pil = open_rgb(bytes(fixed_image), "The uploaded fixed image")
             fixed_name = f"corrections/{uuid.uuid4().hex}.png"
-            atomic_write(self.root / fixed_name, _png_bytes(pil))
+            atomic_write(self.root / fixed_name, png_bytes(pil))
         else:
             fixed_name = inherited_fixed
         with self._lock:

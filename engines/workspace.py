@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
+from .atomic_files import write_new
 from .errors import FlenUserError
 
 PACK_DIR = "flenwheel"   # the pack's folder under ComfyUI's output folder and under models/loras
@@ -64,3 +67,25 @@ def character_of_lora(name: str) -> str | None:
     if len(parts) >= 3 and parts[0] == PACK_DIR and is_character_name(parts[1]):
         return parts[1]
     return None
+
+
+def next_version(folder: str | os.PathLike, prefix: str) -> int:
+    """One past the highest N of any ``<prefix>_vN`` file in ``folder`` (``char_lora_v2.safetensors``,
+    ``char_lora_v2.card.json``…): a number that has any file is never handed out again."""
+    folder = Path(folder)
+    pattern = re.compile(rf"^{re.escape(prefix)}_v([0-9]+)(?:\.|$)")
+    taken = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else []) if (m := pattern.match(p.name))]
+    return max(taken, default=0) + 1
+
+
+def write_new_version(folder: str | os.PathLike, prefix: str, data: bytes | Callable[[BinaryIO], object],
+                      suffix: str = ".safetensors") -> Path:
+    """Writes ``data`` as the next ``<prefix>_vN<suffix>`` in ``folder``, never overwriting: the name is claimed
+    atomically, so two writers at once get two versions."""
+    def name_for(attempt: int) -> str | None:
+        return f"{prefix}_v{next_version(folder, prefix)}{suffix}" if attempt < 1000 else None
+
+    written = write_new(folder, name_for, data)
+    if written is None:
+        raise FlenUserError(f"Could not claim a new {prefix}_vN name in {folder}.")
+    return written[0]

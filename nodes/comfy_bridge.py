@@ -642,9 +642,9 @@ def _empty_latent(vae, width: int, height: int) -> torch.Tensor:
 
 
 def _pil_to_image(img) -> torch.Tensor:
-    import numpy as np
+    from ..engines.image_arrays import pil_to_tensor
 
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+    return pil_to_tensor(img)
 
 
 def _decode(vae, samples: torch.Tensor) -> torch.Tensor:

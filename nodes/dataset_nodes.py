@@ -8,11 +8,8 @@ from comfy_api.v0_0_2 import io
 from ..engines import dataset, edit_pairs, review_store
 from ..engines.errors import FlenUserError
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, DatasetType, MetaType
+from .flen_types import CATEGORY, CHARACTER_TOOLTIP, DatasetType, MetaType
 from .review_nodes import review_store_fingerprint, unknown_character
-
-CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
-                     "'_' or '-'.")
 
 
 def _review_provenance(metas: list[dict]) -> list[dict]:

@@ -38,3 +38,7 @@ FILE_PRECISION_TOOLTIP = ("auto: as the files store it — fp8 files stay fp8 (e
                           "files), 16-bit files become bf16 on a GPU (fp32 on the CPU). bf16 / fp32: that compute "
                           "dtype (fp32 dequantises fp8 files). fp8: quantise a bf16 diffusion model to e4m3 while "
                           "loading (half the memory).")
+
+# The `character` input of every node that reads or writes a character's workspace (engines/workspace.py).
+CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
+                     "'_' or '-'.")

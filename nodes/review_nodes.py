@@ -12,12 +12,10 @@ from PIL import Image
 
 from ..engines import review_store, workspace
 from ..engines.errors import FlenUserError
+from ..engines.image_arrays import pil_to_float, to_pil
 from ..engines.safe_images import truncation_note
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, MetaType
-
-CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
-                     "'_' or '-'.")
+from .flen_types import CATEGORY, CHARACTER_TOOLTIP, MetaType
 
 
 def unknown_character(character: str, what: str) -> FlenUserError:
@@ -136,8 +134,7 @@ def _to_batch(paths: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
     out = []
     for arr in paths:
         if arr.shape[:2] != (h, w):
-            img = Image.fromarray((arr * 255).round().astype(np.uint8)).resize((w, h), Image.Resampling.LANCZOS)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
+            arr = pil_to_float(to_pil(arr).resize((w, h), Image.Resampling.LANCZOS))
             resized = True
         out.append(torch.from_numpy(np.ascontiguousarray(arr)))
     return torch.stack(out), resized

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engines.pack_info import WORKFLOWS_DIR as WORKFLOWS
 from engines.workspace import loras_dir, workspace_dir
 
 from .comfy_queue import ComfyClient, ComfyServer, comfyui_path, prepare_base_directory
 from .tiny_models import write_tiny_models
-
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 # The trainers on the tiny models: a few steps at 64×64, no checkpoints or sample previews.
 TINY_TRAINING = {"steps": 4, "rank": 4, "learning_rate": 0.01, "resolution": 64, "checkpoint_every": 0,

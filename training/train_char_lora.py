@@ -323,10 +323,10 @@ class CharLoraTask(TrainTask):
             return None
         import numpy as np
 
-        from engines import identity
+        from engines import face_backends, identity
         from engines.safe_images import open_rgb
 
-        model = identity.load_face_model(self.cfg.identity_root, self.cfg.identity_model)
+        model = face_backends.load_face_model(self.cfg.identity_root, self.cfg.identity_model)
         try:
             bank = identity.build_bank(model, [np.asarray(open_rgb(Path(it["image_path"]))) for it in self.items],
                                        self.cfg.identity_root)
