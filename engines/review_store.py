@@ -586,6 +586,19 @@ class ReviewStore:
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY id", args).fetchall()
         return [self._row_dict(r) for r in rows]
 
+    def corrections_in_workspace(self, run_id: str | None = None,
+                                 version: str | None = None) -> builtins.list[dict[str, Any]]:
+        """``corrections`` with absolute paths (and the workspace folder), for nodes downstream that read the
+        files: FLEN Load Approved's corrections output."""
+        out = self.corrections(run_id=run_id, version=version)
+        for c in out:
+            c["workspace"] = str(self.root)
+            for key in ("image", "better_image", "fixed_image"):
+                if c.get(key):
+                    c[key] = str(self.root / c[key])
+            c["sources"] = [str(self.root / s) for s in c["sources"]]
+        return out
+
     def corrections(self, run_id: str | None = None, version: str | None = None) -> builtins.list[dict[str, Any]]:
         """Corrected candidates with their correction: the raw material of edit pairs. File names
         are relative to the workspace folder (``root``)."""
@@ -633,3 +646,34 @@ def list_characters(output_dir: str | os.PathLike) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.parent.name for p in root.glob(f"*/{DB_NAME}") if is_character_name(p.parent.name))
+
+
+def review_provenance(output_dir: str | os.PathLike, metas: list[dict]) -> builtins.list[dict]:
+    """``metas`` with the review decision in force (who, when, why) added to each record that came out of a
+    review store (``candidate_id`` and ``character``): the provenance a dataset keeps of each image."""
+    out = []
+    stores: dict[str, ReviewStore | None] = {}
+    for meta in metas:
+        meta = dict(meta) if isinstance(meta, dict) else {}
+        cid, character = meta.get("candidate_id"), meta.get("character")
+        if cid is not None and isinstance(character, str):
+            if character not in stores:
+                try:
+                    stores[character] = existing_store(output_dir, character)
+                except FlenUserError:
+                    stores[character] = None
+            store = stores[character]
+            review = {"candidate_id": cid, "status": meta.get("status"), "run_id": meta.get("run_id"),
+                      "version": meta.get("version"), "character": character}
+            if store is not None:
+                try:
+                    history = [h for h in store.history(int(cid)) if h["action"] != "undo" and not h["undone_by"]]
+                except (KeyError, ValueError, TypeError):
+                    history = []
+                if history:
+                    last = history[-1]
+                    review.update(decision=last["action"], who=last["who"], at=last["at"],
+                                  reasons=last["reasons"], note=last["note"])
+            meta["review"] = review
+        out.append(meta)
+    return out

@@ -8,6 +8,7 @@ QwenEditPipeType = io.Custom("FLEN_QWEN_EDIT_PIPE")
 MetaType = io.Custom("FLEN_META")  # a list with one dict per image of the IMAGE batch beside it
 IdentityType = io.Custom("FLEN_IDENTITY")
 DatasetType = io.Custom("FLEN_DATASET")
+ModelCardType = io.Custom("FLEN_MODEL_CARD")
 
 
 class _LoraNameType(str):

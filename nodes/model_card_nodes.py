@@ -15,9 +15,7 @@ from ..engines.errors import FlenUserError
 from ..engines.image_arrays import batch_to_uint8, pil_to_tensor
 from ..engines.lora_stack import LoraStack
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, FluxPipeType, IdentityType, LoraStackType, MetaType
-
-ModelCardType = io.Custom("FLEN_MODEL_CARD")
+from .flen_types import CATEGORY, FluxPipeType, IdentityType, LoraStackType, MetaType, ModelCardType
 
 
 class FLENModelCard(io.ComfyNode):

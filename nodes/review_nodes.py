@@ -70,7 +70,7 @@ def truncation_summary(meta: list | None) -> str:
     return f" {n} images look truncated (bottom rows flat black/grey): see their meta 'warnings'." if n else ""
 
 
-def _inputs_common() -> list:
+def review_inputs() -> list:
     return [
         io.String.Input("character", default="my_character", tooltip=CHARACTER_TOOLTIP),
         io.String.Input("run_id", default="", optional=True,
@@ -106,7 +106,7 @@ class FLENReviewQueue(io.ComfyNode):
             category=f"{CATEGORY}/review",
             description="Stores an image batch as pending candidates in the character's review store and "
                         "returns at once (for batch runs). Judge them later in the FLENwheel review gallery.",
-            inputs=[io.Image.Input("images", tooltip="The candidates to review."), *_inputs_common()],
+            inputs=[io.Image.Input("images", tooltip="The candidates to review."), *review_inputs()],
             outputs=[io.String.Output(display_name="summary", tooltip="What was stored, in words."),
                      io.String.Output(display_name="run_id", tooltip="The run id the candidates were stored under."),
                      io.Int.Output(display_name="count", tooltip="How many candidates were stored.")],
@@ -192,13 +192,7 @@ class FLENLoadApproved(io.ComfyNode):
             raise unknown_character(character, "FLEN Load Approved reads its approved candidates")
         items = store.approved(run_id=run_id.strip() or None, version=version.strip() or None)
         batch, metas, resized = approved_outputs(store, items)
-        corrections = store.corrections(run_id=run_id.strip() or None, version=version.strip() or None)
-        for c in corrections:
-            c["workspace"] = str(store.root)
-            for key in ("image", "better_image", "fixed_image"):
-                if c.get(key):
-                    c[key] = str(store.root / c[key])
-            c["sources"] = [str(store.root / s) for s in c["sources"]]
+        corrections = store.corrections_in_workspace(run_id=run_id.strip() or None, version=version.strip() or None)
         scope = f"{character}" + (f", run {run_id.strip()}" if run_id.strip() else "") + (
             f", version {version.strip()}" if version.strip() else "")
         if items:

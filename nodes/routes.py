@@ -46,4 +46,4 @@ def register_routes() -> None:
     async def templates(_request: web.Request) -> web.Response:
         return web.json_response({"templates": template_cards()})
 
-    review_routes.register(routes)  # /flenwheel/review/… (review gallery, issue 5)
+    review_routes.register(routes)  # /flenwheel/review/… (review gallery)
