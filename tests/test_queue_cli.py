@@ -1,4 +1,4 @@
-"""python -m training.queue_cli against a real ComfyUI: overrides, websocket progress, outputs, resume."""
+"""python -m tools.queue_cli against a real ComfyUI: overrides, websocket progress, outputs, resume."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from training import queue_cli
+from tools import queue_cli
 
 pytestmark = pytest.mark.server
 

@@ -1,10 +1,10 @@
 """Batch runs of the shipped workflows through ComfyUI's API queue, on one or several servers, resumable.
 
-    python -m training.queue_cli flywheel1_enrich --character alice --source-folder alice --seeds 1,2,3
-    python -m training.queue_cli flywheel1_synthesize --character alice --char-lora v2 --count 48 \\
+    python -m tools.queue_cli flywheel1_enrich --character alice --source-folder alice --seeds 1,2,3
+    python -m tools.queue_cli flywheel1_synthesize --character alice --char-lora v2 --count 48 \\
         --server http://gpu1:8188 --server http://gpu2:8188
-    python -m training.queue_cli compare_versions --character alice --char-lora v1 --char-lora v2
-    python -m training.queue_cli path/to/api_workflow.json --set 3.steps=20 --set "Character LoRA.strength=0.8"
+    python -m tools.queue_cli compare_versions --character alice --char-lora v1 --char-lora v2
+    python -m tools.queue_cli path/to/api_workflow.json --set 3.steps=20 --set "Character LoRA.strength=0.8"
 
 A batch is one job per (character × seed); jobs go round-robin to the servers, progress comes over each
 server's websocket (/ws?clientId=…) as a bar on stderr, and where the outputs went is printed at the end.
@@ -29,10 +29,10 @@ from typing import Any
 import websocket
 
 from engines.errors import FlenUserError
+from engines.pack_info import API_WORKFLOWS_DIR
 from engines.workspace import lora_name
-
-from .comfy_queue import ComfyClient
-from .demo import WORKFLOWS, load_api_workflow
+from tools.comfy_queue import ComfyClient
+from tools.tiny_workflows import load_api_workflow
 
 BAR_WIDTH = 28
 
@@ -149,10 +149,10 @@ def load_workflow(ref: str, tiny: bool) -> tuple[str, dict]:
         prompt = json.loads(path.read_text(encoding="utf-8"))
         if "nodes" in prompt:
             raise CliError(f"{path} is a UI-format workflow; queue its API twin (workflows/api/) or convert it "
-                           "with python -m training.workflow_api")
+                           "with python -m tools.workflow_api")
         return path.stem, prompt
-    if not (WORKFLOWS / "api" / f"{ref}.json").is_file():
-        names = ", ".join(sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json")))
+    if not (API_WORKFLOWS_DIR / f"{ref}.json").is_file():
+        names = ", ".join(sorted(p.stem for p in API_WORKFLOWS_DIR.glob("*.json")))
         raise CliError(f"no shipped workflow {ref!r}; shipped: {names} (or give a path to an API-format .json)")
     return ref, load_api_workflow(ref, tiny=tiny)
 
@@ -431,7 +431,7 @@ def report(batch: Batch, summary: dict, out=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.queue_cli", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m tools.queue_cli", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("workflow", help="A shipped workflow name (workflows/api/<name>.json) or an API-format file.")
