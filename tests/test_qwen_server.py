@@ -123,6 +123,6 @@ def test_lora_strength_scale_multiplies_the_strengths_the_edit_runs_with(comfy, 
     scaled, scaled_strengths = run((0.8, 0.6), 0.5, "half")
     direct, direct_strengths = run((0.4, 0.3), 1.0, "direct")
     unscaled, unscaled_strengths = run((0.8, 0.6), 1.0, "full")
+    assert scaled == direct, "the sweep did not run with the scaled strengths"
+    assert scaled != unscaled, "the LoRA strengths leave no trace in the image: the test cannot tell"
     assert scaled_strengths == direct_strengths == [0.4, 0.3] and unscaled_strengths == [0.8, 0.6]
-    assert scaled == direct
-    assert scaled != unscaled
