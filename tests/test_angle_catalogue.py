@@ -9,7 +9,8 @@ import pytest
 from engines import angle_catalogue as ac
 
 # dx8152/Qwen-Edit-2509-Multiple-angles: the camera phrases of its model card, verbatim, with the English the
-# reference Spaces write after them ("中文 English."). Written out here, not derived from the catalogue, so a
+# reference Spaces (and, for the moves left/right/down they do not use, the LoRA's bilingual prompt builders) write
+# after them ("中文 English."). Written out here, not derived from the catalogue, so a
 # swapped, mistyped or mirrored line fails.
 EXPECTED = {
     "move_forward": ("angle", "将镜头向前移动", "Move the camera forward", ac.LORA),
