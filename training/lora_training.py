@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from engines.errors import FlenUserError
-from engines.fused_norms import fuse_rms_norms
+from engines.fused_ops import fuse_rms_norms
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
