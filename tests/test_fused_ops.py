@@ -212,3 +212,24 @@ def test_rotate_complex_is_the_pairwise_rotation():
     even, odd = x[..., 0::2], x[..., 1::2]
     torch.testing.assert_close(out[..., 0::2], even * c - odd * s)
     torch.testing.assert_close(out[..., 1::2], even * s + odd * c)
+
+
+@pytest.mark.parametrize("arch", ["flux", "qwen"])
+def test_trainers_load_the_fused_kernels(tiny_models, arch):
+    """The trainers' transformer (training.lora_training.load_transformer, both trainers) gets the same fused
+    norm and rotary embedding as inference, so the loss curves test (test_train_*_lora) runs through them."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+    from diffusers.models.normalization import RMSNorm
+
+    from engines.fused_ops import FluxRopeAttnProcessor
+    from training.lora_training import TrainConfig, load_transformer
+
+    cls = FluxTransformer2DModel if arch == "flux" else QwenImageTransformer2DModel
+    cfg = TrainConfig(model=str(tiny_models / "diffusers" / NAMES[arch]), dataset="d", output_dir="o",
+                      precision="fp32")
+    model = load_transformer(cls, cfg, torch.device("cpu"), torch.float32)
+    assert not any(type(m) is RMSNorm for m in model.modules())
+    if arch == "flux":
+        assert isinstance(model.transformer_blocks[0].attn.processor, FluxRopeAttnProcessor)
+    else:
+        assert any(type(m) is FusedRMSNorm for m in model.modules())
