@@ -4,12 +4,14 @@ of both, on random full-size weights.
     python benchmarks/bench_fp8_forward.py --model flux|qwen [--res 1024] [--comfy COMFYUI_DIR] [--rounds 3]
 
 Ours: the diffusers transformer with the pack's fp8 layers (engines/fp8_linear.py), built as the loaders build
-it, in three configurations timed in interleaved rounds of 10 forwards: ``before`` (diffusers' RMSNorm, each fp8
-projection casting its own input), ``fused_norms`` (engines/fused_norms.py), ``pack`` (fused norms and the
-sibling projections sharing one e4m3 cast: what the pack runs). Then, with ``--comfy``, ComfyUI's own model
-(comfy.ldm) with ``comfy.ops.fp8_ops`` (fp8 matmul) and ``manual_cast`` (fp8 weights cast to bf16), built and
-timed in this process the way ``../shared/bench/native_forward.py`` does. Inputs as the peers use them: FLUX
-1024² (4096 image tokens) + 512 text tokens; Qwen 1024² + a 1024² reference + 256 text tokens, no text mask
+it, in configurations timed in interleaved rounds of 10 forwards: ``before`` (diffusers' RMSNorm and attention
+processor, each fp8 projection casting its own input), ``fused_norms`` (engines/fused_ops.py's RMSNorm: Qwen),
+``shared_casts`` (+ the sibling projections sharing one e4m3 cast), ``pack`` (+ FLUX's rotary embedding as one
+complex product: what the pack runs, engines/fused_ops.prepare_for_inference). Then, with ``--comfy``,
+ComfyUI's own model (comfy.ldm) with ``comfy.ops.fp8_ops`` (fp8 matmul) and ``manual_cast`` (fp8 weights cast
+to bf16), built and timed in this process the way ``../shared/bench/native_forward.py`` does.
+Inputs as the peers use them: FLUX 1024² (4096 image tokens) + 512 text tokens;
+Qwen 1024² + a 1024² reference + 256 text tokens, no text mask
 (the pack's pipeline drops the all-ones mask). One profiled forward per configuration prints its top kernels.
 Prints one JSON line per measurement.
 """
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_qwen_edit import materialise  # noqa: E402
 from engines.fp8_linear import E4M3, Fp8Linear, convert_linears_to_fp8, share_sibling_casts  # noqa: E402
-from engines.fused_norms import fuse_rms_norms  # noqa: E402
+from engines.fused_ops import fuse_rms_norms, use_flux_rope_processor  # noqa: E402
 
 BF = torch.bfloat16
 
@@ -206,8 +208,14 @@ def run_ours(a: argparse.Namespace, device: torch.device, gpu: str) -> None:
     fused = {name: m.get_submodule(name) for name in originals}
     share_sibling_casts(m)
     links = {id(mod): mod.shared_cast for mod in m.modules() if isinstance(mod, Fp8Linear)}
+    attns = [mod for mod in m.modules() if hasattr(mod, "processor") and hasattr(mod, "set_processor")]
+    plain = {id(mod): mod.processor for mod in attns}
+    use_flux_rope_processor(m)
+    rope = {id(mod): mod.processor for mod in attns}
 
-    def configure(norms: str, shared: bool) -> None:
+    def configure(norms: str, shared: bool, processor: str = "diffusers") -> None:
+        for mod in attns:
+            mod.set_processor((plain if processor == "diffusers" else rope)[id(mod)])
         for name in originals:
             parent_name, _, child = name.rpartition(".")
             setattr(m.get_submodule(parent_name) if parent_name else m, child,
@@ -216,15 +224,16 @@ def run_ours(a: argparse.Namespace, device: torch.device, gpu: str) -> None:
             if isinstance(mod, Fp8Linear):
                 mod.shared_cast = links[id(mod)] if shared else None
 
-    configs = {"before": ("diffusers", False), "fused_norms": ("fused", False), "pack": ("fused", True)}
+    configs = {"before": ("diffusers", False, "diffusers"), "fused_norms": ("fused", False, "diffusers"),
+               "shared_casts": ("fused", True, "diffusers"), "pack": ("fused", True, "pack")}
 
     def fwd():
         return m(**inputs)
 
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(a.rounds):
-        for label, (norms, shared) in configs.items():
-            configure(norms, shared)
+        for label, config in configs.items():
+            configure(*config)
             times[label].append(timed(fwd, a.forwards))
     for label, ts in times.items():
         print(json.dumps(dict(impl="flenwheel", bench="fp8_forward", model=a.model, res=a.res, config=label,

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.lora_training import Example, TrainConfig, Trainer, TrainTask  # noqa: E402
+from training.lora_training import Example, TrainConfig, Trainer, TrainTask, fuse_for_training  # noqa: E402
 from training.train_char_lora import flux_predict  # noqa: E402
 from training.train_editor_lora import qwen_edit_predict  # noqa: E402
 
@@ -71,6 +71,7 @@ def build_transformer(model: str, tiny: bool, device: torch.device) -> torch.nn.
                 mod._parameters[pname] = nn.Parameter(rand(prm.shape), requires_grad=False)
 
     materialise(m)
+    fuse_for_training(m)  # as training.lora_training.load_transformer does
     return m.to(device)
 
 

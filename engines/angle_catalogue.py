@@ -38,8 +38,8 @@ class SweepLine:
 
 ANGLES: tuple[SweepLine, ...] = (
     SweepLine("move_forward", "angle", "将镜头向前移动", "Move the camera forward", LORA),
-    SweepLine("move_left", "angle", "将镜头向左移动", "Move the camera to the left", LORA),
-    SweepLine("move_right", "angle", "将镜头向右移动", "Move the camera to the right", LORA),
+    SweepLine("move_left", "angle", "将镜头向左移动", "Move the camera left", LORA),
+    SweepLine("move_right", "angle", "将镜头向右移动", "Move the camera right", LORA),
     SweepLine("move_down", "angle", "将镜头向下移动", "Move the camera down", LORA),
     SweepLine("yaw_left_45", "angle", "将镜头向左旋转45度", "Rotate the camera 45 degrees to the left", LORA),
     SweepLine("yaw_right_45", "angle", "将镜头向右旋转45度", "Rotate the camera 45 degrees to the right", LORA),
@@ -49,7 +49,7 @@ ANGLES: tuple[SweepLine, ...] = (
     SweepLine("wide", "angle", "将镜头转为广角镜头", "Turn the camera to a wide-angle lens", LORA),
     SweepLine("close_up", "angle", "将镜头转为特写镜头", "Turn the camera to a close-up", LORA),
     SweepLine("birds_eye", "angle", "将相机转向鸟瞰视角", "Turn the camera to a bird's-eye view", LORA),
-    SweepLine("low_angle", "angle", "将相机切换到仰视视角", "Switch the camera to a low-angle view", LORA),
+    SweepLine("low_angle", "angle", "将相机切换到仰视视角", "Turn the camera to a worm's-eye view", LORA),
     SweepLine("front", "angle", "保持镜头不变,正面视角", "Keep the camera as it is, front view", PACK),
     SweepLine("back", "angle", "将镜头转为背面视角", "Turn the camera to a back view", PACK),
     SweepLine("face_close_up", "angle", "将镜头转为面部特写", "Turn the camera to a close-up of the face", PACK),

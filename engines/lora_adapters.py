@@ -21,8 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import torch
 
 from .errors import FlenUserError
-from .fp8_linear import share_sibling_casts
-from .fused_norms import fuse_rms_norms
+from .fused_ops import prepare_for_inference
 from .lora_formats import ConvertedLora, guess_architecture, load_lora_file  # noqa: F401  (re-exported)
 from .lora_stack import LoraEntry, LoraStack
 
@@ -204,9 +203,7 @@ class PipelineHandle:
     def __post_init__(self) -> None:
         transformer = getattr(self.pipe, "transformer", None)
         if isinstance(transformer, torch.nn.Module):
-            # before the adapters wrap any layer: ComfyUI's own fused kernels where diffusers runs several
-            fuse_rms_norms(transformer)
-            share_sibling_casts(transformer)
+            prepare_for_inference(transformer)
         self.adapters = AdapterCache(self.pipe, architecture=self.architecture)
 
     @property

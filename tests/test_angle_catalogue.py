@@ -8,12 +8,57 @@ import pytest
 
 from engines import angle_catalogue as ac
 
-# dx8152/Qwen-Edit-2509-Multiple-angles: the camera phrases of its model card, verbatim.
-PUBLISHED = {
-    "将镜头向前移动", "将镜头向左移动", "将镜头向右移动", "将镜头向下移动", "将镜头向左旋转45度", "将镜头向右旋转45度",
-    "将镜头向左旋转90度", "将镜头向右旋转90度", "将镜头转为俯视", "将镜头转为广角镜头", "将镜头转为特写镜头",
-    "将相机转向鸟瞰视角", "将相机切换到仰视视角",
+# dx8152/Qwen-Edit-2509-Multiple-angles: the camera phrases of its model card, verbatim, with the English the
+# reference Spaces (and, for the moves left/right/down they do not use, the LoRA's bilingual prompt builders) write
+# after them ("中文 English."). Written out here, not derived from the catalogue, so a
+# swapped, mistyped or mirrored line fails.
+EXPECTED = {
+    "move_forward": ("angle", "将镜头向前移动", "Move the camera forward", ac.LORA),
+    "move_left": ("angle", "将镜头向左移动", "Move the camera left", ac.LORA),
+    "move_right": ("angle", "将镜头向右移动", "Move the camera right", ac.LORA),
+    "move_down": ("angle", "将镜头向下移动", "Move the camera down", ac.LORA),
+    "yaw_left_45": ("angle", "将镜头向左旋转45度", "Rotate the camera 45 degrees to the left", ac.LORA),
+    "yaw_right_45": ("angle", "将镜头向右旋转45度", "Rotate the camera 45 degrees to the right", ac.LORA),
+    "yaw_left_90": ("angle", "将镜头向左旋转90度", "Rotate the camera 90 degrees to the left", ac.LORA),
+    "yaw_right_90": ("angle", "将镜头向右旋转90度", "Rotate the camera 90 degrees to the right", ac.LORA),
+    "top_down": ("angle", "将镜头转为俯视", "Turn the camera to a top-down view", ac.LORA),
+    "wide": ("angle", "将镜头转为广角镜头", "Turn the camera to a wide-angle lens", ac.LORA),
+    "close_up": ("angle", "将镜头转为特写镜头", "Turn the camera to a close-up", ac.LORA),
+    "birds_eye": ("angle", "将相机转向鸟瞰视角", "Turn the camera to a bird's-eye view", ac.LORA),
+    "low_angle": ("angle", "将相机切换到仰视视角", "Turn the camera to a worm's-eye view", ac.LORA),
+    "front": ("angle", "保持镜头不变,正面视角", "Keep the camera as it is, front view", ac.PACK),
+    "back": ("angle", "将镜头转为背面视角", "Turn the camera to a back view", ac.PACK),
+    "face_close_up": ("angle", "将镜头转为面部特写", "Turn the camera to a close-up of the face", ac.PACK),
+    "neutral": ("expression", "让人物表情平静自然", "Give the person a calm, neutral expression", ac.PACK),
+    "smiling": ("expression", "让人物微笑", "Make the person smile", ac.PACK),
+    "laughing": ("expression", "让人物开怀大笑", "Make the person laugh", ac.PACK),
+    "angry": ("expression", "让人物表情愤怒", "Make the person look angry", ac.PACK),
+    "sad": ("expression", "让人物表情悲伤", "Make the person look sad", ac.PACK),
+    "surprised": ("expression", "让人物表情惊讶", "Make the person look surprised", ac.PACK),
 }
+PUBLISHED = {zh for _kind, zh, _en, source in EXPECTED.values() if source == ac.LORA}
+
+
+def test_every_catalogue_line_is_exactly_the_expected_label_instruction_and_source():
+    got = {line.label: (line.kind, line.zh, line.en, line.source) for line in ac.ANGLES + ac.EXPRESSIONS}
+    assert got == EXPECTED
+    by_label = {line.label: line for line in ac.ANGLES + ac.EXPRESSIONS}
+    for label, (_kind, zh, en, _source) in EXPECTED.items():
+        line = by_label[label]
+        assert line.instruction("zh") == zh
+        assert line.instruction("en") == en
+        assert line.instruction("zh+en") == f"{zh} {en}."  # the reference Spaces' "中文 English."
+
+
+@pytest.mark.parametrize("left", [label for label in EXPECTED if "left" in label.split("_")])
+def test_each_left_line_has_a_right_mirror_that_differs_only_in_the_side(left):
+    right = left.replace("left", "right")
+    kind, zh, en, source = EXPECTED[left]
+    assert EXPECTED[right] == (kind, zh.replace("左", "右"), en.replace("left", "right"), source)
+    by_label = {line.label: line for line in ac.ANGLES}
+    a, b = by_label[left], by_label[right]
+    assert (b.zh, b.en) == (a.zh.replace("左", "右"), a.en.replace("left", "right"))
+    assert "右" not in a.zh and "左" not in b.zh and "right" not in a.en and "left" not in b.en
 
 
 def test_lora_lines_are_exactly_the_published_phrases_and_the_rest_is_marked_as_the_packs_own():

@@ -117,3 +117,60 @@ def test_edit_pair_writer_from_corrections(comfy, comfy_server, judged):
     error = comfy.run_error(prompt)
     assert error["node_type"] == "FLENEditPairWriter"
     assert "No complete edit pair" in error["exception_message"] and "not an edit" in error["exception_message"]
+
+
+SCOPED_COLORS = [0xFF0000, 0x00FF00, 0x0000FF, 0xFFFF00, 0xFF00FF, 0x00FFFF]
+SCOPES = [("r1", "v1"), ("r2", "v1"), ("r2", "v2")]  # two candidates each: the first approved, the second corrected
+
+
+@pytest.fixture
+def scoped(comfy):
+    character = "sc_" + uuid.uuid4().hex[:10]
+    for k, (run_id, version) in enumerate(SCOPES):
+        prompt = review_prompt(character, colors=SCOPED_COLORS[2 * k:2 * k + 2], run_id=run_id)
+        prompt["queue"]["inputs"]["version"] = version
+        comfy.run(prompt)
+    items = comfy.get(f"/flenwheel/review/{character}/items").json()["items"]
+    ids = sorted(i["id"] for i in items)
+    assert len(ids) == 6
+    by_id = {i["id"]: i for i in items}
+    assert [(by_id[i]["run_id"], by_id[i]["version"]) for i in ids] == [s for s in SCOPES for _ in range(2)]
+    decide = f"/flenwheel/review/{character}/decide"
+    assert comfy.post(decide, {"ids": ids[0::2], "action": "approve"}).status_code == 200
+    for i in ids[1::2]:
+        assert comfy.post(decide, {"ids": [i], "action": "correct", "instruction": f"fix {i}"}).status_code == 200
+    return character, ids
+
+
+@pytest.mark.parametrize("run_id, version, expected", [
+    ("", "", [0, 2, 4]), ("r2", "", [2, 4]), ("", "v1", [0, 2]), ("r2", "v2", [4]), ("r1", "v1", [0]),
+])
+def test_load_approved_keeps_to_the_run_and_version_asked_for(comfy, comfy_server, scoped, run_id, version,
+                                                              expected):
+    character, ids = scoped
+    prompt = {"load": {"class_type": "FLENLoadApproved",
+                       "inputs": {"character": character, "run_id": run_id, "version": version}},
+              "save": {"class_type": "SaveImage", "inputs": {"images": ["load", 0], "filename_prefix": character}},
+              "meta": {"class_type": "PreviewAny", "inputs": {"source": ["load", 1]}}}
+    outputs = comfy.run(prompt)
+    colours = []
+    for img in outputs["save"]["images"]:
+        with Image.open(comfy_server.base / "output" / img["subfolder"] / img["filename"]) as im:
+            colours.append(im.convert("RGB").getpixel((0, 0)))
+    assert colours == [rgb(SCOPED_COLORS[k]) for k in expected]
+    metas = json.loads(outputs["meta"]["text"][0])
+    assert [m["candidate_id"] for m in metas] == [ids[k] for k in expected]
+    assert all((not run_id or m["run_id"] == run_id) and (not version or m["version"] == version) for m in metas)
+
+
+def test_edit_pair_writer_keeps_to_the_run_and_version_asked_for(comfy, comfy_server, scoped):
+    character, ids = scoped
+    pairs_root = comfy_server.base / "output" / "flenwheel" / character / "edit_pairs"
+    for n, (run_id, version, expected) in enumerate([("r2", "", [3, 5]), ("", "v1", [1, 3]), ("r2", "v1", [3]),
+                                                     ("", "", [1, 3, 5])], start=1):
+        prompt = {"pairs": {"class_type": "FLENEditPairWriter",
+                            "inputs": {"character": character, "include": "corrections only", "controls": 0,
+                                       "run_id": run_id, "version": version}}}
+        assert f"Wrote edit-pair set v{n}" in comfy.run(prompt)["pairs"]["text"][0]
+        d = ds.load_dataset(pairs_root / f"v{n}")
+        assert sorted(item["candidate_id"] for item in d.items) == [ids[k] for k in expected], (run_id, version)

@@ -13,7 +13,7 @@ from engines.fp8_linear import (
     e4m3_activations,
     share_sibling_casts,
 )
-from engines.fused_norms import FusedRMSNorm, fuse_rms_norms
+from engines.fused_ops import FusedRMSNorm, fuse_rms_norms
 
 NAMES = {"flux": "flen-tiny-flux", "qwen": "flen-tiny-qwen-image-edit"}
 
@@ -162,5 +162,74 @@ def test_pipelines_come_with_fused_norms_and_linked_casts(tiny_models):
     assert not any(type(m) is RMSNorm for m in transformer.modules())
     convert_linears_to_fp8(transformer, torch.float32)
     assert transformer.transformer_blocks[0].attn.to_q.shared_cast is None
+    from engines.flux_pipeline import load_flux
+    from engines.fused_ops import FluxRopeAttnProcessor
+
+    flux = load_flux(tiny_models / "diffusers" / NAMES["flux"], "tiny", "fp32", torch.device("cpu"))
+    assert isinstance(flux.pipe.transformer.single_transformer_blocks[0].attn.processor, FluxRopeAttnProcessor)
     QwenEditHandle(name="tiny", folder=handle.folder, precision="fp8", pipe=handle.pipe)
     assert transformer.transformer_blocks[0].attn.to_q.shared_cast is not None
+
+
+def test_flux_rope_processor_gives_diffusers_output(tiny_models):
+    """The complex-product rotary embedding is diffusers' rotation: same transformer output, with and without
+    the text stream (double and single blocks), and one processor for every attention module."""
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    from engines.fused_ops import FluxRopeAttnProcessor, use_flux_rope_processor
+
+    model = _transformer(tiny_models, "flux")
+    inputs = _inputs(model, "flux")
+    g = torch.Generator().manual_seed(1)
+    inputs["img_ids"] = torch.randint(0, 16, (16, 3), generator=g).float()  # positions that really rotate
+    inputs["txt_ids"] = torch.randint(0, 16, (8, 3), generator=g).float()
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    n_attn = len(model.transformer_blocks) + len(model.single_transformer_blocks)
+    assert use_flux_rope_processor(model) == n_attn
+    processors = {id(b.attn.processor) for b in [*model.transformer_blocks, *model.single_transformer_blocks]}
+    assert len(processors) == 1
+    assert isinstance(model.transformer_blocks[0].attn.processor, FluxRopeAttnProcessor)
+    assert not isinstance(model.transformer_blocks[0].attn.processor, FluxAttnProcessor)
+    assert use_flux_rope_processor(model) == 0
+    with torch.no_grad():
+        out = model(**inputs)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    inputs["img_ids"] = inputs["img_ids"].flip(0)  # another forward's positions: the cached frequencies follow
+    with torch.no_grad():
+        moved = model(**inputs)[0]
+    assert not torch.allclose(moved, out, atol=1e-4)
+
+
+def test_rotate_complex_is_the_pairwise_rotation():
+    from engines.fused_ops import rotate_complex
+
+    x = torch.randn(1, 3, 2, 4)
+    angle = torch.randn(3, 2)
+    freqs = torch.polar(torch.ones_like(angle), angle)
+    out = rotate_complex(x, freqs)
+    c, s = angle.cos()[None, :, None, :], angle.sin()[None, :, None, :]
+    even, odd = x[..., 0::2], x[..., 1::2]
+    torch.testing.assert_close(out[..., 0::2], even * c - odd * s)
+    torch.testing.assert_close(out[..., 1::2], even * s + odd * c)
+
+
+@pytest.mark.parametrize("arch", ["flux", "qwen"])
+def test_trainers_load_the_fused_kernels(tiny_models, arch):
+    """The trainers' transformer (training.lora_training.load_transformer, both trainers) gets the same fused
+    norm and rotary embedding as inference, so the loss curves test (test_train_*_lora) runs through them."""
+    from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
+    from diffusers.models.normalization import RMSNorm
+
+    from engines.fused_ops import FluxRopeAttnProcessor
+    from training.lora_training import TrainConfig, load_transformer
+
+    cls = FluxTransformer2DModel if arch == "flux" else QwenImageTransformer2DModel
+    cfg = TrainConfig(model=str(tiny_models / "diffusers" / NAMES[arch]), dataset="d", output_dir="o",
+                      precision="fp32")
+    model = load_transformer(cls, cfg, torch.device("cpu"), torch.float32)
+    assert not any(type(m) is RMSNorm for m in model.modules())
+    if arch == "flux":
+        assert isinstance(model.transformer_blocks[0].attn.processor, FluxRopeAttnProcessor)
+    else:
+        assert any(type(m) is FusedRMSNorm for m in model.modules())

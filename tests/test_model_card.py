@@ -406,3 +406,38 @@ def test_per_row_and_per_column_deltas_have_both_signs_and_equal_the_cells_means
             m = group["mean_similarity"]
             if m["char_lora_v1"] is not None and m["char_lora_v2"] is not None:
                 assert d == pytest.approx(m["char_lora_v2"] - m["char_lora_v1"], abs=1e-4)
+
+
+def test_the_comparison_grid_shows_each_versions_own_image_of_each_cell_in_its_place(planted):
+    """Every (cell, version) gets an image of one colour of its own; each colour must appear as a whole cell
+    image, in its row and column, the versions side by side in order."""
+    base = planted[0]
+    px = base.report["layout"]["cell_px"]
+    cells = base.report["cells"]
+    colours = {(j, k): (20 + 11 * j, 40 + 100 * k, 200 - 5 * j) for j in range(len(cells)) for k in range(2)}
+    cards = []
+    for k in range(2):
+        report = json.loads(json.dumps(base.report))
+        report["lora"]["name"] = f"flenwheel/alice/char_lora_v{k + 1}.safetensors"
+        images = [np.full((px, px, 3), colours[(j, k)], np.uint8) for j in range(len(cells))]
+        cards.append(mc.ModelCard(report=report, grid=base.grid, images=images))
+    grid = np.asarray(mc.compare_cards(cards).grid.convert("RGB")).astype(int)
+    centre = {}
+    for (j, k), colour in colours.items():
+        ys, xs = np.nonzero((grid == colour).all(axis=2))
+        assert len(ys) >= px * px * 0.8, (cells[j]["key"], k, len(ys))  # the whole image, not a stray pixel
+        assert ys.max() - ys.min() < px and xs.max() - xs.min() < px  # in one place
+        centre[(j, k)] = (ys.mean(), xs.mean())
+    rows = list(dict.fromkeys(c["row"] for c in cells))
+    cols = list(dict.fromkeys(c["column"] for c in cells))
+    for j, cell in enumerate(cells):
+        (ya, xa), (yb, xb) = centre[(j, 0)], centre[(j, 1)]
+        assert abs(ya - yb) < 1 and px <= xb - xa < 2 * px, cell["key"]  # version B right beside version A
+        for i, other in enumerate(cells):
+            (yo, xo) = centre[(i, 0)]
+            if rows.index(other["row"]) > rows.index(cell["row"]):
+                assert yo > ya + px / 2, (cell["key"], other["key"])  # later rows lower
+            if other["row"] == cell["row"]:
+                assert abs(yo - ya) < 1
+                if cols.index(other["column"]) > cols.index(cell["column"]):
+                    assert xo > xb + px / 2, (cell["key"], other["key"])  # later columns right of both versions

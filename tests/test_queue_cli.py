@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
 from tools import queue_cli
+from tools.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory
 
 pytestmark = pytest.mark.server
 
@@ -56,6 +58,41 @@ def test_queues_with_overrides_shows_progress_and_resumes(comfy, comfy_server, t
     out, _ = capsys.readouterr()
     assert "1 queued now, 1 already done (skipped)" in out
     assert len(set(_history(comfy)) - before) == 3
+
+
+@pytest.fixture(scope="module")
+def second_server(tmp_path_factory, tiny_models):
+    """Another real ComfyUI with its own folders, so which server ran which job is beyond doubt."""
+    base = tmp_path_factory.mktemp("comfy_base_second")
+    prepare_base_directory(base, tiny_models)
+    server = ComfyServer(base, python=sys.executable).start()
+    yield server
+    server.stop()
+
+
+def test_jobs_go_round_robin_to_two_servers_and_count_sets_the_images_per_job(comfy, comfy_server, second_server,
+                                                                              tmp_path):
+    servers = {comfy_server.url: (comfy, comfy_server), second_server.url: (ComfyClient(second_server.url),
+                                                                            second_server)}
+    before = {url: set(_history(client)) for url, (client, _) in servers.items()}
+    argv = ["flen_synthetic_flux", "--tiny", "--server", comfy_server.url, "--server", second_server.url,
+            "--seeds", "201,202,203,204", "--count", "2", "--set", "4.steps=1",
+            "--set", "Save Image.filename_prefix=cli/rr", "--state", str(tmp_path / "rr.json")]
+    assert queue_cli.main(argv) == 0
+    seeds = {}
+    for url, (client, server) in servers.items():
+        new = [e for pid, e in _history(client).items() if pid not in before[url]]
+        seeds[url] = sorted(e["prompt"][2]["4"]["inputs"]["seed"] for e in new)
+        for entry in new:
+            assert entry["prompt"][2]["4"]["inputs"]["variations"] == 2
+            images = entry["outputs"]["5"]["images"]
+            assert len(images) == 2  # --count 2: two images per job
+            for img in images:
+                assert (server.base / "output" / img["subfolder"] / img["filename"]).is_file()
+    assert seeds == {comfy_server.url: [201, 203], second_server.url: [202, 204]}
+    saved = json.loads((tmp_path / "rr.json").read_text())
+    assert [j["server"] for j in saved["jobs"]] == [comfy_server.url, second_server.url] * 2
+    assert all(len(j["outputs"]) == 2 for j in saved["jobs"])
 
 
 def test_character_and_folder_shortcuts_reach_every_node(tmp_path):

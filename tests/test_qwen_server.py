@@ -104,3 +104,25 @@ def test_mismatched_image_batches_are_reported(comfy, sweep_prompt):
     error = comfy.run_error(prompt)
     assert error["node_type"] == "FLENQwenEdit"
     assert "'image2' has 3 images but image1 has 2" in error["exception_message"]
+
+
+def test_lora_strength_scale_multiplies_the_strengths_the_edit_runs_with(comfy, comfy_server, sweep_prompt):
+    """Stack 0.8 / 0.6 at scale 0.5 must give the very image of stack 0.4 / 0.3 at scale 1, and not that of the
+    unscaled stack (the halvings are exact in binary floating point)."""
+    sweep_prompt["5"]["inputs"].update(preset="custom lines only", custom_lines="smile: 让人物微笑", steps=2)
+
+    def run(strengths: tuple[float, float], scale: float, tag: str) -> tuple[bytes, list[float]]:
+        sweep_prompt["3"]["inputs"]["strength"], sweep_prompt["4"]["inputs"]["strength"] = strengths
+        sweep_prompt["5"]["inputs"]["lora_strength_scale"] = scale
+        sweep_prompt["6"]["inputs"]["filename_prefix"] = f"t/scale_{tag}"
+        (f,) = output_files(comfy_server.base, comfy.run(sweep_prompt))
+        with Image.open(f) as im:
+            meta = json.loads(im.info["flen_meta"])
+            return im.convert("RGB").tobytes(), [e["strength"] for e in meta["loras"]]
+
+    scaled, scaled_strengths = run((0.8, 0.6), 0.5, "half")
+    direct, direct_strengths = run((0.4, 0.3), 1.0, "direct")
+    unscaled, unscaled_strengths = run((0.8, 0.6), 1.0, "full")
+    assert scaled == direct, "the sweep did not run with the scaled strengths"
+    assert scaled != unscaled, "the LoRA strengths leave no trace in the image: the test cannot tell"
+    assert scaled_strengths == direct_strengths == [0.4, 0.3] and unscaled_strengths == [0.8, 0.6]

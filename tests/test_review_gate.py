@@ -125,3 +125,26 @@ def test_timeout_policy_and_release_from_gallery_route(comfy, comfy_server):
     outputs = comfy.wait(pid, timeout=30)["outputs"]
     assert saved_colors(comfy_server, outputs) == [rgb(COLORS[1])]
     assert comfy.get(f"/flenwheel/review/{character}/counts").json()["pending"] == 2  # kept for later
+
+
+@pytest.mark.parametrize("policy, counts", [
+    ("leave_pending", {"pending": 3, "approved": 0, "rejected": 0}),
+    ("approve_none", {"pending": 0, "approved": 0, "rejected": 3}),
+    ("approve_all", {"pending": 0, "approved": 3, "rejected": 0}),
+])
+def test_each_timeout_policy_decides_what_it_names(comfy, policy, counts):
+    """approve_above_score is checked with real identity scores in test_review_flow_server.py."""
+    character = "gp_" + uuid.uuid4().hex[:8]
+    prompt = gate_prompt(character, colors=COLORS[:3], timeout_s=1, timeout_policy=policy)
+    prompt["save_g"] = {"class_type": "PreviewAny", "inputs": {"source": ["gate_g", 2]}}
+    summary = " ".join(comfy.run(prompt, timeout=60)["save_g"]["text"])
+    assert f"policy {policy}" in summary and f"{counts['approved']} of 3 approved" in summary, summary
+    got = comfy.get(f"/flenwheel/review/{character}/counts").json()
+    assert {k: got[k] for k in counts} == counts
+    for item_id in item_ids(comfy, character):
+        history = comfy.get(f"/flenwheel/review/{character}/items/{item_id}").json()["history"]
+        if policy == "leave_pending":
+            assert history == []
+        else:
+            assert [h["who"] for h in history] == ["FLENReviewGate timeout"]
+            assert history[0]["reasons"] == (["other"] if policy == "approve_none" else [])

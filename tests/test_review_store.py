@@ -245,9 +245,28 @@ def test_a_correction_built_in_steps_keeps_instruction_reasons_and_fixed_image(s
     assert store.get(a)["correction"]["has_fixed_image"] is False
 
 
-def test_the_store_writes_through_wal_with_a_full_sync(store):
+def test_the_store_writes_through_wal_with_a_full_sync(tmp_path, monkeypatch):
     """A decision is acknowledged only after SQLite has synced it: WAL journal with synchronous=FULL (a missing
-    fsync is invisible to a SIGKILL test, which does not lose the OS's page cache)."""
-    assert store._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert store._conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    fsync is invisible to a SIGKILL test, which does not lose the OS's page cache). Python's SQLite already
+    defaults to FULL, and some builds default WAL to NORMAL (no fsync per commit): every connection here starts
+    at OFF, so only the store's own pragmas can make the check pass."""
+    real_connect = sqlite3.connect
+    opened = []
+
+    def connect_unsynced(*args, **kwargs):
+        conn = real_connect(*args, **kwargs)
+        conn.execute("PRAGMA synchronous=OFF")
+        conn.execute("PRAGMA foreign_keys=OFF")
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(sqlite3, "connect", connect_unsynced)
+    store = rs.ReviewStore(tmp_path, "durable")
+    assert opened, "the store opened its database without sqlite3.connect"
+    (cid,) = store.add_candidates([_img((1, 2, 3))], run_id="r")
+    store.approve(cid)
+    for conn in opened:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the WAL is synced at every commit
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    store.close()

@@ -53,7 +53,7 @@ import torch
 from engines.atomic_files import atomic_write, sha256_file, write_new_file
 from engines.diffusers_folder import PRECISIONS, nf4_config
 from engines.errors import FlenUserError
-from engines.fused_norms import fuse_rms_norms
+from engines.fused_ops import fuse_rms_norms, use_flux_rope_processor
 from engines.png_files import png_bytes
 from engines.workspace import loras_dir, write_new_version
 
@@ -391,7 +391,7 @@ def load_transformer(model_cls, cfg: TrainConfig, device: torch.device, dtype: t
 
         load = sf.load_flux_transformer if model_cls.__name__.startswith("Flux") else sf.load_qwen_transformer
         model = load(cfg.files["diffusion_model"], split_file_dtypes(cfg, dtype)).to(device)
-        fuse_rms_norms(model)  # one kernel where diffusers' RMSNorm runs seven, forward and backward
+        fuse_for_training(model)
         return model
     if cfg.precision == "fp8":
         # the e4m3 base is read from ComfyUI's split files; a diffusers folder quantises through bitsandbytes
@@ -402,8 +402,14 @@ def load_transformer(model_cls, cfg: TrainConfig, device: torch.device, dtype: t
     model = model_cls.from_pretrained(cfg.model, subfolder="transformer", dtype=dtype, **kwargs)
     if q is None:
         model.to(device)
-    fuse_rms_norms(model)
+    fuse_for_training(model)
     return model
+
+
+def fuse_for_training(model: torch.nn.Module) -> None:
+    """ComfyUI's fused kernels where diffusers runs several (engines/fused_ops.py), forward and backward."""
+    fuse_rms_norms(model)
+    use_flux_rope_processor(model)
 
 
 def software_versions() -> dict[str, str]:
