@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io
 
+from ..engines import ai_toolkit, workspace
 from ..engines import dataset as ds
-from ..engines import workspace
 from ..engines.errors import FlenUserError
-from ..training import ai_toolkit
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, FROM_PIPE, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
 

@@ -1,4 +1,4 @@
-"""training.ai_toolkit: job configs with the keys and layout of ai-toolkit's own examples, and the launch
+"""engines.ai_toolkit: job configs with the keys and layout of ai-toolkit's own examples, and the launch
 back-end against a fake ai-toolkit checkout (progress, naming without overwriting, error tail, interrupt)."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import yaml
 from fake_ai_toolkit import alive, configure, make_checkout
 from PIL import Image
 
+from engines import ai_toolkit as at
 from engines import dataset as ds
 from engines import edit_pairs
 from engines.errors import FlenUserError
-from training import ai_toolkit as at
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference" / "ai-toolkit"  # developers' machines only

@@ -23,13 +23,13 @@ from fake_ai_toolkit import alive
 from PIL import Image
 from test_training_server import dataset_nodes, train_node
 
+from engines import ai_toolkit as at
 from engines import atomic_files
 from engines import dataset as ds
 from engines import review_store as rs
 from engines.errors import FlenUserError
 from engines.png_files import write_png_new
 from tools.comfy_queue import ComfyServer, prepare_base_directory
-from training import ai_toolkit as at
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "ohwx_char person"

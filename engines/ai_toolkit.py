@@ -17,7 +17,7 @@ ai-toolkit (ostris/ai-toolkit) is not part of FLENwheel: the user points at a ch
    ``models/loras/flenwheel/<character>/char_lora_vN.safetensors`` (``qwen_lora_vN`` for editor LoRAs),
    with FLENwheel's provenance added to the safetensors metadata.
 
-Plain Python: no ComfyUI imports. ``python -m training.ai_toolkit --help`` runs it outside ComfyUI.
+Plain Python: no ComfyUI imports. ``python -m engines.ai_toolkit --help`` runs it outside ComfyUI.
 """
 
 from __future__ import annotations
@@ -40,18 +40,11 @@ from typing import Any, BinaryIO
 
 import yaml
 
-try:  # inside ComfyUI the pack is a package (custom_nodes/FLENwheel); from the repo root it is not
-    from ..engines import child_process, edit_pairs, safe_paths, safetensors_files, workspace
-    from ..engines import dataset as ds
-    from ..engines import split_files as sf
-    from ..engines.atomic_files import write_new_file
-    from ..engines.errors import FlenUserError
-except ImportError:
-    from engines import child_process, edit_pairs, safe_paths, safetensors_files, workspace
-    from engines import dataset as ds
-    from engines import split_files as sf
-    from engines.atomic_files import write_new_file
-    from engines.errors import FlenUserError
+from . import child_process, edit_pairs, safe_paths, safetensors_files, workspace
+from . import dataset as ds
+from . import split_files as sf
+from .atomic_files import write_new_file
+from .errors import FlenUserError
 
 JOB_KINDS = ("flux", "qwen_image_edit_2509")
 LORA_PREFIX = {"flux": "char_lora", "qwen_image_edit_2509": "qwen_lora"}
@@ -684,7 +677,7 @@ def _git_head(checkout: Path) -> str:
 # ---- command line -----------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.ai_toolkit",
+    p = argparse.ArgumentParser(prog="python -m engines.ai_toolkit",
                                 description="Write an ai-toolkit job for a FLENwheel dataset and run it.")
     p.add_argument("--dataset", required=True, help="datasets/vN or edit_pairs/vN folder")
     p.add_argument("--kind", choices=JOB_KINDS, default="flux")
