@@ -702,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
                           sample_every=a.sample_every, save_every=a.save_every)
     try:
         if a.config_only:
-            _c, path, _n, _m = prepare_job(a.dataset, s, a.workspace, a.loras, freeze_by="training.ai_toolkit CLI")
+            _c, path, _n, _m = prepare_job(a.dataset, s, a.workspace, a.loras, freeze_by="engines.ai_toolkit CLI")
             print(path)
             return 0
 
@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {pl.step}/{pl.total}{loss}", flush=True)
 
         r = launch(a.dataset, s, checkout=a.checkout, workspace=a.workspace, loras_root=a.loras, on_progress=show,
-                   freeze_by="training.ai_toolkit CLI")
+                   freeze_by="engines.ai_toolkit CLI")
         print(r.summary())
         return 0
     except FlenUserError as exc:
