@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engines import face_backends as fb  # noqa: E402
 from engines import identity as idn  # noqa: E402
 from training import tiny_models as tm  # noqa: E402
 
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "insightface"
         pack = tm.write_insightface_pack(root / "models" / tm.INSIGHTFACE_PACK)
-        model = idn.load_face_model(root, tm.INSIGHTFACE_PACK, 640, providers)
+        model = fb.load_face_model(root, tm.INSIGHTFACE_PACK, 640, providers)
         app = FaceAnalysis(name=str(pack), root=str(root), allowed_modules=["detection", "recognition"],
                            providers=providers)
         app.prepare(ctx_id=0 if "CUDAExecutionProvider" in providers else -1, det_size=(640, 640))
@@ -121,7 +122,7 @@ def bench_dlib(batch: int, repeats: int) -> int:
 
     from engines import identity_dlib as idd
 
-    model = idn.load_face_model("", idd.DLIB_MODEL, 640)
+    model = fb.load_face_model("", idd.DLIB_MODEL, 640)
     folder = idd.models_folder()
     detector = dlib.get_frontal_face_detector()
     predictor = dlib.shape_predictor(str(folder / idd.PREDICTOR_FILE))

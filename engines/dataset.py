@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -54,11 +53,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .atomic_files import atomic_write
+from .atomic_files import atomic_write, sha256_file
 from .atomic_files import fsync_dir as _fsync_dir
 from .errors import FlenUserError
-from .review_store import validate_character, workspace_root
+from .png_files import png_bytes
 from .safe_images import truncation_note
+from .workspace import validate_character, workspace_dir, workspace_root
 
 fcntl: ModuleType | None
 try:  # POSIX: a real cross-process lock; elsewhere a process-wide lock only
@@ -129,14 +129,6 @@ def read_manifest(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- locks ------------------------------------------------------------------------------------
@@ -296,12 +288,6 @@ def _flatten_alpha(arr: np.ndarray, notes: list[str]) -> tuple[Image.Image, list
     return Image.fromarray((np.clip(rgb, 0, 1) * 255.0).round().astype(np.uint8), "RGB"), notes
 
 
-def png_bytes(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG", compress_level=4)
-    return buf.getvalue()
-
-
 # ---- perceptual hash --------------------------------------------------------------------------
 
 _DCT32 = np.cos(np.pi * (2 * np.arange(32)[None, :] + 1) * np.arange(32)[:, None] / 64.0)
@@ -356,7 +342,7 @@ def counts_of(records: list[dict[str, Any]]) -> dict[str, int]:
 # ---- versions ---------------------------------------------------------------------------------
 
 def datasets_root(output_dir: str | os.PathLike, character: str, folder: str = DATASETS_DIR) -> Path:
-    return workspace_root(output_dir) / validate_character(character) / folder
+    return workspace_dir(output_dir, character) / folder
 
 
 def version_dir_of(value: Any, output_dir: str | os.PathLike, folders: tuple[str, ...] = (DATASETS_DIR, "edit_pairs"),

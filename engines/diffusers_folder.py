@@ -9,7 +9,7 @@ import torch
 
 from .errors import FlenUserError
 
-PRECISIONS = ("bf16", "fp32", "fp8", "nf4")
+PRECISIONS = ("bf16", "fp32", "nf4", "fp8")  # the diffusers loaders and the trainers
 
 
 def read_model_index(folder: str | Path, expected_classes: tuple[str, ...]) -> dict[str, object]:
@@ -49,3 +49,25 @@ def torch_dtype_for(precision: str, device: torch.device) -> torch.dtype:
             "Choose bf16 (or fp32) on this machine."
         )
     return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def nf4_config(dtype: torch.dtype):
+    """bitsandbytes' 4-bit NF4 quantisation as diffusers takes it, computing in ``dtype``."""
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_quantised_transformer(model_cls: type, folder: str | Path, precision: str, dtype: torch.dtype):
+    """The ``transformer`` subfolder of a diffusers folder at ``precision`` 'nf4' or 'fp8'; None for the others
+    (the pipeline then loads it itself in ``dtype``)."""
+    if precision == "nf4":
+        return model_cls.from_pretrained(  # type: ignore[attr-defined]
+            folder, subfolder="transformer", dtype=dtype, quantization_config=nf4_config(dtype))
+    if precision == "fp8":
+        from .fp8_linear import load_transformer_fp8
+
+        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it; quantised while reading, so the
+        # bf16 transformer (24 GB FLUX, 41 GB Qwen) is never in RAM at once (see engines/fp8_linear.py).
+        return load_transformer_fp8(model_cls, Path(folder) / "transformer", dtype)
+    return None

@@ -34,8 +34,9 @@ from PIL import Image
 
 from . import dataset as ds
 from .errors import FlenUserError
-from .review_store import validate_character
+from .png_files import png_bytes
 from .safe_images import open_image
+from .workspace import validate_character
 
 EDIT_PAIRS_DIR = "edit_pairs"
 MAX_CONTROLS = 3
@@ -201,7 +202,7 @@ def write_edit_pairs(output_dir: str | os.PathLike, character: str, pairs: list[
         records = []
         for i, (entry, pair, target, controls, instruction, notes) in enumerate(complete, 1):
             stem = f"{character}_e{i:05d}"
-            tdata = ds.png_bytes(target)
+            tdata = png_bytes(target)
             rec: dict[str, Any] = {
                 "index": i, "file": f"{TARGETS}/{stem}.png", "caption_file": f"{TARGETS}/{stem}.txt",
                 "caption": instruction, "instruction": instruction, "sha256": ds.sha256_bytes(tdata),
@@ -211,7 +212,7 @@ def write_edit_pairs(output_dir: str | os.PathLike, character: str, pairs: list[
             ds.atomic_write(tmp / rec["caption_file"], instruction.encode("utf-8"))
             ds.atomic_write(tmp / rec["file"], tdata)
             for k, control in enumerate(controls):
-                cdata = ds.png_bytes(control)
+                cdata = png_bytes(control)
                 c: dict[str, Any] = {"file": f"{control_dir(k + 1)}/{stem}.png",
                      "musubi_file": f"{MUSUBI_CONTROL}/{musubi_control_name(stem, k, n)}",
                      "sha256": ds.sha256_bytes(cdata), "width": control.width, "height": control.height}

@@ -8,9 +8,13 @@ path on the same schedule as its diffusers and split-file paths, instead of Comf
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
+
+# what a sampler calls after each step (step, total, latents so far): the nodes show progress and previews
+StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 def flow_shift_mu(config: dict, image_seq_len: int) -> float:

@@ -6,22 +6,20 @@ that the model host only needs one stage's weights on the GPU at a time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
 
-from .diffusers_folder import read_model_index, torch_dtype_for
+from .diffusers_folder import load_quantised_transformer, read_model_index, torch_dtype_for
 from .errors import FlenUserError
-from .fp8_linear import load_transformer_fp8
+from .flow_schedule import StepCallback
 from .lora_adapters import PipelineHandle
 from .lora_stack import LoraStack
 from .model_host import ModelHost, denoise_bytes, vae_decode_bytes
 
 FLUX_CLASSES = ("FluxPipeline",)
-StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -41,19 +39,7 @@ def load_flux(folder: str | Path, name: str, precision: str, device: torch.devic
 
     read_model_index(folder, FLUX_CLASSES)
     dtype = torch_dtype_for(precision, device)
-    transformer = None
-    if precision == "nf4":
-        from diffusers import BitsAndBytesConfig
-
-        transformer = FluxTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", dtype=dtype,
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype),
-        )
-    elif precision == "fp8":
-        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it; quantised while reading, so the
-        # bf16 transformer (24 GB) is never in RAM at once (see engines/fp8_linear.py).
-        transformer = load_transformer_fp8(FluxTransformer2DModel, Path(folder) / "transformer", dtype)
+    transformer = load_quantised_transformer(FluxTransformer2DModel, folder, precision, dtype)
     kwargs = {"transformer": transformer} if transformer is not None else {}
     pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
     for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae):

@@ -2,7 +2,7 @@
 
 Plain Python (numpy, OpenCV, PIL, insightface, onnxruntime); nothing here imports ComfyUI.
 
-* :func:`load_face_model` loads a ``FaceAnalysis`` pack from ``<root>/models/<name>`` once per
+* :func:`load_insightface_model` loads a ``FaceAnalysis`` pack from ``<root>/models/<name>`` once per
   (pack folder, providers, detection size) and never lets insightface download anything: a missing
   or incomplete pack is a :class:`FlenUserError` naming the folder and the files expected.
 * :class:`FaceModel.analyse` detects faces (falling back to smaller detection sizes when none is
@@ -13,7 +13,7 @@ Plain Python (numpy, OpenCV, PIL, insightface, onnxruntime); nothing here import
 * :func:`build_bank` turns reference photos into an :class:`IdentityBank`; :func:`score_images`
   scores candidates against it and routes them to passed / rejected with a reason. Both take any
   :class:`FaceBackend`: an insightface pack (:class:`FaceModel`) or dlib's recogniser
-  (:mod:`engines.identity_dlib`, chosen by the name ``identity_dlib.DLIB_MODEL``).
+  (:mod:`engines.identity_dlib`); :mod:`engines.face_backends` picks one by name.
 
 Pose convention (degrees): yaw > 0 the face turns toward the image's right, pitch > 0 the face looks
 up, roll > 0 the head tilts counter-clockwise in the image.
@@ -37,8 +37,6 @@ from .errors import FlenUserError
 # recognisers (~0.28-0.35), leaning to precision because a wrong face in a LoRA dataset costs more than a
 # missed good one; tune per character with the score table.
 DEFAULT_THRESHOLD = 0.40
-# dlib's recogniser has its own scale (different people score ~0.8-0.9): see engines/identity_dlib.py.
-DLIB_THRESHOLD = 0.92
 DECIDE_BY = ("mean", "best")
 FACE_RULES = ("largest", "most_central", "highest_score")
 SEVERAL_FACES = ("reject", "use chosen face")
@@ -225,14 +223,9 @@ _models_lock = threading.Lock()
 _models: dict[tuple[str, tuple[str, ...], int], FaceModel] = {}
 
 
-def load_face_model(root: str | Path, name: str, det_size: int = 640,
-                    providers: Sequence[str] | None = None) -> FaceBackend:
-    """The pack ``<root>/models/<name>``, loaded once per (folder, providers, det_size); the name
-    ``identity_dlib.DLIB_MODEL`` gives dlib's back-end instead (``root`` and ``providers`` unused)."""
-    from . import identity_dlib
-
-    if name == identity_dlib.DLIB_MODEL:
-        return identity_dlib.load_dlib_model(det_size)
+def load_insightface_model(root: str | Path, name: str, det_size: int = 640,
+                           providers: Sequence[str] | None = None) -> FaceModel:
+    """The pack ``<root>/models/<name>``, loaded once per (folder, providers, det_size)."""
     onnx_dir = pack_folder(root, name)
     provs = tuple(providers) if providers else tuple(available_providers())
     key = (str(onnx_dir.resolve()), provs, int(det_size))
@@ -242,27 +235,6 @@ def load_face_model(root: str | Path, name: str, det_size: int = 640,
             model = FaceModel(onnx_dir, name, provs, int(det_size))
             _models[key] = model
         return model
-
-
-def model_choices(packs: Sequence[str]) -> list[str]:
-    """The face-model choices: the insightface packs found, then dlib's back-end when it is installed."""
-    from . import identity_dlib
-
-    return list(packs) + ([identity_dlib.DLIB_MODEL] if identity_dlib.available() else [])
-
-
-def default_threshold(model_name: str) -> float:
-    from . import identity_dlib
-
-    return DLIB_THRESHOLD if model_name == identity_dlib.DLIB_MODEL else DEFAULT_THRESHOLD
-
-
-def effective_threshold(bank: IdentityBank, threshold: float) -> float:
-    """The threshold to use: the one given, except that the untouched ArcFace default (0.40) on a bank of
-    another back-end (dlib, where every face scores above 0.8) means that back-end's default."""
-    if abs(threshold - DEFAULT_THRESHOLD) < 1e-9:
-        return default_threshold(bank.pack)
-    return threshold
 
 
 def choose_face(faces: Sequence[Detection], width: int, height: int, rule: str = "largest") -> int:
@@ -471,14 +443,6 @@ class IdentityBank:
         return "\n".join(lines)
 
 
-def to_uint8(images) -> list[np.ndarray]:
-    """A ComfyUI IMAGE batch (B, H, W, 3 floats in 0..1; torch or numpy) -> list of RGB uint8 arrays."""
-    arr = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[None]
-    return [np.ascontiguousarray((np.clip(a[..., :3], 0.0, 1.0) * 255.0).round().astype(np.uint8)) for a in arr]
-
-
 def build_bank(model: FaceBackend, images: Sequence[np.ndarray], root: str | Path = "",
                on_image: Callable[[int, int], None] | None = None) -> IdentityBank:
     """One reference per photo with exactly one face; photos with none or several are listed as skipped.
@@ -504,10 +468,6 @@ def build_bank(model: FaceBackend, images: Sequence[np.ndarray], root: str | Pat
             f"FLEN Identity Reference photos with one clearly visible face each (face pack '{model.name}').")
     return IdentityBank(pack=model.name, pack_root=str(root), providers=model.providers, det_size=model.det_size,
                         references=refs, skipped=skipped)
-
-
-def bank_model(bank: IdentityBank) -> FaceBackend:
-    return load_face_model(bank.pack_root, bank.pack, bank.det_size, bank.providers)
 
 
 # ---- scoring -----------------------------------------------------------------------------------------------

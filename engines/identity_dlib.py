@@ -24,7 +24,7 @@ face_recognition_models`` (dlib-bin imports as ``dlib``; face_recognition_models
   that :func:`identity.pose_from_keypoints` on them agrees with the fit.
 
 Scores: different people score ~0.80-0.90 in cosine with this recogniser, far above the ArcFace scale;
-the default threshold :data:`identity.DLIB_THRESHOLD` (0.92) is dlib's own decision rule (Euclidean
+the default threshold :data:`DEFAULT_THRESHOLD` (0.92) is dlib's own decision rule (Euclidean
 distance 0.6 between raw descriptors, 99.38% on LFW) at the typical raw descriptor norm (~1.45):
 1 - 0.6**2 / (2 * 1.45**2) = 0.914, rounded up toward precision.
 """
@@ -45,6 +45,8 @@ INSTALL_HINT = "pip install dlib-bin face_recognition_models"
 RECOGNISER_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"
 PROVIDERS: tuple[str, ...] = ("dlib CPU",)
+# dlib's recogniser has its own scale (different people score ~0.8-0.9): see the module's docstring.
+DEFAULT_THRESHOLD = 0.92
 
 # dlib's 5 points in its own order: outer and inner corner of the eye on the image's right, outer and inner
 # corner of the eye on the image's left, base of the nose (subnasale). Same frame and units as

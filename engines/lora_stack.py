@@ -6,12 +6,11 @@ branches of the graph see.
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import FlenUserError
+from .safetensors_files import NotSafetensors, read_header
 
 
 @dataclass(frozen=True)
@@ -58,19 +57,9 @@ def read_safetensors_header(path: str | Path) -> dict[str, object]:
     """
     p = Path(path)
     try:
-        with p.open("rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ValueError("file shorter than a safetensors header")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n <= 0 or n > 100_000_000:
-                raise ValueError(f"implausible header length {n}")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as exc:
+        return read_header(p)[0]
+    except (OSError, NotSafetensors) as exc:
         raise FlenUserError(
             f"LoRA file '{p.name}' is not a readable .safetensors file ({exc}). "
             "Re-download or re-export it; FLENwheel loads safetensors only."
         ) from exc
-    if not isinstance(header, dict):
-        raise FlenUserError(f"LoRA file '{p.name}' has a malformed safetensors header.")
-    return header

@@ -26,19 +26,19 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont
 
 from . import identity
-from .atomic_files import chmod_like_open
+from .atomic_files import write_new_file
 from .errors import FlenUserError
 from .lora_stack import LoraStack, read_safetensors_header
+from .png_files import png_bytes
 from .prompt_templates import substitute_token
 from .safe_images import open_image
 
@@ -488,37 +488,8 @@ def fmt(v: float | None, signed: bool = False) -> str:
 
 # ---- saving and loading ------------------------------------------------------------------------------------
 
-def _png_bytes(img: Image.Image, text: dict[str, str] | None = None) -> bytes:
-    import io
-
-    info = PngImagePlugin.PngInfo()
-    for k, v in (text or {}).items():
-        info.add_text(k, v)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
 def report_json(report: dict) -> str:
     return json.dumps(report, indent=2, ensure_ascii=False, sort_keys=False) + "\n"
-
-
-def _write_new(path: Path, data: bytes) -> bool:
-    """Writes ``data`` to ``path`` atomically unless ``path`` exists (then returns False, writes nothing)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        chmod_like_open(fd)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)   # fails if path exists: never overwrites
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        os.unlink(tmp)
 
 
 def free_stem(folder: Path, stem: str, suffixes: Sequence[str]) -> str:
@@ -541,7 +512,7 @@ def save_files(folder: str | Path, stem: str, files: dict[str, bytes]) -> dict[s
         written: dict[str, str] = {}
         for suffix, data in files.items():
             path = folder / f"{chosen}{suffix}"
-            if not _write_new(path, data):
+            if not write_new_file(path, data):
                 break   # someone else took this name meanwhile: keep what we wrote, try the next number
             written[suffix] = str(path)
         else:
@@ -558,7 +529,7 @@ def save_card(card: ModelCard, lora_path: str | Path) -> ModelCard:
     text = report_json(card.report)
     paths = save_files(lora_path.parent, stem + ".card", {
         ".json": text.encode("utf-8"),
-        ".png": _png_bytes(card.grid, {PNG_KEY: json.dumps(card.report, ensure_ascii=False)}),
+        ".png": png_bytes(card.grid, {PNG_KEY: json.dumps(card.report, ensure_ascii=False)}),
     })
     card.json_path, card.png_path = paths[".json"], paths[".png"]
     return card
@@ -836,8 +807,8 @@ def _comparison_chart(report: dict) -> Image.Image:
 def save_comparison(comparison: Comparison, folder: str | Path, stem: str) -> Comparison:
     paths = save_files(folder, stem, {
         ".compare.json": report_json(comparison.report).encode("utf-8"),
-        ".compare.png": _png_bytes(comparison.grid),
-        ".chart.png": _png_bytes(comparison.chart),
+        ".compare.png": png_bytes(comparison.grid),
+        ".chart.png": png_bytes(comparison.chart),
     })
     comparison.paths = {"json": paths[".compare.json"], "grid": paths[".compare.png"], "chart": paths[".chart.png"]}
     return comparison

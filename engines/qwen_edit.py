@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -22,9 +22,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from .diffusers_folder import read_model_index, torch_dtype_for
+from .diffusers_folder import load_quantised_transformer, read_model_index, torch_dtype_for
 from .errors import FlenUserError
-from .fp8_linear import load_transformer_fp8
+from .flow_schedule import StepCallback
 from .lora_adapters import PipelineHandle
 from .lora_stack import LoraStack
 from .model_host import ModelHost, denoise_bytes, vae_decode_bytes
@@ -33,7 +33,6 @@ QWEN_EDIT_CLASSES = ("QwenImageEditPlusPipeline",)
 DEFAULT_CONDITION_PIXELS = 384 * 384
 MIN_SIDE = 64
 MAX_PIXELS = 4096 * 4096
-StepCallback = Callable[[int, int, torch.Tensor], None]
 
 _size_lock = threading.Lock()
 
@@ -69,18 +68,8 @@ def load_qwen_edit(folder: str | Path, name: str, precision: str, device: torch.
 
     read_model_index(folder, QWEN_EDIT_CLASSES)
     dtype = torch_dtype_for(precision, device)
-    kwargs = {}
-    if precision == "nf4":
-        from diffusers import BitsAndBytesConfig
-
-        kwargs["transformer"] = QwenImageTransformer2DModel.from_pretrained(
-            folder, subfolder="transformer", dtype=dtype,
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))
-    elif precision == "fp8":
-        # e4m3 weights (half of bf16), fp8 matmul on GPUs that have it; quantised while reading, so the
-        # bf16 transformer (41 GB) is never in RAM at once (see engines/fp8_linear.py).
-        kwargs["transformer"] = load_transformer_fp8(QwenImageTransformer2DModel, Path(folder) / "transformer", dtype)
+    transformer = load_quantised_transformer(QwenImageTransformer2DModel, folder, precision, dtype)
+    kwargs = {"transformer": transformer} if transformer is not None else {}
     pipe = QwenImageEditPlusPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
     for m in (pipe.text_encoder, pipe.transformer, pipe.vae):
         m.eval().requires_grad_(False)
@@ -338,12 +327,6 @@ def _dims(target_area: int, ratio: float) -> tuple[int, int]:
     w = math.sqrt(target_area * ratio)
     h = w / ratio
     return max(32, round(w / 32) * 32), max(32, round(h / 32) * 32)
-
-
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """One ComfyUI IMAGE item [H, W, 3] in 0..1 → PIL RGB."""
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(arr, mode="RGB")
 
 
 def check_image_batch(name: str, images: torch.Tensor) -> None:

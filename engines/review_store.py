@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -35,7 +34,10 @@ from PIL import Image
 
 from .atomic_files import atomic_write
 from .errors import FlenUserError
+from .image_arrays import pil_to_float, to_pil
+from .png_files import png_bytes
 from .safe_images import open_image, open_rgb
+from .workspace import is_character_name, validate_character, workspace_dir, workspace_root
 
 STATUSES = ("pending", "approved", "rejected", "corrected")
 ACTIONS = ("approve", "reject", "correct", "undo")
@@ -46,20 +48,7 @@ SORTS = {"id": "id", "score_desc": "score IS NULL, score DESC, id", "score_asc":
          "newest": "id DESC"}
 THUMB_SIZE = 256
 DB_NAME = "review.sqlite"
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _MAX_TEXT = 4000
-
-
-def validate_character(name: object) -> str:
-    """A character name is also a folder name: letters, digits, '_' and '-', at most 64."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise FlenUserError(f"Character name {str(name)[:80]!r} is not allowed: use 1–64 letters, digits, "
-                            "'_' or '-' (it becomes a folder name under output/flenwheel/).")
-    return name
-
-
-def workspace_root(output_dir: str | os.PathLike) -> Path:
-    return Path(output_dir) / "flenwheel"
 
 
 # ---- schema -----------------------------------------------------------------------------------
@@ -147,32 +136,12 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
 
 # ---- files ------------------------------------------------------------------------------------
 
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=4)
-    return buf.getvalue()
-
-
 def _thumb_bytes(img: Image.Image) -> bytes:
     thumb = img.convert("RGB")
     thumb.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     thumb.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
-
-
-def to_pil(image: Any) -> Image.Image:
-    """HWC float array/tensor in 0..1 (or uint8), or a PIL image → RGB PIL image."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    arr = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return Image.fromarray(arr[:, :, :3], "RGB")
 
 
 def _json(value: Any) -> str:
@@ -257,7 +226,7 @@ class ReviewStore:
 
     def __init__(self, output_dir: str | os.PathLike, character: str) -> None:
         self.character = validate_character(character)
-        self.root = workspace_root(output_dir) / character
+        self.root = workspace_dir(output_dir, character)
         self.root.mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / DB_NAME
         self._lock = threading.RLock()
@@ -292,7 +261,7 @@ class ReviewStore:
             pil = to_pil(image)
             stem = uuid.uuid4().hex
             image_name, thumb_name = f"candidates/{stem}.png", f"candidates/{stem}.thumb.jpg"
-            atomic_write(self.root / image_name, _png_bytes(pil))
+            atomic_write(self.root / image_name, png_bytes(pil))
             atomic_write(self.root / thumb_name, _thumb_bytes(pil))
             mine = own_sources(meta, k, len(images), source_names)
             refs = list(dict.fromkeys(source_names))
@@ -316,7 +285,7 @@ class ReviewStore:
         return ids
 
     def _store_source(self, image: Any) -> str:
-        data = _png_bytes(to_pil(image))
+        data = png_bytes(to_pil(image))
         name = f"sources/{hashlib.sha256(data).hexdigest()[:32]}.png"
         if not (self.root / name).exists():
             atomic_write(self.root / name, data)
@@ -507,7 +476,7 @@ class ReviewStore:
         path = self.file_path(candidate_id, "image")
         im, truncated = open_image(path, f"Candidate {candidate_id}'s image {path.name}", allow_truncated=True)
         with im:
-            return np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0, truncated
+            return pil_to_float(im), truncated
 
     # -- decisions --
 
@@ -543,7 +512,7 @@ class ReviewStore:
             # the declared size is checked before decoding: a 20 KB PNG can claim 13000² pixels
             pil = open_rgb(bytes(fixed_image), "The uploaded fixed image")
             fixed_name = f"corrections/{uuid.uuid4().hex}.png"
-            atomic_write(self.root / fixed_name, _png_bytes(pil))
+            atomic_write(self.root / fixed_name, png_bytes(pil))
         else:
             fixed_name = inherited_fixed
         with self._lock:
@@ -617,6 +586,19 @@ class ReviewStore:
             rows = self._conn.execute(f"SELECT {_COLUMNS} FROM candidates{where} ORDER BY id", args).fetchall()
         return [self._row_dict(r) for r in rows]
 
+    def corrections_in_workspace(self, run_id: str | None = None,
+                                 version: str | None = None) -> builtins.list[dict[str, Any]]:
+        """``corrections`` with absolute paths (and the workspace folder), for nodes downstream that read the
+        files: FLEN Load Approved's corrections output."""
+        out = self.corrections(run_id=run_id, version=version)
+        for c in out:
+            c["workspace"] = str(self.root)
+            for key in ("image", "better_image", "fixed_image"):
+                if c.get(key):
+                    c[key] = str(self.root / c[key])
+            c["sources"] = [str(self.root / s) for s in c["sources"]]
+        return out
+
     def corrections(self, run_id: str | None = None, version: str | None = None) -> builtins.list[dict[str, Any]]:
         """Corrected candidates with their correction: the raw material of edit pairs. File names
         are relative to the workspace folder (``root``)."""
@@ -654,8 +636,7 @@ def open_store(output_dir: str | os.PathLike, character: str) -> ReviewStore:
 
 def existing_store(output_dir: str | os.PathLike, character: str) -> ReviewStore | None:
     """The store if its workspace already has a database, else None (never creates one)."""
-    validate_character(character)
-    if not (workspace_root(output_dir) / character / DB_NAME).is_file():
+    if not (workspace_dir(output_dir, character) / DB_NAME).is_file():
         return None
     return open_store(output_dir, character)
 
@@ -664,4 +645,35 @@ def list_characters(output_dir: str | os.PathLike) -> list[str]:
     root = workspace_root(output_dir)
     if not root.is_dir():
         return []
-    return sorted(p.parent.name for p in root.glob(f"*/{DB_NAME}") if _NAME_RE.fullmatch(p.parent.name))
+    return sorted(p.parent.name for p in root.glob(f"*/{DB_NAME}") if is_character_name(p.parent.name))
+
+
+def review_provenance(output_dir: str | os.PathLike, metas: list[dict]) -> builtins.list[dict]:
+    """``metas`` with the review decision in force (who, when, why) added to each record that came out of a
+    review store (``candidate_id`` and ``character``): the provenance a dataset keeps of each image."""
+    out = []
+    stores: dict[str, ReviewStore | None] = {}
+    for meta in metas:
+        meta = dict(meta) if isinstance(meta, dict) else {}
+        cid, character = meta.get("candidate_id"), meta.get("character")
+        if cid is not None and isinstance(character, str):
+            if character not in stores:
+                try:
+                    stores[character] = existing_store(output_dir, character)
+                except FlenUserError:
+                    stores[character] = None
+            store = stores[character]
+            review = {"candidate_id": cid, "status": meta.get("status"), "run_id": meta.get("run_id"),
+                      "version": meta.get("version"), "character": character}
+            if store is not None:
+                try:
+                    history = [h for h in store.history(int(cid)) if h["action"] != "undo" and not h["undone_by"]]
+                except (KeyError, ValueError, TypeError):
+                    history = []
+                if history:
+                    last = history[-1]
+                    review.update(decision=last["action"], who=last["who"], at=last["at"],
+                                  reasons=last["reasons"], note=last["note"])
+            meta["review"] = review
+        out.append(meta)
+    return out

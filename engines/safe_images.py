@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import FlenUserError
+from .image_arrays import to_uint8
 
 MAX_PIXELS = 50_000_000  # 50 megapixels (e.g. 8660 × 5773): above any camera photo a LoRA needs
 MAX_SIDE = 20_000
@@ -92,7 +93,7 @@ def truncated_rows(arr: np.ndarray) -> int:
     a = np.asarray(arr)
     if a.ndim != 3 or a.shape[0] < 8:
         return 0
-    u8 = np.rint(np.clip(a.astype(np.float32), 0, 1) * 255).astype(np.uint8) if a.dtype != np.uint8 else a
+    u8 = to_uint8(a)
     rgb = u8[:, :, :3]
     for fill in (0, 128):
         flat = (rgb == fill).all(axis=(1, 2))

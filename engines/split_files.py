@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from . import safetensors_files
+from .diffusers_folder import PRECISIONS
 from .errors import FlenUserError
 from .fp8_linear import E4M3, SKIP_PATTERNS, Fp8Linear
 
@@ -116,27 +117,22 @@ def read_header(path: str | Path) -> tuple[dict[str, tuple[str, list[int]]], dic
     """A safetensors header (key -> dtype, shape; metadata) with clear errors for other formats."""
     p = Path(path)
     try:
-        with open(p, "rb") as fh:
-            head8 = fh.read(8)
-            if head8[:4] == b"GGUF":
-                raise FlenUserError(
-                    f"'{p.name}' is a GGUF file (quantised with llama.cpp's format). FLENwheel's file loaders read "
-                    "safetensors only (bf16, fp16, fp8_e4m3fn or ComfyUI's fp8 scaled). Load a GGUF with "
-                    "ComfyUI-GGUF's 'Unet Loader (GGUF)' and use ComfyUI's native nodes, or download the "
-                    "safetensors file (see the README's model table).")
-            if len(head8) < 8:
-                raise FlenUserError(f"'{p.name}' is empty or truncated; download it again.")
-            n = struct.unpack("<Q", head8)[0]
-            if n > 100_000_000:
-                raise ValueError("header too large")
-            header = json.loads(fh.read(n))
-    except FlenUserError:
-        raise
-    except (OSError, ValueError, struct.error) as exc:
+        header = safetensors_files.read_header(p)[0]
+    except safetensors_files.NotSafetensors as exc:
+        if exc.gguf:
+            raise FlenUserError(
+                f"'{p.name}' is a GGUF file (quantised with llama.cpp's format). FLENwheel's file loaders read "
+                "safetensors only (bf16, fp16, fp8_e4m3fn or ComfyUI's fp8 scaled). Load a GGUF with "
+                "ComfyUI-GGUF's 'Unet Loader (GGUF)' and use ComfyUI's native nodes, or download the "
+                "safetensors file (see the README's model table).") from None
+        if p.stat().st_size < 8:
+            raise FlenUserError(f"'{p.name}' is empty or truncated; download it again.") from None
         kind = "a pickle checkpoint (.ckpt/.pt/.bin)" if p.suffix in (".ckpt", ".pt", ".pth", ".bin") else \
             "not a safetensors file"
         raise FlenUserError(f"'{p.name}' is {kind} ({exc}). FLENwheel loads .safetensors files only; download the "
                             "safetensors version of the model.") from exc
+    except OSError as exc:
+        raise FlenUserError(f"'{p.name}' cannot be read ({exc}); check the file and its permissions.") from exc
     meta = header.pop("__metadata__", None) or {}
     return {k: (v["dtype"], list(v["shape"])) for k, v in header.items()}, meta
 
@@ -454,7 +450,7 @@ def finish(model: nn.Module) -> nn.Module:
 
 # ---- components ---------------------------------------------------------------------------------------------------
 
-FILE_PRECISIONS = ("auto", "bf16", "fp32", "fp8")
+FILE_PRECISIONS = ("auto", *(p for p in PRECISIONS if p != "nf4"))  # nf4 quantises diffusers folders only
 
 
 @dataclass(frozen=True)

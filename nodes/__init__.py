@@ -3,19 +3,19 @@
 from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import flux_nodes, identity_nodes, lora_stack_nodes, qwen_nodes, review_gate, review_nodes, save_nodes
-from .ai_toolkit_nodes import NODES as AI_TOOLKIT_NODES  # issue 7 ai-toolkit
-from .dataset_nodes import NODES as DATASET_NODES  # issue 6
-from .model_card_nodes import NODES as MODEL_CARD_NODES  # issue 8
+from .ai_toolkit_nodes import NODES as AI_TOOLKIT_NODES
+from .dataset_nodes import NODES as DATASET_NODES
+from .model_card_nodes import NODES as MODEL_CARD_NODES
 from .routes import register_routes
-from .training_nodes import NODES as TRAINING_NODES  # issue 7
+from .training_nodes import NODES as TRAINING_NODES
 
 NODES: list[type[io.ComfyNode]] = [*lora_stack_nodes.NODES, *flux_nodes.NODES, *identity_nodes.NODES,
                                    *qwen_nodes.NODES, *review_nodes.NODES,
                                    *save_nodes.NODES, *review_gate.NODES]
-NODES += DATASET_NODES  # issue 6
-NODES += MODEL_CARD_NODES  # issue 8
-NODES += TRAINING_NODES  # issue 7
-NODES += AI_TOOLKIT_NODES  # issue 7 ai-toolkit
+NODES += DATASET_NODES
+NODES += MODEL_CARD_NODES
+NODES += TRAINING_NODES
+NODES += AI_TOOLKIT_NODES
 
 
 class FlenwheelExtension(ComfyExtension):

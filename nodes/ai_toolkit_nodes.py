@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io
 
 from ..engines import dataset as ds
-from ..engines import review_store
+from ..engines import workspace
 from ..engines.errors import FlenUserError
 from ..training import ai_toolkit
 from . import comfy_bridge as bridge
@@ -142,7 +142,7 @@ class FLENAIToolkitLauncher(io.ComfyNode):
 
         result = ai_toolkit.launch(
             dataset, settings, checkout=checkout,
-            workspace=review_store.workspace_root(bridge.output_directory()) / settings.character,
+            workspace=workspace.workspace_dir(bridge.output_directory(), settings.character),
             loras_root=bridge.loras_root(), on_progress=on_progress, check_interrupt=bridge.check_interrupt,
             refused=bridge.client_writable_roots(),
             freeze_by=f"FLENAIToolkitLauncher prompt {bridge.current_prompt_id()}")

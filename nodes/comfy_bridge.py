@@ -272,8 +272,9 @@ def client_writable_roots() -> list:
 def pack_write_roots() -> list:
     """Where a path from a prompt may point for the pack's own writes: the workspaces in output/flenwheel."""
     from ..engines.safe_paths import Root
+    from ..engines.workspace import PACK_DIR, workspace_root
 
-    return [Root(Path(folder_paths.get_output_directory()) / "flenwheel", "output/flenwheel")]
+    return [Root(workspace_root(folder_paths.get_output_directory()), f"output/{PACK_DIR}")]
 
 
 def image_read_roots() -> list:
@@ -641,9 +642,9 @@ def _empty_latent(vae, width: int, height: int) -> torch.Tensor:
 
 
 def _pil_to_image(img) -> torch.Tensor:
-    import numpy as np
+    from ..engines.image_arrays import pil_to_tensor
 
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
+    return pil_to_tensor(img)
 
 
 def _decode(vae, samples: torch.Tensor) -> torch.Tensor:

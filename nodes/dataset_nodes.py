@@ -8,41 +8,8 @@ from comfy_api.v0_0_2 import io
 from ..engines import dataset, edit_pairs, review_store
 from ..engines.errors import FlenUserError
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, DatasetType, MetaType
+from .flen_types import CATEGORY, CHARACTER_TOOLTIP, DatasetType, MetaType
 from .review_nodes import review_store_fingerprint, unknown_character
-
-CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
-                     "'_' or '-'.")
-
-
-def _review_provenance(metas: list[dict]) -> list[dict]:
-    """Adds the review decision in force (who, when) to records that came out of the review store."""
-    out = []
-    stores: dict[str, review_store.ReviewStore | None] = {}
-    for meta in metas:
-        meta = dict(meta) if isinstance(meta, dict) else {}
-        cid, character = meta.get("candidate_id"), meta.get("character")
-        if cid is not None and isinstance(character, str):
-            if character not in stores:
-                try:
-                    stores[character] = review_store.existing_store(bridge.output_directory(), character)
-                except FlenUserError:
-                    stores[character] = None
-            store = stores[character]
-            review = {"candidate_id": cid, "status": meta.get("status"), "run_id": meta.get("run_id"),
-                      "version": meta.get("version"), "character": character}
-            if store is not None:
-                try:
-                    history = [h for h in store.history(int(cid)) if h["action"] != "undo" and not h["undone_by"]]
-                except (KeyError, ValueError, TypeError):
-                    history = []
-                if history:
-                    last = history[-1]
-                    review.update(decision=last["action"], who=last["who"], at=last["at"],
-                                  reasons=last["reasons"], note=last["note"])
-            meta["review"] = review
-        out.append(meta)
-    return out
 
 
 class FLENDatasetWriter(io.ComfyNode):
@@ -101,7 +68,7 @@ class FLENDatasetWriter(io.ComfyNode):
                                 "candidates in the FLENwheel review gallery first.)")
         if meta is not None and not isinstance(meta, list):
             raise FlenUserError("meta must be a FLEN_META list (one record per image).")
-        metas = _review_provenance(meta) if meta is not None else None
+        metas = review_store.review_provenance(bridge.output_directory(), meta) if meta is not None else None
         result = dataset.write_dataset(
             bridge.output_directory(), character.strip(), [images[k] for k in range(images.shape[0])], metas,
             token=instance_token, version=version.strip() or "new", template=caption_template,

@@ -8,6 +8,7 @@ QwenEditPipeType = io.Custom("FLEN_QWEN_EDIT_PIPE")
 MetaType = io.Custom("FLEN_META")  # a list with one dict per image of the IMAGE batch beside it
 IdentityType = io.Custom("FLEN_IDENTITY")
 DatasetType = io.Custom("FLEN_DATASET")
+ModelCardType = io.Custom("FLEN_MODEL_CARD")
 
 
 class _LoraNameType(str):
@@ -38,3 +39,7 @@ FILE_PRECISION_TOOLTIP = ("auto: as the files store it — fp8 files stay fp8 (e
                           "files), 16-bit files become bf16 on a GPU (fp32 on the CPU). bf16 / fp32: that compute "
                           "dtype (fp32 dequantises fp8 files). fp8: quantise a bf16 diffusion model to e4m3 while "
                           "loading (half the memory).")
+
+# The `character` input of every node that reads or writes a character's workspace (engines/workspace.py).
+CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
+                     "'_' or '-'.")

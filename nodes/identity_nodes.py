@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import numpy as np
 import torch
 from comfy_api.v0_0_2 import io
 
+from ..engines import face_backends
 from ..engines import identity as engine
 from ..engines.errors import FlenUserError
+from ..engines.image_arrays import batch_to_uint8, pil_to_tensor
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, IdentityType, MetaType
 
@@ -19,10 +20,6 @@ _LICENCE = ("insightface's pretrained packs (buffalo_l, antelopev2, …) are lic
             "research only; check the licence of the pack you pick. The dlib entry (listed when dlib-bin and "
             "face_recognition_models are installed) uses dlib's recogniser and 5-point landmarks, released "
             "under CC0: usable commercially; its HOG detector misses strong profiles.")
-
-
-def _pil_to_image(img) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 class FLENIdentityReference(io.ComfyNode):
@@ -37,7 +34,7 @@ class FLENIdentityReference(io.ComfyNode):
                         "photos cover. Photos with no face or several faces are reported and not used.",
             inputs=[
                 io.Image.Input("images", tooltip="The pristine photos of the character (a batch; one face each)."),
-                io.Combo.Input("face_model", options=engine.model_choices(bridge.insightface_packs()),
+                io.Combo.Input("face_model", options=face_backends.model_choices(bridge.insightface_packs()),
                                tooltip="An insightface pack folder in models/insightface/models (e.g. buffalo_l, "
                                        "antelopev2). Nothing is downloaded. " + _LICENCE),
                 io.Int.Input("det_size", default=640, min=128, max=2048, step=32,
@@ -64,12 +61,12 @@ class FLENIdentityReference(io.ComfyNode):
                                 "LoadImageSetFromFolder exists in ComfyUI's input folder and holds the "
                                 "character's pristine photos).")
         root = bridge.insightface_root()
-        model = engine.load_face_model(root, face_model, det_size)
-        photos = engine.to_uint8(images)
+        model = face_backends.load_face_model(root, face_model, det_size)
+        photos = batch_to_uint8(images)
         progress = bridge.Progress(len(photos))
         bank = engine.build_bank(model, photos, root, on_image=progress)
         report = bank.report()
-        return io.NodeOutput(bank, report, _pil_to_image(bank.coverage.chart()), ui={"text": [report]})
+        return io.NodeOutput(bank, report, pil_to_tensor(bank.coverage.chart()), ui={"text": [report]})
 
 
 class FLENIdentityFilter(io.ComfyNode):
@@ -131,10 +128,10 @@ class FLENIdentityFilter(io.ComfyNode):
         if meta is not None and len(meta) != n:
             raise FlenUserError(f"FLEN Identity Filter: meta has {len(meta)} record(s) but images has {n}; "
                                 "connect the meta that came with these images.")
-        model = engine.bank_model(bank)
-        threshold = engine.effective_threshold(bank, threshold)
+        model = face_backends.bank_model(bank)
+        threshold = face_backends.effective_threshold(bank, threshold)
         progress = bridge.Progress(n)
-        rows = engine.score_images(bank, model, engine.to_uint8(images), threshold=threshold, decide_by=decide_by,
+        rows = engine.score_images(bank, model, batch_to_uint8(images), threshold=threshold, decide_by=decide_by,
                                    face_rule=face_rule, several_faces=several_faces, on_image=progress)
         table = engine.score_table(rows, threshold, decide_by, face_rule)
         passed_meta: list[dict[str, Any]] = []

@@ -7,22 +7,15 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-import torch
 from comfy_api.v0_0_2 import io
 
-from ..engines import identity
+from ..engines import face_backends, identity, workspace
 from ..engines import model_card as engine
 from ..engines.errors import FlenUserError
+from ..engines.image_arrays import batch_to_uint8, pil_to_tensor
 from ..engines.lora_stack import LoraStack
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, FluxPipeType, IdentityType, LoraStackType, MetaType
-
-ModelCardType = io.Custom("FLEN_MODEL_CARD")
-
-
-def _image(pil) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(pil.convert("RGB"), dtype=np.float32) / 255.0)[None]
+from .flen_types import CATEGORY, FluxPipeType, IdentityType, LoraStackType, MetaType, ModelCardType
 
 
 class FLENModelCard(io.ComfyNode):
@@ -86,7 +79,7 @@ class FLENModelCard(io.ComfyNode):
         bank = identity
         if not hasattr(bank, "references"):
             raise FlenUserError("FLEN Model Card: the identity input must come from FLEN Identity Reference.")
-        threshold = engine.identity.effective_threshold(bank, threshold)   # 0.40 on a dlib bank: dlib's default
+        threshold = face_backends.effective_threshold(bank, threshold)   # 0.40 on a dlib bank: dlib's default
         cells = engine.parse_prompt_set(prompt_set)
         settings = engine.CardSettings(width=width, height=height, steps=steps, guidance=guidance,
                                        instance_token=instance_token.strip(), threshold=threshold, cell_px=cell_size)
@@ -97,8 +90,8 @@ class FLENModelCard(io.ComfyNode):
         images, metas = engine.render_cells(flux_pipe, cells, settings, lora_stack, bridge.ComfyModelHost(),
                                             on_step=progress)
         done = len(cells) * steps
-        model = engine.identity.bank_model(bank)
-        rgb = engine.identity.to_uint8(images)
+        model = face_backends.bank_model(bank)
+        rgb = batch_to_uint8(images)
         rows = engine.score_cells(bank, model, rgb, threshold,
                                   on_image=lambda i, n: progress(done + i, done + n))
         card = engine.assemble_card(cells, rgb, rows, settings, lora,
@@ -115,7 +108,7 @@ class FLENModelCard(io.ComfyNode):
                 f"{engine.fmt(agg['min_similarity'])}, faces {agg['faces_found']}/{agg['cells']}, passed "
                 f"{agg['passed']}/{agg['cells']}"
                 + (f"\nsaved {card.json_path}\nsaved {card.png_path}" if card.json_path else ""))
-        return io.NodeOutput(card, _image(card.grid), images, metas, report, ui={"text": [text]})
+        return io.NodeOutput(card, pil_to_tensor(card.grid), images, metas, report, ui={"text": [text]})
 
 
 _STEM_OK = re.compile(r"[^A-Za-z0-9_.\-]+")
@@ -141,12 +134,10 @@ def _resolve_card(line: str) -> str:
 
 
 def _comparison_folder(cards: list[engine.ModelCard]) -> Path:
-    name = str(cards[0].report.get("lora", {}).get("name", ""))
-    parts = Path(name).parts
-    base = Path(bridge.output_directory()) / "flenwheel"
-    if len(parts) >= 3 and parts[0] == "flenwheel":
-        return base / parts[1] / "model_cards"
-    return base / "model_cards"
+    character = workspace.character_of_lora(str(cards[0].report.get("lora", {}).get("name", "")))
+    if character is not None:
+        return workspace.workspace_dir(bridge.output_directory(), character) / "model_cards"
+    return workspace.workspace_root(bridge.output_directory()) / "model_cards"
 
 
 class FLENCompareVersions(io.ComfyNode):
@@ -199,7 +190,7 @@ class FLENCompareVersions(io.ComfyNode):
             engine.save_comparison(comparison, _comparison_folder(cards), stem)
         table = comparison.table()
         text = table + ("\n" + "\n".join(f"saved {p}" for p in comparison.paths.values()) if comparison.paths else "")
-        return io.NodeOutput(_image(comparison.grid), _image(comparison.chart), table,
+        return io.NodeOutput(pil_to_tensor(comparison.grid), pil_to_tensor(comparison.chart), table,
                              json.dumps(comparison.report, ensure_ascii=False), ui={"text": [text]})
 
 

@@ -11,6 +11,7 @@ from ..engines import qwen_edit
 from ..engines.angle_catalogue import LANGUAGES, PRESETS, sweep_lines
 from ..engines.diffusers_folder import PRECISIONS
 from ..engines.errors import FlenUserError
+from ..engines.image_arrays import to_pil
 from ..engines.lora_stack import LoraStack
 from ..engines.split_files import FILE_PRECISIONS
 from . import comfy_bridge as bridge
@@ -149,7 +150,7 @@ class FLENQwenEditFromComfy(io.ComfyNode):
 
 def _sources(images: torch.Tensor, name: str) -> list:
     qwen_edit.check_image_batch(name, images)
-    return [qwen_edit.tensor_to_pil(img) for img in images]
+    return [to_pil(img) for img in images]
 
 
 class FLENQwenEdit(io.ComfyNode):

@@ -22,7 +22,7 @@ from ..engines import review_store
 from ..engines.errors import FlenUserError
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, MetaType
-from .review_nodes import _inputs_common, approved_outputs, queue_candidates
+from .review_nodes import approved_outputs, queue_candidates, review_inputs
 
 POLL_S = 0.2
 POLICIES = ("leave_pending", "approve_all", "approve_none", "approve_above_score")
@@ -102,7 +102,7 @@ class FLENReviewGate(io.ComfyNode):
                         "the approved images. Cancel (or POST /interrupt) stops it at once.",
             inputs=[
                 io.Image.Input("images", tooltip="The candidates to judge."),
-                *_inputs_common(),
+                *review_inputs(),
                 io.Int.Input("timeout_s", default=0, min=0, max=7 * 24 * 3600, optional=True,
                              tooltip="0 waits forever. Otherwise seconds without any decision on this batch "
                                      "before the timeout policy applies (judging restarts the clock)."),

@@ -10,14 +10,12 @@ import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image
 
-from ..engines import review_store
+from ..engines import review_store, workspace
 from ..engines.errors import FlenUserError
+from ..engines.image_arrays import pil_to_float, to_pil
 from ..engines.safe_images import truncation_note
 from . import comfy_bridge as bridge
-from .flen_types import CATEGORY, MetaType
-
-CHARACTER_TOOLTIP = ("The character's workspace under output/flenwheel/<character>/: 1–64 letters, digits, "
-                     "'_' or '-'.")
+from .flen_types import CATEGORY, CHARACTER_TOOLTIP, MetaType
 
 
 def unknown_character(character: str, what: str) -> FlenUserError:
@@ -72,7 +70,7 @@ def truncation_summary(meta: list | None) -> str:
     return f" {n} images look truncated (bottom rows flat black/grey): see their meta 'warnings'." if n else ""
 
 
-def _inputs_common() -> list:
+def review_inputs() -> list:
     return [
         io.String.Input("character", default="my_character", tooltip=CHARACTER_TOOLTIP),
         io.String.Input("run_id", default="", optional=True,
@@ -108,7 +106,7 @@ class FLENReviewQueue(io.ComfyNode):
             category=f"{CATEGORY}/review",
             description="Stores an image batch as pending candidates in the character's review store and "
                         "returns at once (for batch runs). Judge them later in the FLENwheel review gallery.",
-            inputs=[io.Image.Input("images", tooltip="The candidates to review."), *_inputs_common()],
+            inputs=[io.Image.Input("images", tooltip="The candidates to review."), *review_inputs()],
             outputs=[io.String.Output(display_name="summary", tooltip="What was stored, in words."),
                      io.String.Output(display_name="run_id", tooltip="The run id the candidates were stored under."),
                      io.Int.Output(display_name="count", tooltip="How many candidates were stored.")],
@@ -136,8 +134,7 @@ def _to_batch(paths: list[np.ndarray]) -> tuple[torch.Tensor, bool]:
     out = []
     for arr in paths:
         if arr.shape[:2] != (h, w):
-            img = Image.fromarray((arr * 255).round().astype(np.uint8)).resize((w, h), Image.Resampling.LANCZOS)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
+            arr = pil_to_float(to_pil(arr).resize((w, h), Image.Resampling.LANCZOS))
             resized = True
         out.append(torch.from_numpy(np.ascontiguousarray(arr)))
     return torch.stack(out), resized
@@ -195,13 +192,7 @@ class FLENLoadApproved(io.ComfyNode):
             raise unknown_character(character, "FLEN Load Approved reads its approved candidates")
         items = store.approved(run_id=run_id.strip() or None, version=version.strip() or None)
         batch, metas, resized = approved_outputs(store, items)
-        corrections = store.corrections(run_id=run_id.strip() or None, version=version.strip() or None)
-        for c in corrections:
-            c["workspace"] = str(store.root)
-            for key in ("image", "better_image", "fixed_image"):
-                if c.get(key):
-                    c[key] = str(store.root / c[key])
-            c["sources"] = [str(store.root / s) for s in c["sources"]]
+        corrections = store.corrections_in_workspace(run_id=run_id.strip() or None, version=version.strip() or None)
         scope = f"{character}" + (f", run {run_id.strip()}" if run_id.strip() else "") + (
             f", version {version.strip()}" if version.strip() else "")
         if items:
@@ -237,12 +228,13 @@ class FLENCharacter(io.ComfyNode):
 
     @classmethod
     def execute(cls, character: str) -> io.NodeOutput:
-        name = review_store.validate_character(character.strip())
+        name = workspace.validate_character(character.strip())
         known = review_store.list_characters(bridge.output_directory())
         if name in known:
-            text = f"Character '{name}': existing workspace output/flenwheel/{name}/."
+            text = f"Character '{name}': existing workspace {workspace.workspace_label(name)}/."
         else:
-            text = (f"Character '{name}': no workspace yet (a writing node creates output/flenwheel/{name}/). "
+            text = (f"Character '{name}': no workspace yet (a writing node creates "
+                    f"{workspace.workspace_label(name)}/). "
                     f"Known characters: {', '.join(known) if known else 'none yet'}.")
         return io.NodeOutput(name, ui={"text": [text]})
 

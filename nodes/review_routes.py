@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..engines import review_store
+from ..engines import review_store, workspace
 from ..engines.errors import FlenUserError
 from . import comfy_bridge as bridge
 from . import review_gate
@@ -79,7 +79,7 @@ def _guarded(handler):
 def _store(request: web.Request) -> review_store.ReviewStore:
     character = request.match_info.get("character", "")
     try:
-        review_store.validate_character(character)
+        workspace.validate_character(character)
     except FlenUserError as exc:
         raise HttpError(400, str(exc)) from None
     store = review_store.existing_store(bridge.output_directory(), character)

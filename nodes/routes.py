@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from aiohttp import web
 
+from ..engines.pack_info import PACK_VERSION, WORKFLOWS_DIR
 from . import comfy_bridge as bridge
 from . import review_routes
-
-PACK_VERSION = "0.1.0"
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 
 def template_cards() -> dict[str, dict[str, str]]:
     """Title and description of each shipped workflow (its ``extra.title`` / ``extra.description``): ComfyUI's
     template browser shows only a custom pack's file names, so web/js/flenwheel.js puts these on the cards."""
     out = {}
-    for path in sorted(WORKFLOWS.glob("*.json")):
+    for path in sorted(WORKFLOWS_DIR.glob("*.json")):
         try:
             extra = json.loads(path.read_text(encoding="utf-8")).get("extra") or {}
         except (OSError, ValueError):
@@ -49,4 +46,4 @@ def register_routes() -> None:
     async def templates(_request: web.Request) -> web.Response:
         return web.json_response({"templates": template_cards()})
 
-    review_routes.register(routes)  # /flenwheel/review/… (review gallery, issue 5)
+    review_routes.register(routes)  # /flenwheel/review/… (review gallery)

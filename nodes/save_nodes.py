@@ -9,8 +9,8 @@ from comfy_api.v0_0_2 import io, ui
 from PIL import Image
 
 from ..engines.errors import FlenUserError
+from ..engines.image_arrays import to_pil, to_uint8
 from ..engines.png_files import safe_label, write_png_new
-from ..engines.qwen_edit import tensor_to_pil
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, MetaType
 
@@ -18,8 +18,8 @@ from .flen_types import CATEGORY, MetaType
 def _to_pil(image: torch.Tensor) -> Image.Image:
     """RGB as ComfyUI's IMAGE, and also RGBA (kept: PNG holds transparency) or one channel (grayscale)."""
     if image.shape[-1] == 3:
-        return tensor_to_pil(image)
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return to_pil(image)
+    arr = to_uint8(image)
     return Image.fromarray(arr[:, :, 0], mode="L") if arr.shape[-1] == 1 else Image.fromarray(arr, mode="RGBA")
 
 

@@ -11,30 +11,26 @@ the new LoRA's name relative to models/loras, which plugs into FLEN LoRA Stack's
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import os
 import queue
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import TypeGuard
 
-import numpy as np
 import torch
 from comfy_api.v0_0_2 import io
 from PIL import Image
 
+from ..engines import child_process, edit_pairs, face_backends
 from ..engines import dataset as ds
-from ..engines import edit_pairs
 from ..engines import identity as face_id
 from ..engines.errors import FlenUserError
+from ..engines.image_arrays import pil_to_tensor
 from ..engines.lora_stack import read_safetensors_header
 from ..engines.safe_paths import Root, resolve_inside
+from ..engines.workspace import workspace_label, workspace_root
 from . import comfy_bridge as bridge
 from .flen_types import CATEGORY, FROM_PIPE, DatasetType, FluxPipeType, LoraNameType, QwenEditPipeType
 
@@ -58,23 +54,6 @@ def _parse(line: str) -> dict | None:
     return obj if isinstance(obj, dict) and EVENT_KEY in obj else None
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the child's process group, then SIGKILL after a grace period; reaps the child."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if os.name == "posix":
-                os.killpg(proc.pid, sig)
-            else:  # pragma: no cover
-                proc.kill()
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple[str, dict]:
     """Runs ``python -m <module> --config`` on ``config``; returns (path of the new LoRA, the done event)."""
     train_dir = workspace / "training"
@@ -84,9 +63,7 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
     config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
     bridge.free_vram()  # the trainer needs the GPU: ComfyUI's models go first
     cmd = [sys.executable, "-m", module, "--config", str(config_path)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd, cwd=str(PACK_DIR), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            bufsize=1, env=env, start_new_session=True)
+    proc = child_process.start(cmd, PACK_DIR)
     stdout, stderr = proc.stdout, proc.stderr
     assert stdout is not None and stderr is not None  # both are PIPEs
     child_file = train_dir / CHILD_FILE
@@ -94,23 +71,20 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
                                             "server_pid": os.getpid(), "prompt_id": bridge.current_prompt_id(),
                                             "started": time.time()}).encode("utf-8"))
     events: queue.Queue = queue.Queue()
-    stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
+    stderr_tail = child_process.tail(STDERR_LINES)
 
-    def read_stdout() -> None:
-        for line in stdout:
-            ev = _parse(line)
-            if ev is not None:
-                events.put(ev)
-        events.put(None)
+    def on_stdout(line: str) -> None:
+        ev = _parse(line)
+        if ev is not None:
+            events.put(ev)
 
-    def read_stderr() -> None:
-        for line in stderr:
-            if line.strip() and "it/s]" not in line:  # tqdm bars are noise
-                stderr_tail.append(line.rstrip())
+    def on_stderr(line: str) -> None:
+        if line.strip() and "it/s]" not in line:  # tqdm bars are noise
+            stderr_tail.append(line.rstrip())
 
-    readers = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=read_stderr, daemon=True)]
-    for t in readers:
-        t.start()
+    readers = [child_process.read_lines(stdout, on_stdout, on_end=lambda: events.put(None),
+                                        name=f"{label}-stdout"),
+               child_process.read_lines(stderr, on_stderr, name=f"{label}-stderr")]
     total = int(config.get("steps", 1))
     progress = bridge.Progress(total)
     progress.update(0, total, f"{label}: starting (pid {proc.pid})")
@@ -153,11 +127,11 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
                 error = str(ev.get("message", ""))
         proc.wait()
     except BaseException:
-        _stop(proc)  # interrupted (or anything else): no training process is left behind
+        child_process.stop(proc, STOP_GRACE_S)  # interrupted (or anything else): no training process is left behind
         raise
     finally:
         if proc.poll() is None:
-            _stop(proc)
+            child_process.stop(proc, STOP_GRACE_S)
         for t in readers:
             t.join(timeout=2)
         with contextlib.suppress(OSError):
@@ -168,22 +142,6 @@ def run_trainer(module: str, config: dict, workspace: Path, label: str) -> tuple
         raise FlenUserError(f"{label} failed: {message}" + (f"\n--- trainer output (last lines) ---\n{tail}"
                                                              if tail and not error else ""))
     return str(done["lora"]), done
-
-
-def _pid_alive(pid: object) -> TypeGuard[int]:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        if os.name == "posix" and not Path("/proc/self").exists():  # pragma: no cover - no procfs
-            try:
-                os.kill(pid, 0)
-                return True
-            except (ProcessLookupError, PermissionError):
-                return False
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _is_our_trainer(pid: int, record: dict) -> bool:
@@ -201,7 +159,7 @@ def clean_stale_children(output_dir: str) -> list[str]:
     names that still runs is an orphan holding the GPU: it is stopped (re-queueing resumes from its last
     checkpoint). The file goes either way. Returns what was done, for the log."""
     done: list[str] = []
-    root = Path(output_dir) / "flenwheel"
+    root = workspace_root(output_dir)
     for child_file in sorted(root.glob(f"*/training/{CHILD_FILE}")) if root.is_dir() else []:
         try:
             record = json.loads(child_file.read_text(encoding="utf-8"))
@@ -209,18 +167,11 @@ def clean_stale_children(output_dir: str) -> list[str]:
             record = {}
         record = record if isinstance(record, dict) else {}
         server = record.get("server_pid")
-        if server != os.getpid() and _pid_alive(server) and _is_comfy(server):
+        if isinstance(server, int) and server != os.getpid() and child_process.pid_alive(server) and _is_comfy(server):
             continue  # another ComfyUI on the same output folder runs this trainer
         pid = record.get("pid")
-        if _pid_alive(pid) and _is_our_trainer(pid, record):
-            for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 5.0)):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pid, sig)
-                deadline = time.monotonic() + wait
-                while _pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.05)
-                if not _pid_alive(pid):
-                    break
+        if isinstance(pid, int) and child_process.pid_alive(pid) and _is_our_trainer(pid, record):
+            child_process.stop_pid(pid, STOP_GRACE_S)
             done.append(f"stopped orphaned trainer pid {pid} ({child_file.parent.parent.name})")
         with contextlib.suppress(OSError):
             child_file.unlink()
@@ -272,7 +223,7 @@ def _advanced(text: str, workspace: Path) -> dict:
     if "run_dir" in data:
         if not isinstance(data["run_dir"], str):
             raise FlenUserError("advanced: 'run_dir' must be a folder name.")
-        root = Root(workspace / "training", f"output/flenwheel/{workspace.name}/training")
+        root = Root(workspace / "training", workspace_label(workspace.name, "training"))
         data["run_dir"] = str(resolve_inside(data["run_dir"], [root], "advanced: 'run_dir'"))
     return data
 
@@ -398,7 +349,7 @@ def _char_option_inputs() -> list:
                                "captions as written (they already hold it). prepend / append: the token first / "
                                "last, once. replace_placeholder: [trigger] or {token} in a caption becomes the "
                                "token; captions without one get it in front."),
-        io.Combo.Input("identity_model", options=["none", *face_id.model_choices(bridge.insightface_packs())],
+        io.Combo.Input("identity_model", options=["none", *face_backends.model_choices(bridge.insightface_packs())],
                        default="none", optional=True,
                        tooltip="Score every sample step's samples (model-card prompts, fixed seeds) against the "
                                "dataset's faces with this face model, and also save the weights of the "
@@ -411,9 +362,7 @@ def _identity_config(name: str) -> dict:
     name = (name or "").strip()
     if not name or name == "none":
         return {}
-    from ..engines import identity_dlib
-
-    if name != identity_dlib.DLIB_MODEL:
+    if not face_backends.is_dlib(name):
         face_id.pack_folder(bridge.insightface_root(), name)  # a missing pack is refused before the trainer starts
     return {"identity_model": name, "identity_root": bridge.insightface_root()}
 
@@ -481,7 +430,7 @@ def _loss_curve(done: dict) -> torch.Tensor:
             rgb = im.convert("RGB")
     except (OSError, TypeError, ValueError):
         rgb = Image.new("RGB", (64, 64), (255, 255, 255))
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)[None]
+    return pil_to_tensor(rgb)
 
 
 _OUTPUTS = [LoraNameType.Output(display_name="lora_name",

@@ -12,10 +12,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from training.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory  # noqa: E402
 from training.tiny_models import write_tiny_models  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+from training.workflow_thumbnails import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

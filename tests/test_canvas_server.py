@@ -1,4 +1,4 @@
-"""The canvas side of issue 15, in a real ComfyUI: one character per workflow, reading nodes that name the known
+"""The canvas in a real ComfyUI: one character per workflow, reading nodes that name the known
 characters, and the shipped workflows' first run, notes, titles and defaults."""
 
 from __future__ import annotations

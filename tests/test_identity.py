@@ -7,8 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
+from engines import face_backends as fb
 from engines import identity as idn
 from engines.errors import FlenUserError
+from engines.image_arrays import batch_to_uint8
 from training import tiny_models as tm
 
 CPU = ["CPUExecutionProvider"]
@@ -23,7 +25,7 @@ def face_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(face_root):
-    return idn.load_face_model(face_root, tm.INSIGHTFACE_PACK, 640, CPU)
+    return fb.load_face_model(face_root, tm.INSIGHTFACE_PACK, 640, CPU)
 
 
 def face(identity: int, size: int = 256, **kw) -> np.ndarray:
@@ -48,8 +50,8 @@ def bank(model, face_root):
 
 
 def test_model_loaded_once_per_pack_providers_and_det_size(face_root, model):
-    assert idn.load_face_model(face_root, tm.INSIGHTFACE_PACK, 640, CPU) is model
-    other = idn.load_face_model(face_root, tm.INSIGHTFACE_PACK, 320, CPU)
+    assert fb.load_face_model(face_root, tm.INSIGHTFACE_PACK, 640, CPU) is model
+    other = fb.load_face_model(face_root, tm.INSIGHTFACE_PACK, 320, CPU)
     assert other is not model and other.det_size == 320
     assert model.det_sizes() == [640, 320, 160]
     assert idn.list_packs(face_root) == [tm.INSIGHTFACE_PACK]
@@ -66,13 +68,13 @@ def test_providers_end_with_cpu_and_cuda_only_when_usable():
 def test_missing_pack_names_folder_and_expected_files(tmp_path):
     root = tmp_path / "insightface"
     with pytest.raises(FlenUserError) as err:
-        idn.load_face_model(root, "buffalo_l")
+        fb.load_face_model(root, "buffalo_l")
     msg = str(err.value)
     assert str(root / "models" / "buffalo_l") in msg
     assert "det_10g.onnx" in msg and "w600k_r50.onnx" in msg and "never downloads" in msg
     (root / "models" / "empty").mkdir(parents=True)
     with pytest.raises(FlenUserError, match="has no .onnx files"):
-        idn.load_face_model(root, "empty")
+        fb.load_face_model(root, "empty")
 
 
 def test_pack_without_recogniser_is_refused_with_what_was_found(tmp_path, face_root):
@@ -80,13 +82,13 @@ def test_pack_without_recogniser_is_refused_with_what_was_found(tmp_path, face_r
     pack.mkdir(parents=True)
     shutil.copy(face_root / "models" / tm.INSIGHTFACE_PACK / tm.DETECTOR_FILE, pack)
     with pytest.raises(FlenUserError, match=r"no recognition model \(found: det_flen_tiny.onnx\)"):
-        idn.load_face_model(tmp_path / "insightface", "half", 640, CPU)
+        fb.load_face_model(tmp_path / "insightface", "half", 640, CPU)
 
 
 def test_nested_antelopev2_style_folder_is_found(tmp_path, face_root):
     nested = tmp_path / "insightface" / "models" / "antelopev2" / "antelopev2"
     shutil.copytree(face_root / "models" / tm.INSIGHTFACE_PACK, nested)
-    m = idn.load_face_model(tmp_path / "insightface", "antelopev2", 640, CPU)
+    m = fb.load_face_model(tmp_path / "insightface", "antelopev2", 640, CPU)
     assert m.analyse(face(1)).count == 1
 
 
@@ -200,7 +202,7 @@ def test_to_uint8_from_comfy_image_batch():
     import torch
 
     batch = torch.stack([torch.from_numpy(face(1).astype(np.float32) / 255.0)] * 2)
-    out = idn.to_uint8(batch)
+    out = batch_to_uint8(batch)
     assert len(out) == 2 and out[0].dtype == np.uint8
     np.testing.assert_array_equal(out[0], face(1))
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engines import face_backends as fb
 from engines import identity as idn
 from engines import identity_dlib as idd
 from engines.errors import FlenUserError
@@ -46,7 +47,7 @@ def hanks() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-    return idn.load_face_model("", idd.DLIB_MODEL, 640)
+    return fb.load_face_model("", idd.DLIB_MODEL, 640)
 
 
 def rotated(rgb: np.ndarray, degrees: float) -> np.ndarray:
@@ -68,9 +69,9 @@ def test_weights_come_from_the_installed_package_and_the_choice_is_listed(model)
     assert folder.parent.name == "face_recognition_models" and folder.name == "models"
     assert (folder / idd.RECOGNISER_FILE).is_file() and (folder / idd.PREDICTOR_FILE).is_file()
     assert idd.available()
-    assert idn.model_choices(["buffalo_l"]) == ["buffalo_l", idd.DLIB_MODEL]
-    assert idn.load_face_model("/nowhere", idd.DLIB_MODEL, 640) is model
-    other = idn.load_face_model("", idd.DLIB_MODEL, 320)
+    assert fb.model_choices(["buffalo_l"]) == ["buffalo_l", idd.DLIB_MODEL]
+    assert fb.load_face_model("/nowhere", idd.DLIB_MODEL, 640) is model
+    other = fb.load_face_model("", idd.DLIB_MODEL, 320)
     assert other is not model and other.max_side == 640 and other.recognizer is model.recognizer
 
 
@@ -82,7 +83,7 @@ def test_missing_packages_are_a_clear_error_naming_pip(monkeypatch):
     assert "pip install dlib-bin face_recognition_models" in str(err.value)
     assert "never downloads" in str(err.value)
     assert not idd.available()
-    assert idn.model_choices(["buffalo_l"]) == ["buffalo_l"]
+    assert fb.model_choices(["buffalo_l"]) == ["buffalo_l"]
 
 
 def insightface_mean_face() -> np.ndarray:
@@ -221,10 +222,10 @@ def _single_faces(group: np.ndarray, model) -> list[np.ndarray]:
 def test_same_photo_scores_one_and_other_people_are_rejected_at_the_default(bank, model, astronaut, group, hanks):
     assert bank.pack == idd.DLIB_MODEL and bank.embeddings.shape == (1, 128)
     np.testing.assert_allclose(np.linalg.norm(bank.embeddings, axis=1), 1.0, atol=1e-5)
-    assert idn.bank_model(bank) is model
-    threshold = idn.effective_threshold(bank, idn.DEFAULT_THRESHOLD)
-    assert threshold == idn.DLIB_THRESHOLD == 0.92
-    assert idn.effective_threshold(bank, 0.95) == 0.95
+    assert fb.bank_model(bank) is model
+    threshold = fb.effective_threshold(bank, idn.DEFAULT_THRESHOLD)
+    assert threshold == idd.DEFAULT_THRESHOLD == 0.92
+    assert fb.effective_threshold(bank, 0.95) == 0.95
     same = [astronaut, np.ascontiguousarray(astronaut[:, ::-1]),
             np.asarray(Image.fromarray(astronaut).resize((256, 256), Image.LANCZOS))]
     others = [hanks] + _single_faces(group, model)

@@ -11,13 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
+from engines import face_backends as fb
 from engines import flux_pipeline
 from engines import identity as idn
 from engines import model_card as mc
 from engines import prompt_templates as pt
 from engines.errors import FlenUserError
+from engines.image_arrays import batch_to_uint8
 from engines.lora_stack import LoraEntry, LoraStack
 from engines.model_host import LocalHost
+from engines.png_files import png_bytes
 from training import tiny_models as tm
 
 CPU = ["CPUExecutionProvider"]
@@ -50,7 +53,7 @@ def loras(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def face(tiny_models):
-    model = idn.load_face_model(tiny_models / "insightface", tm.INSIGHTFACE_PACK, 640, CPU)
+    model = fb.load_face_model(tiny_models / "insightface", tm.INSIGHTFACE_PACK, 640, CPU)
     reference = np.asarray(tm.draw_test_face(1))
     bank = idn.build_bank(model, [reference], tiny_models / "insightface")
     return model, bank, reference
@@ -60,7 +63,7 @@ def _card(flux, stack, face, plant: np.ndarray | None = None, cells=None):
     model, bank, _ref = face
     cells = cells or mc.parse_prompt_set(mc.DEFAULT_PROMPT_SET)
     images, metas = mc.render_cells(flux, cells, SETTINGS, stack, LocalHost())
-    rgb = idn.to_uint8(images)
+    rgb = batch_to_uint8(images)
     if plant is not None:
         rgb[[c.key for c in cells].index(PLANT)] = plant
     rows = mc.score_cells(bank, model, rgb, SETTINGS.threshold)
@@ -75,7 +78,7 @@ def planted(flux, loras, face):
 
 
 def _png(img: Image.Image) -> bytes:
-    return mc._png_bytes(img)
+    return png_bytes(img)
 
 
 # ---- the benchmark set ---------------------------------------------------------------------------------------

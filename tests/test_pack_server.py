@@ -15,16 +15,16 @@ pytestmark = pytest.mark.server
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_NODES = {"FLENLoraStack", "FLENFluxLoader", "FLENFluxGenerate"}
-EXPECTED_NODES |= {"FLENReviewQueue", "FLENLoadApproved", "FLENReviewGate"}  # review (issue 5)
-EXPECTED_NODES |= {"FLENIdentityReference", "FLENIdentityFilter"}  # identity (issue 4)
+EXPECTED_NODES |= {"FLENReviewQueue", "FLENLoadApproved", "FLENReviewGate"}  # review
+EXPECTED_NODES |= {"FLENIdentityReference", "FLENIdentityFilter"}  # identity
 EXPECTED_NODES |= {"FLENApplyLoraStack", "FLENQwenEditLoader", "FLENQwenEdit", "FLENAngleSweep",
-                   "FLENSaveImages"}  # issue 3
-EXPECTED_NODES |= {"FLENDatasetWriter", "FLENEditPairWriter"}  # issue 6
-EXPECTED_NODES |= {"FLENModelCard", "FLENCompareVersions"}  # issue 8
-EXPECTED_NODES |= {"FLENTrainCharacterLoRA", "FLENTrainEditorLoRA"}  # issue 7
-EXPECTED_NODES |= {"FLENAIToolkitLauncher"}  # issue 7 ai-toolkit
-EXPECTED_NODES |= {"FLENCharacter"}  # issue 15: one character per workflow
-EXPECTED_NODES |= {"FLENQwenEditFileLoader", "FLENFluxFileLoader"}  # issue 17: ComfyUI's split files
+                   "FLENSaveImages"}
+EXPECTED_NODES |= {"FLENDatasetWriter", "FLENEditPairWriter"}
+EXPECTED_NODES |= {"FLENModelCard", "FLENCompareVersions"}
+EXPECTED_NODES |= {"FLENTrainCharacterLoRA", "FLENTrainEditorLoRA"}
+EXPECTED_NODES |= {"FLENAIToolkitLauncher"}
+EXPECTED_NODES |= {"FLENCharacter"}  # one character per workflow
+EXPECTED_NODES |= {"FLENQwenEditFileLoader", "FLENFluxFileLoader"}  # ComfyUI's split files
 EXPECTED_NODES |= {"FLENQwenEditFromComfy", "FLENFluxFromComfy"}  # ComfyUI's own MODEL / CLIP / VAE
 
 

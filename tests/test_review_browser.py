@@ -174,7 +174,7 @@ def test_gate_is_released_by_the_gallery_and_passes_only_approved(comfy, comfy_s
     page.wait_for_selector(".flen-rv-waiting[hidden]", state="attached", timeout=10_000)
 
 
-# ---- issue 15: what a reviewer sees and does ------------------------------------------------------------------
+# ---- what a reviewer sees and does ---------------------------------------------------------------------------
 
 def seed_store(comfy_server, character: str, n: int = 6, runs=("r1",), scores=None, status: dict | None = None):
     """Candidates written straight into the server's review store, with the record an angle sweep + identity

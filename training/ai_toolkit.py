@@ -28,39 +28,33 @@ import contextlib
 import json
 import os
 import re
-import signal
 import struct
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 
 try:  # inside ComfyUI the pack is a package (custom_nodes/FLENwheel); from the repo root it is not
+    from ..engines import child_process, edit_pairs, safe_paths, safetensors_files, workspace
     from ..engines import dataset as ds
-    from ..engines import edit_pairs, safe_paths
     from ..engines import split_files as sf
-    from ..engines.atomic_files import chmod_like_open
+    from ..engines.atomic_files import write_new_file
     from ..engines.errors import FlenUserError
-    from ..engines.review_store import validate_character
 except ImportError:
+    from engines import child_process, edit_pairs, safe_paths, safetensors_files, workspace
     from engines import dataset as ds
-    from engines import edit_pairs, safe_paths
     from engines import split_files as sf
-    from engines.atomic_files import chmod_like_open
+    from engines.atomic_files import write_new_file
     from engines.errors import FlenUserError
-    from engines.review_store import validate_character
 
 JOB_KINDS = ("flux", "qwen_image_edit_2509")
 LORA_PREFIX = {"flux": "char_lora", "qwen_image_edit_2509": "qwen_lora"}
-LORAS_SUBDIR = "flenwheel"
 RUNS_DIR = "ai_toolkit_runs"
 DEFAULT_RESOLUTIONS = (512, 768, 1024)
 TAIL_LINES = 40
@@ -105,7 +99,7 @@ class AIToolkitSettings:
     def validate(self) -> AIToolkitSettings:
         if self.kind not in JOB_KINDS:
             raise FlenUserError(f"Unknown ai-toolkit job kind {self.kind!r}; one of {', '.join(JOB_KINDS)}.")
-        self.character = validate_character(self.character)
+        self.character = workspace.validate_character(self.character)
         if not self.base_model:
             raise FlenUserError("No base model folder: choose the diffusers folder of the base model "
                                 "(models/diffusers/…).")
@@ -289,24 +283,20 @@ def dump_config(config: dict[str, Any]) -> str:
 
 def write_config(config: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
-    if path.exists():
+    if not write_new_file(path, dump_config(config).encode("utf-8")):
         raise FlenUserError(f"{path} already exists; FLENwheel never overwrites a job config.")
-    ds.atomic_write(path, dump_config(config).encode("utf-8"))
     return path
 
 
 # ---- names ------------------------------------------------------------------------------------
 
 def lora_folder(loras_root: str | os.PathLike, character: str) -> Path:
-    return Path(loras_root) / LORAS_SUBDIR / validate_character(character)
+    return workspace.loras_dir(loras_root, character)
 
 
 def next_lora_name(loras_root: str | os.PathLike, character: str, prefix: str) -> str:
     """``<prefix>_vN`` with N one past the highest existing version in models/loras/flenwheel/<character>/."""
-    folder = lora_folder(loras_root, character)
-    pattern = re.compile(rf"^{re.escape(prefix)}_v([1-9][0-9]*)(?:\.|$)")
-    taken = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else []) if (m := pattern.match(p.name))]
-    return f"{prefix}_v{max(taken, default=0) + 1}"
+    return f"{prefix}_v{workspace.next_version(lora_folder(loras_root, character), prefix)}"
 
 
 # ---- the child process ------------------------------------------------------------------------
@@ -440,31 +430,9 @@ class RunResult:
     pid: int
 
 
-def _kill_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        if os.name == "posix":
-            os.killpg(proc.pid, sig)
-        elif sig == signal.SIGTERM:  # pragma: no cover - Windows
-            proc.terminate()
-        else:  # pragma: no cover
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 def stop_process(proc: subprocess.Popen, grace: float | None = None) -> None:
     """Terminate (SIGTERM to the process group), then kill what is left after ``grace`` seconds."""
-    grace = STOP_GRACE_S if grace is None else grace
-    if proc.poll() is None:
-        _kill_group(proc, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    # the group may hold workers even when the leader is gone (dataloader processes)
-    _kill_group(proc, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=grace)
+    child_process.stop(proc, STOP_GRACE_S if grace is None else grace)
 
 
 def run_ai_toolkit(checkout: str | os.PathLike, config_path: str | os.PathLike, *,
@@ -481,12 +449,8 @@ def run_ai_toolkit(checkout: str | os.PathLike, config_path: str | os.PathLike, 
     ``job_name``, or any tqdm line that carries a loss)."""
     checkout = validate_checkout(checkout)
     cmd = [python or venv_python(checkout), str(checkout / "run.py"), str(Path(config_path).resolve())]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-    kwargs: dict[str, Any] = {"start_new_session": True} if os.name == "posix" else {
-        "creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
     try:
-        proc = subprocess.Popen(cmd, cwd=checkout, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env=env, **kwargs)
+        proc = child_process.start(cmd, checkout, merge_stderr=True)
     except OSError as exc:
         raise AIToolkitError(f"Could not start ai-toolkit ({cmd[0]} {cmd[1]}): {exc}") from exc
     if on_start is not None:
@@ -495,25 +459,8 @@ def run_ai_toolkit(checkout: str | os.PathLike, config_path: str | os.PathLike, 
     events: collections.deque[ProgressLine] = collections.deque()
     log = open(log_path, "ab") if log_path else None  # noqa: SIM115 - closed in finally
 
-    def reader() -> None:
-        buf = b""
-        assert proc.stdout is not None
-        while True:
-            chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-            if not chunk:
-                break
-            if log is not None:
-                log.write(chunk)
-                log.flush()
-            buf += chunk
-            *parts, buf = re.split(rb"[\r\n]", buf)
-            for raw in parts:
-                _line(raw)
-        if buf:
-            _line(buf)
-
-    def _line(raw: bytes) -> None:
-        line = raw.decode("utf-8", errors="replace").rstrip()
+    def _line(raw: str) -> None:
+        line = raw.rstrip()
         if not line.strip():
             return
         p = parse_progress(line)
@@ -525,8 +472,8 @@ def run_ai_toolkit(checkout: str | os.PathLike, config_path: str | os.PathLike, 
                 return
         tail.append(line)
 
-    thread = threading.Thread(target=reader, name="ai-toolkit-output", daemon=True)
-    thread.start()
+    assert proc.stdout is not None  # a PIPE
+    thread = child_process.read_lines(proc.stdout, _line, sink=log, name="ai-toolkit-output")
     last: ProgressLine | None = None
     losses: list[tuple[int, float]] = []
 
@@ -589,30 +536,20 @@ def glob_escape(text: str) -> str:
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
     """The safetensors JSON header and the offset where the tensor data starts."""
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise AIToolkitError(f"{path} is not a safetensors file (shorter than 8 bytes).")
-        (n,) = struct.unpack("<Q", raw)
-        if n <= 0 or n > 100_000_000:
-            raise AIToolkitError(f"{path} is not a safetensors file (implausible header length {n}).")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AIToolkitError(f"{path} is not a safetensors file ({exc}).") from None
-    if not isinstance(header, dict):
-        raise AIToolkitError(f"{path} has a malformed safetensors header.")
-    return header, 8 + n
+    try:
+        return safetensors_files.read_header(path)
+    except (OSError, safetensors_files.NotSafetensors) as exc:
+        raise AIToolkitError(f"{path} is not a safetensors file ({exc}).") from None
 
 
-def _with_metadata(src: Path, dst_tmp: Path, metadata: dict[str, str]) -> bool:
-    """Copies ``src`` into ``dst_tmp`` with ``metadata`` merged into its ``__metadata__``; False (and a plain
+def _with_metadata(src: Path, fout: BinaryIO, metadata: dict[str, str]) -> bool:
+    """Copies ``src`` into ``fout`` with ``metadata`` merged into its ``__metadata__``; False (and a plain
     byte copy) when the file's header cannot be read."""
     try:
         header, offset = read_header(src)
     except AIToolkitError:
         header = None
-    with open(src, "rb") as fin, open(dst_tmp, "wb") as fout:
+    with open(src, "rb") as fin:
         if header is not None:
             old_meta = header.get("__metadata__")
             meta = {str(k): str(v) for k, v in (old_meta.items() if isinstance(old_meta, dict) else ())}
@@ -624,47 +561,22 @@ def _with_metadata(src: Path, dst_tmp: Path, metadata: dict[str, str]) -> bool:
             fin.seek(offset)
         while chunk := fin.read(1 << 20):
             fout.write(chunk)
-        fout.flush()
-        os.fsync(fout.fileno())
     return header is not None
 
 
 def install_lora(src: str | os.PathLike, loras_root: str | os.PathLike, character: str, prefix: str,
                  metadata: dict[str, str] | None = None) -> tuple[str, Path, bool]:
     """Copies the produced LoRA to ``models/loras/flenwheel/<character>/<prefix>_vN.safetensors`` with the
-    next free N, atomically (temp file + fsync + hard link, which fails rather than overwrite). Returns the
-    name relative to models/loras, the path and whether the metadata could be added."""
-    folder = lora_folder(loras_root, character)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    chmod_like_open(fd)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        meta_ok = _with_metadata(Path(src), tmp, dict(metadata or {}))
-        for _ in range(1000):
-            name = next_lora_name(loras_root, character, prefix)
-            dest = folder / f"{name}.safetensors"
-            try:
-                os.link(tmp, dest)
-            except FileExistsError:
-                continue
-            except OSError:  # no hard links on this file system: exclusive create + copy
-                try:
-                    with open(dest, "xb") as out, open(tmp, "rb") as fin:
-                        while chunk := fin.read(1 << 20):
-                            out.write(chunk)
-                        out.flush()
-                        os.fsync(out.fileno())
-                except FileExistsError:
-                    continue
-            ds._fsync_dir(folder)
-            rel = Path(LORAS_SUBDIR, validate_character(character), dest.name).as_posix()
-            return rel, dest, meta_ok
-        raise AIToolkitError(f"No free LoRA name for {prefix}_vN in {folder}.")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    next free N, atomically and never overwriting (``workspace.write_new_version``). Returns the name relative
+    to models/loras, the path and whether the metadata could be added."""
+    meta_ok = False
+
+    def fill(out: BinaryIO) -> None:
+        nonlocal meta_ok
+        meta_ok = _with_metadata(Path(src), out, dict(metadata or {}))
+
+    dest = workspace.write_new_version(lora_folder(loras_root, character), prefix, fill)
+    return workspace.lora_name(character, dest.name), dest, meta_ok
 
 
 # ---- the whole launch -------------------------------------------------------------------------

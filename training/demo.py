@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from engines.pack_info import WORKFLOWS_DIR as WORKFLOWS
+from engines.workspace import loras_dir, workspace_dir
+
 from .comfy_queue import ComfyClient, ComfyServer, comfyui_path, prepare_base_directory
 from .tiny_models import write_tiny_models
-
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 
 # The trainers on the tiny models: a few steps at 64×64, no checkpoints or sample previews.
 TINY_TRAINING = {"steps": 4, "rank": 4, "learning_rate": 0.01, "resolution": 64, "checkpoint_every": 0,
@@ -233,8 +234,8 @@ def _text(outputs: dict, node_id: str) -> str:
 def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
     """The whole flywheel on the tiny models; returns what it made (label → path)."""
     c = CHARACTER
-    out = base / "output" / "flenwheel" / c
-    loras = base / "models" / "loras" / "flenwheel" / c
+    out = workspace_dir(base / "output", c)
+    loras = loras_dir(base / "models" / "loras", c)
     made: dict[str, Path] = {}
 
     say("1/9 flywheel1_enrich: source photos → angle sweep (Qwen edit + LoRA stack) → identity filter → review queue")
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"writing tiny models to {base / 'models'}")
     write_tiny_models(base / "models", seed=0)
-    for old in (base / "output" / "flenwheel" / CHARACTER, base / "models" / "loras" / "flenwheel" / CHARACTER):
+    for old in (workspace_dir(base / "output", CHARACTER), loras_dir(base / "models" / "loras", CHARACTER)):
         if old.exists():  # a fresh loop each run: v1 and v2 again, not v3 and v4
             say(f"removing the previous demo run's {old}")
             shutil.rmtree(old)

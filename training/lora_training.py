@@ -50,13 +50,16 @@ from typing import TYPE_CHECKING, Any, cast, get_args, get_origin, get_type_hint
 import numpy as np
 import torch
 
+from engines.atomic_files import atomic_write, sha256_file, write_new_file
+from engines.diffusers_folder import PRECISIONS, nf4_config
 from engines.errors import FlenUserError
 from engines.fused_ops import fuse_rms_norms, use_flux_rope_processor
+from engines.png_files import png_bytes
+from engines.workspace import loras_dir, write_new_version
 
 if TYPE_CHECKING:
     from diffusers.models.modeling_utils import ModelMixin
 
-PRECISIONS = ("bf16", "fp32", "nf4", "fp8")
 OPTIMIZERS = ("auto", "adamw8bit", "adamw")
 # Names as kohya sd-scripts / musubi-tuner spell them (--timestep_sampling, --weighting_scheme, --lr_scheduler).
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "sigmoid", "shift", "flux_shift")
@@ -310,8 +313,6 @@ def emit(event: str, **data: Any) -> None:
 # ---- files -------------------------------------------------------------------------------------------
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    from engines.dataset import atomic_write
-
     atomic_write(path, data)
 
 
@@ -326,46 +327,6 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def next_version_path(folder: Path, prefix: str) -> Path:
-    existing = []
-    for p in folder.glob(f"{prefix}_v*.safetensors"):
-        tail = p.name[len(prefix) + 2:-len(".safetensors")]
-        if tail.isdigit():
-            existing.append(int(tail))
-    return folder / f"{prefix}_v{max(existing, default=0) + 1}.safetensors"
-
-
-def write_new_version(folder: Path, prefix: str, data: bytes) -> Path:
-    """Writes ``data`` as the next ``<prefix>_vN.safetensors`` in ``folder``; never overwrites (a hard link
-    from a temp file claims the name atomically, so two writers get different versions)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{prefix}-{os.getpid()}-{time.time_ns()}.part"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    try:
-        for _ in range(1000):
-            target = next_version_path(folder, prefix)
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                continue
-        raise FlenUserError(f"Could not claim a new {prefix}_vN name in {folder}.")
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 # ---- devices, precision, memory ----------------------------------------------------------------------
@@ -405,10 +366,9 @@ def quantization_config(cfg: TrainConfig, dtype: torch.dtype):
     if cfg.precision != "nf4":
         return None
     try:
-        from diffusers import BitsAndBytesConfig
+        return nf4_config(dtype)
     except ImportError as exc:  # pragma: no cover
         raise ConfigError(f"precision 'nf4' needs bitsandbytes ({exc}); pip install bitsandbytes.") from exc
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
 def split_file_dtypes(cfg: TrainConfig, dtype: torch.dtype):
@@ -1009,7 +969,7 @@ class Trainer:
                 x = x + (float(b) - float(a)) * v.float()
             image = self.task.decode(x, self.device, self.dtype)
             path = folder / f"step_{step:08d}_{i:02d}.png"
-            buf = _png_bytes(image)
+            buf = png_bytes(image)
             atomic_write_bytes(path, buf)
             paths.append(str(path))
         self._model().train()
@@ -1116,7 +1076,7 @@ class Trainer:
             if board is not None:
                 board.close()
         curve = self.run_dir / LOSS_CURVE
-        atomic_write_bytes(curve, _png_bytes(loss_curve_image(read_loss_log(self.run_dir / LOSS_LOG))))
+        atomic_write_bytes(curve, png_bytes(loss_curve_image(read_loss_log(self.run_dir / LOSS_LOG))))
         path = self._write_lora(final_sd, parent, opt_name, cfg.steps, last_loss)
         ema_path = self._write_beside(path, EMA_SUFFIX, self.ema_state(), parent, opt_name, last_loss, {
             "ema": {"decay": cfg.ema_decay}}) if self.ema is not None else None
@@ -1161,7 +1121,7 @@ class Trainer:
                       for i, sc in enumerate(record["scores"])]
         title = f"step {step}" + (f" · identity {record['score']:.3f}" if record is not None else "")
         grid = self.run_dir / SAMPLES_DIR / f"step_{step:08d}_grid.png"
-        atomic_write_bytes(grid, _png_bytes(sample_grid(images, labels, title)))
+        atomic_write_bytes(grid, png_bytes(sample_grid(images, labels, title)))
         self.emit("sample", step=step, total=self.cfg.steps, paths=paths, grid=str(grid))
 
     def _tensorboard(self, start: int):
@@ -1226,7 +1186,7 @@ class Trainer:
 
     def _write_lora(self, sd: dict[str, torch.Tensor], parent: dict[str, Any] | None, opt_name: str,
                     steps: int, loss: float) -> Path:
-        folder = Path(self.cfg.output_dir) / "flenwheel" / self.task.character
+        folder = loras_dir(self.cfg.output_dir, self.task.character)
         extra: dict[str, Any] = {}
         if self.ema is not None:
             extra["ema"] = {"decay": self.cfg.ema_decay, "file_suffix": EMA_SUFFIX}
@@ -1245,16 +1205,9 @@ class Trainer:
         key = next(iter(extra))
         extra = {key: {**extra[key], "of": plain.name, "of_sha256": sha256_file(plain)}}
         data = self._lora_file(sd, parent, opt_name, self.cfg.steps, loss, extra)
-        tmp = plain.parent / f".tmp-beside-{os.getpid()}-{time.time_ns()}.part"
-        tmp.write_bytes(data)
-        try:
-            os.link(tmp, target)
-        except FileExistsError:
+        if not write_new_file(target, data):
             raise FlenUserError(f"{target} already exists (left by another run?); it was not written. The plain "
-                                f"LoRA {plain.name} is complete.") from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+                                f"LoRA {plain.name} is complete.")
         return target
 
 
@@ -1336,14 +1289,6 @@ def loss_curve_image(records: list[dict[str, Any]], width: int = 768, height: in
     draw.text((right - 60, bottom + 6), f"step {steps[-1]}", fill=(0, 0, 0))
     draw.text((left + 8, 4), f"loss (mean of {window}) and learning rate", fill=(0, 0, 0))
     return image
-
-
-def _png_bytes(image) -> bytes:
-    import io as _io
-
-    buf = _io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _example_to(e: Example, tag: str, i: int, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -28,6 +28,9 @@ from typing import Any
 
 import websocket
 
+from engines.errors import FlenUserError
+from engines.workspace import lora_name
+
 from .comfy_queue import ComfyClient
 from .demo import WORKFLOWS, load_api_workflow
 
@@ -82,7 +85,10 @@ def _lora_name(value: str, character: str | None, kind: str) -> str:
     if value.startswith("v") and value[1:].isdigit():
         if not character:
             raise CliError(f"--{kind.replace('_', '-')} {value}: give --character to name the version's folder")
-        return f"flenwheel/{character}/{kind}_{value}.safetensors"
+        try:
+            return lora_name(character, f"{kind}_{value}.safetensors")
+        except FlenUserError as exc:
+            raise CliError(f"--character {character!r}: {exc}") from None
     return value
 
 

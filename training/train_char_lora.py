@@ -27,8 +27,8 @@ import torch
 from engines import dataset as ds
 from engines.diffusers_folder import read_model_index
 from engines.errors import FlenUserError
-from engines.review_store import validate_character
 from engines.safe_images import open_image
+from engines.workspace import validate_character
 from training.lora_training import (
     ConfigError,
     Example,
@@ -323,10 +323,10 @@ class CharLoraTask(TrainTask):
             return None
         import numpy as np
 
-        from engines import identity
+        from engines import face_backends, identity
         from engines.safe_images import open_rgb
 
-        model = identity.load_face_model(self.cfg.identity_root, self.cfg.identity_model)
+        model = face_backends.load_face_model(self.cfg.identity_root, self.cfg.identity_model)
         try:
             bank = identity.build_bank(model, [np.asarray(open_rgb(Path(it["image_path"]))) for it in self.items],
                                        self.cfg.identity_root)

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from engines.diffusers_folder import read_model_index
-from engines.review_store import validate_character
 from engines.safe_images import open_rgb
+from engines.workspace import validate_character
 from training.lora_training import (
     ConfigError,
     Example,

@@ -34,8 +34,10 @@ from pathlib import Path
 
 import requests
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
-API_DIR = WORKFLOWS / "api"
+from engines.pack_info import API_WORKFLOWS_DIR, WORKFLOWS_DIR
+
+WORKFLOWS = WORKFLOWS_DIR
+API_DIR = API_WORKFLOWS_DIR
 
 MODE_MUTED = 2
 MODE_BYPASS = 4

@@ -16,10 +16,11 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from engines.pack_info import WORKFLOWS_DIR
+
 if TYPE_CHECKING:
     from playwright.sync_api import ViewportSize
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -68,10 +69,10 @@ def render(url: str, names: list[str], chromium: str = CHROMIUM) -> list[Path]:
                                        ".comfyui-body-bottom, .actionbar, .comfy-menu-button-wrapper, "
                                        ".splitter-overlay-root > .p-splitter { display: none !important; }")
             for name in names:
-                wf = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+                wf = json.loads((WORKFLOWS_DIR / f"{name}.json").read_text(encoding="utf-8"))
                 page.evaluate(_FIT, wf)
                 page.wait_for_timeout(400)
-                out = WORKFLOWS / f"{name}.jpg"
+                out = WORKFLOWS_DIR / f"{name}.jpg"
                 page.locator("#graph-canvas").screenshot(path=str(out), type="jpeg", quality=82)
                 written.append(out)
         finally:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", help="A running ComfyUI with this pack; default: start one for the run.")
     parser.add_argument("--chromium", default=CHROMIUM, help=f"Chromium executable (default {CHROMIUM}).")
     args = parser.parse_args(argv)
-    names = args.names or sorted(p.stem for p in WORKFLOWS.glob("*.json"))
+    names = args.names or sorted(p.stem for p in WORKFLOWS_DIR.glob("*.json"))
     if args.server:
         written = render(args.server, names, args.chromium)
     else:
