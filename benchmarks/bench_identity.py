@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engines import face_backends as fb  # noqa: E402
 from engines import identity as idn  # noqa: E402
-from training import tiny_models as tm  # noqa: E402
+from tools import tiny_models as tm  # noqa: E402
 
 
 def _images(n: int) -> list[np.ndarray]:

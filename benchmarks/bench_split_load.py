@@ -38,7 +38,7 @@ def write_file(arch: str, path: Path, depth: tuple[int, ...], form: str) -> dict
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
 
     from engines import split_files as sf
-    from training import tiny_split_files as ts
+    from tools import tiny_split_files as ts
 
     if arch == "flux":
         cfg = dict(sf.shipped_config(sf.FLUX_CONFIGS, "transformer"), num_layers=depth[0], num_single_layers=depth[1])

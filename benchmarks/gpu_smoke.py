@@ -43,9 +43,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from training import demo  # noqa: E402
-from training.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory  # noqa: E402
-from training.tiny_models import write_tiny_models  # noqa: E402
+from tools import demo  # noqa: E402
+from tools.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory  # noqa: E402
+from tools.tiny_models import write_tiny_models  # noqa: E402
 
 TRAINERS = ("FLENTrainCharacterLoRA", "FLENTrainEditorLoRA")
 # The demo's order: each flywheel step reads what the one before it wrote.

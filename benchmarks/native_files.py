@@ -56,7 +56,7 @@ def _fill(shapes: dict, dtype_of, device: str, seed: int) -> dict:
 
 
 def _fp8(scaled: bool):
-    from training import tiny_split_files as ts
+    from tools import tiny_split_files as ts
 
     return lambda key, t: ts.to_fp8({key: t}, scaled=scaled)
 
@@ -84,7 +84,7 @@ def write(root: Path, arch: str, depth: int | None, device: str) -> dict:
     from diffusers import AutoencoderKL, AutoencoderKLQwenImage, FluxTransformer2DModel, QwenImageTransformer2DModel
 
     from engines import split_files as sf
-    from training import tiny_split_files as ts
+    from tools import tiny_split_files as ts
 
     def cfg(model: str, component: str, **cut) -> dict:
         c = sf.shipped_config(model, component)

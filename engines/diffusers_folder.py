@@ -71,3 +71,17 @@ def load_quantised_transformer(model_cls: type, folder: str | Path, precision: s
         # bf16 transformer (24 GB FLUX, 41 GB Qwen) is never in RAM at once (see engines/fp8_linear.py).
         return load_transformer_fp8(model_cls, Path(folder) / "transformer", dtype)
     return None
+
+
+def load_pipeline(pipeline_cls: type, transformer_cls: type, folder: str | Path, expected_classes: tuple[str, ...],
+                  precision: str, device: torch.device, modules: tuple[str, ...]):
+    """A diffusers pipeline folder at ``precision`` (the transformer quantised for 'nf4' / 'fp8'), its
+    ``modules`` frozen in eval mode: the one loader of the FLUX and Qwen-Image-Edit diffusers folders."""
+    read_model_index(folder, expected_classes)
+    dtype = torch_dtype_for(precision, device)
+    transformer = load_quantised_transformer(transformer_cls, folder, precision, dtype)
+    kwargs = {"transformer": transformer} if transformer is not None else {}
+    pipe = pipeline_cls.from_pretrained(folder, dtype=dtype, **kwargs)  # type: ignore[attr-defined]
+    for name in modules:
+        getattr(pipe, name).eval().requires_grad_(False)
+    return pipe

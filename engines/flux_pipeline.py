@@ -12,7 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .diffusers_folder import load_quantised_transformer, read_model_index, torch_dtype_for
+from .diffusers_folder import load_pipeline
 from .errors import FlenUserError
 from .flow_schedule import StepCallback
 from .lora_adapters import PipelineHandle
@@ -37,13 +37,8 @@ class FluxHandle(PipelineHandle):
 def load_flux(folder: str | Path, name: str, precision: str, device: torch.device) -> FluxHandle:
     from diffusers import FluxPipeline, FluxTransformer2DModel
 
-    read_model_index(folder, FLUX_CLASSES)
-    dtype = torch_dtype_for(precision, device)
-    transformer = load_quantised_transformer(FluxTransformer2DModel, folder, precision, dtype)
-    kwargs = {"transformer": transformer} if transformer is not None else {}
-    pipe = FluxPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
-    for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.transformer, pipe.vae):
-        m.eval().requires_grad_(False)
+    pipe = load_pipeline(FluxPipeline, FluxTransformer2DModel, folder, FLUX_CLASSES, precision, device,
+                         FluxHandle.module_names)
     return FluxHandle(name=name, folder=str(folder), precision=precision, pipe=pipe)
 
 

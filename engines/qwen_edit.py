@@ -22,7 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from PIL import Image
 
-from .diffusers_folder import load_quantised_transformer, read_model_index, torch_dtype_for
+from .diffusers_folder import load_pipeline
 from .errors import FlenUserError
 from .flow_schedule import StepCallback
 from .lora_adapters import PipelineHandle
@@ -66,13 +66,8 @@ class QwenEditHandle(PipelineHandle):
 def load_qwen_edit(folder: str | Path, name: str, precision: str, device: torch.device) -> QwenEditHandle:
     from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel
 
-    read_model_index(folder, QWEN_EDIT_CLASSES)
-    dtype = torch_dtype_for(precision, device)
-    transformer = load_quantised_transformer(QwenImageTransformer2DModel, folder, precision, dtype)
-    kwargs = {"transformer": transformer} if transformer is not None else {}
-    pipe = QwenImageEditPlusPipeline.from_pretrained(folder, dtype=dtype, **kwargs)
-    for m in (pipe.text_encoder, pipe.transformer, pipe.vae):
-        m.eval().requires_grad_(False)
+    pipe = load_pipeline(QwenImageEditPlusPipeline, QwenImageTransformer2DModel, folder, QWEN_EDIT_CLASSES,
+                         precision, device, QwenEditHandle.module_names)
     return QwenEditHandle(name=name, folder=str(folder), precision=precision, pipe=pipe)
 
 

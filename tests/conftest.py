@@ -10,9 +10,9 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from training.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory  # noqa: E402
-from training.tiny_models import write_tiny_models  # noqa: E402
-from training.workflow_thumbnails import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from tools.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory  # noqa: E402
+from tools.tiny_models import write_tiny_models  # noqa: E402
+from tools.workflow_thumbnails import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -225,7 +225,7 @@ def test_qwen_edit_config_has_the_example_structure_with_control_folders(env):
 
 def _split(tiny_models, key: str, arch: str = "qwen") -> str:
     """A file of the tiny kit's ComfyUI split files."""
-    from training import tiny_split_files as ts
+    from tools import tiny_split_files as ts
 
     name = (ts.QWEN_FILES if arch == "qwen" else ts.FLUX_FILES)[key]
     return str(tiny_models / ts.folder_of(key) / ts.SPLIT_DIRNAME / name)

@@ -135,7 +135,7 @@ def test_interrupt_ends_the_child(comfy, comfy_server, tmp_path, base_model):
 def test_qwen_job_takes_the_split_loaders_diffusion_model_file(comfy, comfy_server, tmp_path):
     """A FLEN Qwen Edit Loader (ComfyUI files) connected to qwen_pipe: the config the fake ai-toolkit ran names the
     split diffusion-model file as the transformer and the diffusers folder for the rest."""
-    from training.demo import enrich_for_review, load_api_workflow, scripted_review, with_character, write_demo_inputs
+    from tools.demo import enrich_for_review, load_api_workflow, scripted_review, with_character, write_demo_inputs
 
     write_demo_inputs(comfy_server.base / "input")
     character = "atq_" + uuid.uuid4().hex[:8]
@@ -168,7 +168,7 @@ def test_qwen_job_takes_the_split_loaders_diffusion_model_file(comfy, comfy_serv
 ])
 def test_what_ai_toolkit_cannot_take_is_a_clear_node_error(comfy, comfy_server, tmp_path, job_kind, loader, base,
                                                           message):
-    from training.demo import TINY_FLUX_FILES, TINY_QWEN_FILES
+    from tools.tiny_workflows import TINY_FLUX_FILES, TINY_QWEN_FILES
 
     character = "at_" + uuid.uuid4().hex[:10]
     configure(comfy_server.base, make_checkout(tmp_path / "ai-toolkit"))

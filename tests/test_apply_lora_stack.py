@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.comfy_queue import comfyui_path
+from tools.comfy_queue import comfyui_path
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from review_prompts import review_prompt
 
-from training.demo import TINY_SUBSTITUTIONS, load_api_workflow, write_demo_inputs
+from tools.demo import load_api_workflow, write_demo_inputs
+from tools.tiny_workflows import TINY_SUBSTITUTIONS
 
 pytestmark = pytest.mark.server
 

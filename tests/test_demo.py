@@ -1,4 +1,4 @@
-"""The README's main job: `python -m training.demo` runs the whole flywheel on the tiny models, end to end."""
+"""The README's main job: `python -m tools.demo` runs the whole flywheel on the tiny models, end to end."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ EXPECTED = ["dataset v1", "char_lora_v1", "model card v1", "edit pairs v1", "qwe
 
 
 def test_demo_runs_the_whole_loop_and_its_outputs_exist(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "training.demo", "--workdir", str(tmp_path / "demo")], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "tools.demo", "--workdir", str(tmp_path / "demo")], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-4000:]

@@ -11,7 +11,7 @@ from engines import face_backends as fb
 from engines import identity as idn
 from engines.errors import FlenUserError
 from engines.image_arrays import batch_to_uint8
-from training import tiny_models as tm
+from tools import tiny_models as tm
 
 CPU = ["CPUExecutionProvider"]
 

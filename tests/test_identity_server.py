@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import tiny_models as tm
-from training.demo import output_files
+from tools import tiny_models as tm
+from tools.demo import output_files
 
 pytestmark = pytest.mark.server
 

@@ -28,8 +28,8 @@ from engines import dataset as ds
 from engines import review_store as rs
 from engines.errors import FlenUserError
 from engines.png_files import write_png_new
+from tools.comfy_queue import ComfyServer, prepare_base_directory
 from training import ai_toolkit as at
-from training.comfy_queue import ComfyServer, prepare_base_directory
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "ohwx_char person"

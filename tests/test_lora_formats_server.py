@@ -17,7 +17,7 @@ from lora_layouts import make_reference, write_layout
 from PIL import Image
 from safetensors.torch import save_file
 
-from training.demo import output_files, write_demo_inputs
+from tools.demo import output_files, write_demo_inputs
 
 pytestmark = pytest.mark.server
 

@@ -21,7 +21,7 @@ from engines.image_arrays import batch_to_uint8
 from engines.lora_stack import LoraEntry, LoraStack
 from engines.model_host import LocalHost
 from engines.png_files import png_bytes
-from training import tiny_models as tm
+from tools import tiny_models as tm
 
 CPU = ["CPUExecutionProvider"]
 SETTINGS = mc.CardSettings(width=64, height=64, steps=1, guidance=3.5, instance_token="ohwx_char", cell_px=64)

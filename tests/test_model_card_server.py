@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from engines.model_card import DEFAULT_PROMPT_SET
-from training import tiny_models as tm
-from training.demo import output_files
+from tools import tiny_models as tm
+from tools.demo import output_files
 
 pytestmark = pytest.mark.server
 

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.comfy_queue import comfyui_path
+from tools.comfy_queue import comfyui_path
 
 REPO = Path(__file__).resolve().parents[1]
 # fp32 on the CPU, same weights, same noise, same sigmas: only the order of float operations differs

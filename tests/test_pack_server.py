@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from training.comfy_queue import PromptFailed
-from training.demo import load_api_workflow, output_files, write_demo_inputs
+from tools.comfy_queue import PromptFailed
+from tools.demo import load_api_workflow, output_files, write_demo_inputs
 
 pytestmark = pytest.mark.server
 

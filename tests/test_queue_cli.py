@@ -1,4 +1,4 @@
-"""python -m training.queue_cli against a real ComfyUI: overrides, websocket progress, outputs, resume."""
+"""python -m tools.queue_cli against a real ComfyUI: overrides, websocket progress, outputs, resume."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from training import queue_cli
-from training.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory
+from tools import queue_cli
+from tools.comfy_queue import ComfyClient, ComfyServer, prepare_base_directory
 
 pytestmark = pytest.mark.server
 

@@ -10,7 +10,7 @@ from engines.angle_catalogue import PRESETS, parse_custom_lines, sweep_lines
 from engines.errors import FlenUserError
 from engines.lora_stack import LoraEntry, LoraStack
 from engines.model_host import LocalHost
-from training.tiny_models import draw_test_face
+from tools.tiny_models import draw_test_face
 
 QWEN = "flen-tiny-qwen-image-edit"
 

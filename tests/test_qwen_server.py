@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from training.demo import load_api_workflow, output_files, with_diffusers_folders, write_demo_inputs
+from tools.demo import load_api_workflow, output_files, with_diffusers_folders, write_demo_inputs
 
 pytestmark = pytest.mark.server
 

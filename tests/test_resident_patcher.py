@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.comfy_queue import comfyui_path
+from tools.comfy_queue import comfyui_path
 
 REPO = Path(__file__).resolve().parents[1]
 

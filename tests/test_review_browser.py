@@ -384,7 +384,7 @@ BUILD_GRAPH = """async ([character, face]) => {
 
 
 def test_canvas_shows_node_summaries_and_a_waiting_gate_with_the_way_to_the_gallery(comfy, comfy_server, comfy_page):
-    from training import tiny_models as tm
+    from tools import tiny_models as tm
 
     tm.draw_test_face(1).save(comfy_server.base / "input" / "canvas_face.png")
     character = "canvas_" + uuid.uuid4().hex[:8]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import tiny_models as tm
-from training.demo import DEMO_SOURCES, enrich_for_review, write_demo_inputs
+from tools import tiny_models as tm
+from tools.demo import DEMO_SOURCES, enrich_for_review, write_demo_inputs
 
 pytestmark = pytest.mark.server
 

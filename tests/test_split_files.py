@@ -14,8 +14,8 @@ from engines.errors import FlenUserError
 from engines.fp8_linear import E4M3, Fp8Linear
 from engines.lora_stack import LoraStack
 from engines.model_host import LocalHost
-from training import tiny_models as tm
-from training import tiny_split_files as ts
+from tools import tiny_models as tm
+from tools import tiny_split_files as ts
 
 CPU = torch.device("cpu")
 # bf16 split files hold the tiny diffusers folders' (bf16-valued) weights exactly: the only difference left is
@@ -212,7 +212,7 @@ def test_shipped_full_size_configs_build_the_real_architectures():
 
 def test_comfyuis_bundled_tokenizers_serve_the_real_models():
     """The real models' tokenizers come from ComfyUI's checkout (nothing downloads), shaped as diffusers needs."""
-    from training.comfy_queue import comfyui_path
+    from tools.comfy_queue import comfyui_path
 
     root = comfyui_path() / "comfy"
     clip = sf.clip_tokenizer(str(root / "sd1_tokenizer"))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.demo import (
+from tools.demo import (
     enrich_for_review,
     load_api_workflow,
     output_files,

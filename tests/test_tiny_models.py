@@ -1,4 +1,4 @@
-"""Tests of the tiny-model kit (training/tiny_models.py): real loads, real runs, no skips."""
+"""Tests of the tiny-model kit (tools/tiny_models.py): real loads, real runs, no skips."""
 
 import hashlib
 import os
@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # conftest.py normally does this
     sys.path.insert(0, str(REPO))
 
-from training import tiny_models as tm  # noqa: E402
+from tools import tiny_models as tm  # noqa: E402
 
 
 def _hashes(root: Path) -> dict[str, str]:
@@ -23,7 +23,7 @@ def _hashes(root: Path) -> dict[str, str]:
 
 def _run_cli(models_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    return subprocess.run([sys.executable, "-m", "training.tiny_models", str(models_dir), *extra], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tools.tiny_models", str(models_dir), *extra], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -13,8 +13,8 @@ import torch
 from train_helpers import REPO, char_dataset, native_probe, read_lora, train
 
 from engines import dataset as ds
+from tools.tiny_models import draw_test_face
 from training.lora_training import ConfigError, compute_dtype, config_from_dict, load_config_file, sha256_file
-from training.tiny_models import draw_test_face
 from training.train_char_lora import CharLoraConfig, CharLoraTask, main
 
 STEPS = 24

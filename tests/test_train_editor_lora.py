@@ -13,8 +13,8 @@ from train_helpers import native_probe, read_lora, train
 from engines import dataset as ds
 from engines.edit_pairs import EditPair, write_edit_pairs
 from engines.errors import FlenUserError
+from tools.tiny_models import draw_test_face
 from training.lora_training import ConfigError, config_from_dict
-from training.tiny_models import draw_test_face
 from training.train_editor_lora import EditorLoraConfig, EditorLoraTask
 
 STEPS = 24

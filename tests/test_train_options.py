@@ -287,7 +287,7 @@ def test_option_errors_are_clear(tmp_path):
 
 def test_identity_scorer_scores_the_datasets_faces_with_the_face_model(tiny_models, tmp_path):
     """The real scorer (tiny face pack): the dataset's own faces score high, another face lower, a blank 0."""
-    from training.tiny_models import INSIGHTFACE_PACK, draw_test_face
+    from tools.tiny_models import INSIGHTFACE_PACK, draw_test_face
 
     dataset = char_dataset(tmp_path / "output", "quinn", size=256)
     cfg = config_from_dict(CharLoraConfig, settings(tiny_models, dataset, tmp_path / "loras", sample_every=2,

@@ -10,7 +10,7 @@ import torch
 from train_helpers import char_dataset, read_lora, train
 
 from engines.fp8_linear import Fp8Linear
-from training import tiny_split_files as ts
+from tools import tiny_split_files as ts
 from training.lora_training import ConfigError, config_from_dict
 from training.train_char_lora import CharLoraConfig, CharLoraTask
 from training.train_editor_lora import EditorLoraConfig, EditorLoraTask

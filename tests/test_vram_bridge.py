@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from training.demo import TINY_FLUX_FILES, load_api_workflow
+from tools.demo import load_api_workflow
+from tools.tiny_workflows import TINY_FLUX_FILES
 
 pytestmark = pytest.mark.server
 # the split-file loader registers its models under the diffusion-model file's name

@@ -1,4 +1,4 @@
-"""workflows/api/<name>.json are generated from workflows/<name>.json by training.workflow_api, and that
+"""workflows/api/<name>.json are generated from workflows/<name>.json by tools.workflow_api, and that
 conversion agrees with the real ComfyUI frontend's graphToPrompt, also on muted / bypassed / virtual nodes."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from training import workflow_api
+from tools import workflow_api
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = sorted(p.stem for p in (REPO / "workflows").glob("*.json"))
@@ -25,7 +25,7 @@ def test_api_twin_is_the_generated_conversion_of_its_ui_file(object_info, name):
     ui = json.loads((REPO / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
     twin = (REPO / "workflows" / "api" / f"{name}.json").read_text(encoding="utf-8")
     assert workflow_api.dumps(workflow_api.convert(ui, object_info)) == twin, (
-        f"workflows/api/{name}.json is out of step: run `python -m training.workflow_api`")
+        f"workflows/api/{name}.json is out of step: run `python -m tools.workflow_api`")
 
 
 @pytest.mark.server

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from training.demo import (
-    TINY_SUBSTITUTIONS,
+from tools.demo import (
     enrich_for_review,
     load_api_workflow,
     scripted_review,
     with_character,
     write_demo_inputs,
 )
+from tools.tiny_workflows import TINY_SUBSTITUTIONS
 
 pytestmark = pytest.mark.server
 
@@ -33,7 +33,7 @@ def inputs(comfy_server):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_tiny_substitutions_name_existing_nodes_and_inputs(name):
-    """training/demo.py patches the twins by node id: the ids and input names must stay as shipped."""
+    """tools/demo.py patches the twins by node id: the ids and input names must stay as shipped."""
     assert name in TINY_SUBSTITUTIONS, f"no tiny-model substitutions for workflows/api/{name}.json"
     api = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
     for node_id, values in TINY_SUBSTITUTIONS[name].items():

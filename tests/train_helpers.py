@@ -10,9 +10,9 @@ from pathlib import Path
 from safetensors import safe_open
 
 from engines import dataset as ds
-from training.comfy_queue import comfyui_path
+from tools.comfy_queue import comfyui_path
+from tools.tiny_models import draw_test_face
 from training.lora_training import Trainer, config_from_dict
-from training.tiny_models import draw_test_face
 
 REPO = Path(__file__).resolve().parents[1]
 

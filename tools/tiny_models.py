@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import tiny_split_files
+from tools import tiny_split_files
 
 QWEN_EDIT_DIRNAME = "flen-tiny-qwen-image-edit"
 FLUX_DIRNAME = "flen-tiny-flux"
@@ -706,7 +706,7 @@ def write_tiny_models(models_dir: str | Path, seed: int = 0) -> dict[str, Any]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.tiny_models",
+    parser = argparse.ArgumentParser(prog="python -m tools.tiny_models",
                                      description="Write FLENwheel's tiny test models into a models folder.")
     parser.add_argument("models_dir", help="models folder to write into (e.g. ComfyUI/models)")
     parser.add_argument("--seed", type=int, default=0)

@@ -197,7 +197,7 @@ class ComfyClient:
             time.sleep(0.2)
         raise PromptFailed(f"prompt {pid} did not finish within {timeout:.0f} s")
 
-    # --- batch runs (training.queue_cli) ---------------------------------------------------------------
+    # --- batch runs (tools.queue_cli) ---------------------------------------------------------------
     def history_entry(self, prompt_id: str) -> dict | None:
         """The /history entry of a prompt, or None while it is queued, running, or unknown to this server."""
         return self.get(f"/history/{prompt_id}").json().get(prompt_id)

@@ -1,6 +1,6 @@
 """Thumbnails of the shipped workflows: each graph rendered by the real ComfyUI frontend in Chromium.
 
-    python -m training.workflow_thumbnails [NAME ...] [--server URL]
+    python -m tools.workflow_thumbnails [NAME ...] [--server URL]
 
 Writes workflows/<name>.jpg beside workflows/<name>.json (the template browser shows it). Without --server a
 headless ComfyUI with this pack is started for the run. Needs playwright and a Chromium
@@ -81,7 +81,7 @@ def render(url: str, names: list[str], chromium: str = CHROMIUM) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.workflow_thumbnails", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.workflow_thumbnails", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="Workflow names (default: every workflows/*.json).")
     parser.add_argument("--server", help="A running ComfyUI with this pack; default: start one for the run.")
     parser.add_argument("--chromium", default=CHROMIUM, help=f"Chromium executable (default {CHROMIUM}).")
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.server:
         written = render(args.server, names, args.chromium)
     else:
-        from .comfy_queue import ComfyServer, prepare_base_directory
+        from tools.comfy_queue import ComfyServer, prepare_base_directory
 
         with tempfile.TemporaryDirectory(prefix="flen_thumbnails_") as tmp:
             prepare_base_directory(Path(tmp), None)
