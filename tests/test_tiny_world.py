@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engines import identity
-from training import tiny_world as world
+from tools import tiny_world as world
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,8 @@ def test_recogniser_separates_identities_on_held_out_drawings(face_root):
 
 
 def test_filter_passes_the_character_and_rejects_others_and_no_faces(face_root):
-    model = identity.load_face_model(face_root, world.FACE_PACK, det_size=160, providers=["CPUExecutionProvider"])
+    model = identity.load_insightface_model(face_root, world.FACE_PACK, det_size=160,
+                                            providers=["CPUExecutionProvider"])
     me = world.CHARACTER_IDENTITY
     refs = [world.draw_world_face(me, offset=o) for o in ((0, 0), (-3, 2), (3, -2))]
     bank = identity.build_bank(model, [np.asarray(r) for r in refs], face_root)

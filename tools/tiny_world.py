@@ -1,6 +1,6 @@
 """The tiny world: small models that have learnt something, so that the flywheel's improvement can be measured.
 
-The tiny-model kit (:mod:`training.tiny_models`) writes random models: they draw no faces, so the identity filter
+The tiny-model kit (:mod:`tools.tiny_models`) writes random models: they draw no faces, so the identity filter
 rejects everything and every similarity on a model card is "–". The world is the same kind of tiny, real
 model folders, but pre-trained on procedurally drawn faces of :data:`IDENTITIES` identities:
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from . import tiny_models as kit
+from tools import tiny_models as kit
 
 # Bump when anything below changes what is built: the cache is keyed by it.
 WORLD_VERSION = 1
@@ -270,7 +270,7 @@ def measure_recognizer(root: str | Path, pack: str = FACE_PACK, per_identity: in
     from engines import identity
 
     threshold = identity.DEFAULT_THRESHOLD if threshold is None else threshold
-    model = identity.load_face_model(root, pack, det_size=160, providers=["CPUExecutionProvider"])
+    model = identity.load_insightface_model(root, pack, det_size=160, providers=["CPUExecutionProvider"])
     refs = [Variation("neutral", "front", 0.0, o, s, 0.0) for o, s in (((0, 0), 1.0), ((-3, 2), 0.9), ((3, -2), 1.05))]
     banks = [identity.build_bank(model, [np.asarray(v.draw(i)) for v in refs], root) for i in range(IDENTITIES)]
     means = np.stack([b.mean for b in banks])
@@ -297,7 +297,7 @@ def measure_recognizer(root: str | Path, pack: str = FACE_PACK, per_identity: in
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.tiny_world", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.tiny_world", description=__doc__.splitlines()[0])
     parser.add_argument("models_dir", type=Path)
     args = parser.parse_args(argv)
     start = time.time()
