@@ -144,8 +144,9 @@ def describe(captioner: Captioner, image: Image.Image, settings: CaptionSettings
     settings = settings.checked()
     model = captioner.model
     device = device or next(model.parameters()).device
+    size = {"shortest_edge": 56 * 56, "longest_edge": int(settings.max_pixels)}
     inputs = captioner.processor(text=[_chat_text(settings.prompt)], images=[image.convert("RGB")],
-                                 images_kwargs={"size": {"shortest_edge": 56 * 56, "longest_edge": int(settings.max_pixels)}}, return_tensors="pt")
+                                 images_kwargs={"size": size}, return_tensors="pt")
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     tok = captioner.processor.tokenizer
     out = model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=int(settings.max_new_tokens),
