@@ -90,7 +90,7 @@ def template_for_source(template: str, source: str, metas: list[dict[str, Any]] 
         raise FlenUserError(f"caption_source must be one of {', '.join(CAPTION_SOURCES)}.")
     if source == "template":
         return template
-    missing = [k for k, m in enumerate(metas or [None]) if not (isinstance(m, dict) and m.get("description"))]
+    missing = [k for k, m in enumerate(metas or [{}]) if not (isinstance(m, dict) and m.get("description"))]
     if missing:
         raise FlenUserError(f"caption_source '{source}' needs a VLM description for every image, but record "
                             f"#{missing[0]} has none: put FLEN Caption Images before the writer and connect its "
