@@ -78,7 +78,27 @@ PHASES = ("head", "body")
 KINDS = ("pristine", "enriched", "synthetic")
 NEAR_DUPLICATE_MODES = ("flag", "drop", "keep")
 DEFAULT_TEMPLATE = "{token}, {labels}"
-CAPTION_FIELDS = ("token", "class", "labels", "label", "angle", "expression", "pose", "phase", "kind", "character")
+CAPTION_FIELDS = ("token", "class", "labels", "label", "angle", "expression", "pose", "phase", "kind", "character",
+                  "description")
+# where captions come from: the template, the VLM description (FLEN Caption Images' meta), or both
+CAPTION_SOURCES = ("template", "vlm", "template+vlm")
+
+
+def template_for_source(template: str, source: str, metas: list[dict[str, Any]] | None) -> str:
+    """The template a caption source means; vlm sources need a description in every record."""
+    if source not in CAPTION_SOURCES:
+        raise FlenUserError(f"caption_source must be one of {', '.join(CAPTION_SOURCES)}.")
+    if source == "template":
+        return template
+    missing = [k for k, m in enumerate(metas or [{}]) if not (isinstance(m, dict) and m.get("description"))]
+    if missing:
+        raise FlenUserError(f"caption_source '{source}' needs a VLM description for every image, but record "
+                            f"#{missing[0]} has none: put FLEN Caption Images before the writer and connect its "
+                            "meta output, or choose caption_source 'template'.")
+    if source == "vlm":
+        return "{token}, {description}"
+    template = template if template.strip() else DEFAULT_TEMPLATE
+    return template if "{description}" in template else template + ", {description}"
 PHASH_THRESHOLD = 6
 _MEAN_COLOUR_TOLERANCE = 24  # 0..255: flat images of different colours share a pHash; they are not duplicates
 _VERSION_RE = re.compile(r"^v([1-9][0-9]{0,5})$")
@@ -229,7 +249,8 @@ def render_caption(template: str, token: str, meta: dict[str, Any], *, phase: st
     values = {"token": token, "class": _clean_text(class_prompt), "labels": ", ".join(words),
               "label": _human(labels["label"]), "angle": _human(labels["angle"]),
               "expression": _human(labels["expression"]), "pose": _human(labels["pose"]), "phase": phase,
-              "kind": kind, "character": character}
+              "kind": kind, "character": character,
+              "description": _clean_text(meta.get("description")) if isinstance(meta.get("description"), str) else ""}
     text = template.format_map(values)
     parts = [" ".join(p.split()) for p in text.split(",")]
     caption = ", ".join(p for p in parts if p)

@@ -4,6 +4,7 @@ from comfy_api.v0_0_2 import ComfyExtension, io
 
 from . import flux_nodes, identity_nodes, lora_stack_nodes, qwen_nodes, review_gate, review_nodes, save_nodes
 from .ai_toolkit_nodes import NODES as AI_TOOLKIT_NODES
+from .caption_nodes import NODES as CAPTION_NODES
 from .dataset_nodes import NODES as DATASET_NODES
 from .model_card_nodes import NODES as MODEL_CARD_NODES
 from .routes import register_routes
@@ -16,6 +17,7 @@ NODES += DATASET_NODES
 NODES += MODEL_CARD_NODES
 NODES += TRAINING_NODES
 NODES += AI_TOOLKIT_NODES
+NODES += CAPTION_NODES
 
 
 class FlenwheelExtension(ComfyExtension):

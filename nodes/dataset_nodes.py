@@ -50,6 +50,11 @@ class FLENDatasetWriter(io.ComfyNode):
                 io.String.Input("class_prompt", default="", optional=True,
                                 tooltip="Optional class prompt (e.g. 'a photo of a person'), recorded for prior "
                                         "preservation."),
+                io.Combo.Input("caption_source", options=list(dataset.CAPTION_SOURCES), default="template",
+                               optional=True,
+                               tooltip="template: the caption template only. vlm: '{token}, {description}' from "
+                                       "FLEN Caption Images (connect its meta). template+vlm: the template with "
+                                       "{description} (appended if the template has none)."),
                 MetaType.Input("meta", optional=True,
                                tooltip="One FLEN_META record per image: labels and provenance for the manifest."),
             ],
@@ -62,13 +67,15 @@ class FLENDatasetWriter(io.ComfyNode):
     @classmethod
     def execute(cls, images: torch.Tensor, character: str, instance_token: str, caption_template: str,
                 version: str, phase: str, kind: str, near_duplicates: str, phash_threshold: int,
-                class_prompt: str = "", meta: list | None = None) -> io.NodeOutput:
+                class_prompt: str = "", caption_source: str = "template",
+                meta: list | None = None) -> io.NodeOutput:
         if images is None or images.shape[0] == 0:
             raise FlenUserError("The image batch is empty: nothing to write. (Nothing approved yet? Judge "
                                 "candidates in the FLENwheel review gallery first.)")
         if meta is not None and not isinstance(meta, list):
             raise FlenUserError("meta must be a FLEN_META list (one record per image).")
         metas = review_store.review_provenance(bridge.output_directory(), meta) if meta is not None else None
+        caption_template = dataset.template_for_source(caption_template, caption_source, metas)
         result = dataset.write_dataset(
             bridge.output_directory(), character.strip(), [images[k] for k in range(images.shape[0])], metas,
             token=instance_token, version=version.strip() or "new", template=caption_template,

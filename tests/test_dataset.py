@@ -450,3 +450,18 @@ def test_pairs_from_the_review_store(tmp_path):
         assert len(only) == 3
     finally:
         store.close()
+
+
+def test_caption_sources_pick_the_template_and_need_descriptions():
+    metas = [{"description": "standing by a window, soft daylight"}]
+    assert ds.template_for_source("{token}, {labels}", "template", None) == "{token}, {labels}"
+    assert ds.template_for_source("{token}, {labels}", "vlm", metas) == "{token}, {description}"
+    assert ds.template_for_source("{token}, {labels}", "template+vlm", metas) == "{token}, {labels}, {description}"
+    assert ds.template_for_source("{description}; {token}", "template+vlm", metas) == "{description}; {token}"
+    with pytest.raises(ds.FlenUserError, match="FLEN Caption Images"):
+        ds.template_for_source("{token}", "vlm", [{}])
+    with pytest.raises(ds.FlenUserError, match="caption_source"):
+        ds.template_for_source("{token}", "florence", metas)
+    caption = ds.render_caption("{token}, {labels}, {description}", "ohwx_char person",
+                                {"angle": "yaw_left_45", **metas[0]}, phase="head", kind="pristine")
+    assert caption.startswith("ohwx_char person, ") and caption.endswith("standing by a window, soft daylight")

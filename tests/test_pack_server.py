@@ -26,6 +26,7 @@ EXPECTED_NODES |= {"FLENAIToolkitLauncher"}
 EXPECTED_NODES |= {"FLENCharacter"}  # one character per workflow
 EXPECTED_NODES |= {"FLENQwenEditFileLoader", "FLENFluxFileLoader"}  # ComfyUI's split files
 EXPECTED_NODES |= {"FLENQwenEditFromComfy", "FLENFluxFromComfy"}  # ComfyUI's own MODEL / CLIP / VAE
+EXPECTED_NODES |= {"FLENCaptionImages"}  # captions from Qwen2.5-VL
 
 
 def test_object_info_lists_pack_nodes_with_categories_tooltips_and_docs(comfy):

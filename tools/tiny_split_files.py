@@ -323,3 +323,24 @@ def _write_all(models_dir: Path, names: dict[str, str], items: dict) -> dict[str
         write_safetensors(path, sd, meta)
         paths[key] = path
     return paths
+
+
+# ---- a Qwen2.5-VL file with its language-model head (captioning from a split file) ------------------------------
+
+QWEN_VL_WITH_HEAD = "qwen_2.5_vl_tiny_with_lm_head.safetensors"
+
+
+def write_qwen_vl_with_head(models_dir: Path, qwen_edit_folder: Path) -> Path:
+    """ComfyUI's layout of the tiny Qwen2.5-VL plus ``lm_head.weight`` from the diffusers folder's text encoder:
+    the form of a full Qwen2.5-VL-Instruct file, which the captioner can generate from."""
+    from safetensors import safe_open
+
+    src = models_dir / folder_of("text_encoder") / SPLIT_DIRNAME / QWEN_FILES["text_encoder"]
+    with safe_open(str(src), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+        meta = dict(f.metadata() or {})
+    with safe_open(str(Path(qwen_edit_folder) / "text_encoder" / "model.safetensors"), framework="pt") as f:
+        sd["lm_head.weight"] = f.get_tensor("lm_head.weight").to(sd[next(iter(sd))].dtype)
+    out = src.parent / QWEN_VL_WITH_HEAD
+    write_safetensors(out, sd, meta)
+    return out
