@@ -16,6 +16,7 @@ def test_extension_reports_loaded_with_server_status(comfy_page):
     state = comfy_page.evaluate("() => window.FLENwheel")
     assert state["loaded"] is True
     assert state["server"] == {"pack": "FLENwheel", "version": "0.1.0"}
+    assert state["version"] == "0.1.0"  # the front-end takes the server's version (pyproject's), no copy of its own
     assert comfy_page.evaluate("() => document.documentElement.dataset.flenwheel") == "loaded"
 
 

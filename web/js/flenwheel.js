@@ -2,7 +2,6 @@
 // the pack's web folder was served and executed.
 import { app } from "../../../scripts/app.js";
 
-const FLENWHEEL_VERSION = "0.1.0";
 // /extensions/<the pack's folder>/js/flenwheel.js: the module name ComfyUI lists the pack's templates under
 const MODULE = decodeURIComponent(new URL(import.meta.url).pathname.split("/")[2] || "FLENwheel");
 
@@ -48,8 +47,10 @@ app.registerExtension({
       console.warn("[FLENwheel] status route unreachable", err);
     }
     labelTemplateCards();
-    window.FLENwheel = { loaded: true, version: FLENWHEEL_VERSION, server: status };
+    // the version lives in pyproject.toml only; the server reports it (engines/pack_info.py)
+    const version = status ? status.version : null;
+    window.FLENwheel = { loaded: true, version, server: status };
     document.documentElement.dataset.flenwheel = "loaded";
-    console.log(`[FLENwheel] front-end ${FLENWHEEL_VERSION} loaded`);
+    console.log(`[FLENwheel] front-end loaded, pack version ${version ?? "unknown"}`);
   },
 });
