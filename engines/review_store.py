@@ -43,6 +43,9 @@ STATUSES = ("pending", "approved", "rejected", "corrected")
 ACTIONS = ("approve", "reject", "correct", "undo")
 # Order matters: the gallery's reason digits 1–6 map onto this tuple.
 REASONS = ("identity_drift", "artefacts", "wrong_angle", "wrong_expression", "pixel_shift", "other")
+# what the gallery shows for each reason (its keys 1–6 follow REASONS' order); served by the review routes
+REASON_LABELS = {"identity_drift": "identity drift", "artefacts": "artefacts", "wrong_angle": "wrong angle",
+                 "wrong_expression": "wrong expression", "pixel_shift": "pixel shift/zoom", "other": "other"}
 # Orders the gallery offers (fixed SQL, chosen by key: nothing from a client reaches the statement).
 SORTS = {"id": "id", "score_desc": "score IS NULL, score DESC, id", "score_asc": "score IS NULL, score ASC, id",
          "newest": "id DESC"}

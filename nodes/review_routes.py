@@ -240,6 +240,7 @@ def register(routes: web.RouteTableDef) -> None:
 
         def work():
             return {"runs": store.runs(), "labels": store.labels(), "reasons": list(review_store.REASONS),
+                    "reason_labels": [review_store.REASON_LABELS[r] for r in review_store.REASONS],
                     "statuses": list(review_store.STATUSES)}
 
         return web.json_response(await asyncio.to_thread(work))

@@ -59,6 +59,7 @@ def test_queue_stores_candidates_and_routes_list_them(comfy, comfy_server, queue
     assert Image.open(io.BytesIO(src.content)).convert("RGB").getpixel((0, 0)) == rgb(COLORS[0])
     facets = comfy.get(f"/flenwheel/review/{character}/facets").json()
     assert [r["run_id"] for r in facets["runs"]] == ["night1"] and facets["reasons"][0] == "identity_drift"
+    assert facets["reason_labels"][0] == "identity drift" and len(facets["reason_labels"]) == len(facets["reasons"])
 
 
 def test_decide_over_http_then_load_approved_returns_exactly_those(comfy, comfy_server, queued):

@@ -4,8 +4,9 @@
 
 const API = "/flenwheel/review";
 const PAGE_SIZE = 60;
-const REASONS = ["identity_drift", "artefacts", "wrong_angle", "wrong_expression", "pixel_shift", "other"];
-const REASON_TEXT = ["identity drift", "artefacts", "wrong angle", "wrong expression", "pixel shift/zoom", "other"];
+// the rejection reasons and their labels come from the server (engines/review_store.py, /facets): no copy here
+let REASONS = [];
+let REASON_TEXT = [];
 const CSS_URL = "/extensions/FLENwheel/css/review_gallery.css";
 
 function ensureCss() {
@@ -45,7 +46,7 @@ export function mountGallery(root, opts = {}) {
   ensureCss();
   const state = {
     character: opts.character || localStorage.getItem("flen.review.character") || "",
-    // The gallery opens on the last run with every status (issue 15: opening on "pending" showed an empty page
+    // The gallery opens on the last run with every status (opening on "pending" showed an empty page
     // once a run was judged); runPicked says whether the reviewer chose a run, else the newest is taken.
     filters: { run: "", status: opts.status ?? "", label: "", score_min: "", score_max: "", sort: "id" },
     runPicked: opts.run !== undefined, offset: 0, total: 0, items: [], cursor: 0, selected: new Set(),
@@ -80,8 +81,7 @@ export function mountGallery(root, opts = {}) {
     g.waiting = h("div", { class: "flen-rv-waiting", hidden: true }),
     h("div", { class: "flen-rv-keys" },
       "A approve · R reject (then 1–6) · 1–6 reject with reason · C correct · U / Ctrl+Z undo · J/K or ←/→ next/prev · X select · Shift+A/Shift+R all on page · B A/B source · Z zoom · Esc clear"),
-    g.reasonHint = h("div", { class: "flen-rv-reasons", hidden: true },
-      "Reason: ", ...REASONS.map((r, i) => h("span", { class: "flen-rv-reason", dataset: { reason: r } }, `${i + 1} ${REASON_TEXT[i]}`))),
+    g.reasonHint = h("div", { class: "flen-rv-reasons", hidden: true }, "Reason: "),
     h("div", { class: "flen-rv-main" },
       h("div", { class: "flen-rv-left" },
         g.grid = h("div", { class: "flen-rv-grid" }),
@@ -92,8 +92,7 @@ export function mountGallery(root, opts = {}) {
           h("button", { class: "flen-rv-bulk-approve", title: "Approve selected (Shift+A: whole page)", onclick: () => decideSelection("approve") }, "approve selected"),
           h("button", { class: "flen-rv-bulk-reject", title: "Reject selected with the reason beside (Shift+R: whole page)",
             onclick: () => decideSelection("reject", [g.bulkReason.value]) }, "reject selected"),
-          g.bulkReason = h("select", { class: "flen-rv-bulk-reason", title: "Reason for bulk reject" },
-            ...REASONS.map((r, i) => h("option", { value: r, selected: r === "other" }, REASON_TEXT[i]))),
+          g.bulkReason = h("select", { class: "flen-rv-bulk-reason", title: "Reason for bulk reject" }),
         ),
       ),
       g.focus = h("div", { class: "flen-rv-focus" }),
@@ -125,9 +124,19 @@ export function mountGallery(root, opts = {}) {
       h("option", { value: n, selected: n === state.character }, n || "(no character yet)")));
   }
 
+  function renderReasons(keys, labels) {
+    REASONS = keys;
+    REASON_TEXT = labels;
+    g.reasonHint.replaceChildren("Reason: ",
+      ...REASONS.map((r, i) => h("span", { class: "flen-rv-reason", dataset: { reason: r } }, `${i + 1} ${REASON_TEXT[i]}`)));
+    g.bulkReason.replaceChildren(
+      ...REASONS.map((r, i) => h("option", { value: r, selected: r === "other" }, REASON_TEXT[i])));
+  }
+
   async function loadFacets() {
     if (!state.character) return;
     const f = await api(`/${state.character}/facets`);
+    if (f.reasons.join() !== REASONS.join()) renderReasons(f.reasons, f.reason_labels);
     if (!state.runPicked) state.filters.run = f.runs.length ? f.runs[f.runs.length - 1].run_id : "";
     g.run.replaceChildren(h("option", { value: "" }, "all runs"),
       ...f.runs.map((r) => h("option", { value: r.run_id, selected: r.run_id === state.filters.run }, `${r.run_id} (${r.pending}/${r.n})`)));
