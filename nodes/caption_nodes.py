@@ -86,8 +86,9 @@ class FLENCaptionImages(io.ComfyNode):
         settings = vl_caption.CaptionSettings(max_new_tokens=max_new_tokens, max_pixels=max_pixels).checked()
         cap = _captioner(source)
         prov = vl_caption.provenance(cap, settings)
-        device = bridge.compute_device()
-        cap.model.to(device)
+        # through ComfyUI's VRAM manager, as every other model of the pack: it offloads the 7B captioner when the
+        # editor or a trainer needs the card next, instead of finding it parked there
+        device = bridge.ComfyModelHost().prepare(cap.model)
         progress = bridge.Progress(n)
         captions, metas = [], []
         for k in range(n):
