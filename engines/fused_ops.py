@@ -39,14 +39,10 @@ class FusedRMSNorm(nn.Module):
         self.weight = weight
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        weight: torch.Tensor | None = self.weight
-        if weight is not None and weight.dtype != hidden_states.dtype:
-            # diffusers computes in fp32 and returns the weight's dtype when that is 16-bit
-            hidden_states = hidden_states.to(weight.dtype) if weight.dtype in (torch.float16, torch.bfloat16) \
-                else hidden_states
-            if weight.dtype != hidden_states.dtype:
-                weight = weight.to(hidden_states.dtype)
-        return F.rms_norm(hidden_states, self.dim, weight, self.eps)
+        # diffusers' RMSNorm returns the weight's dtype (the input's when there is no weight)
+        if self.weight is not None and hidden_states.dtype != self.weight.dtype:
+            hidden_states = hidden_states.to(self.weight.dtype)
+        return F.rms_norm(hidden_states, self.dim, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.dim)}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
