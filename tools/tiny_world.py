@@ -1,20 +1,18 @@
-"""The tiny world: small models that have learnt something, so that the flywheel's improvement can be measured.
+"""The tiny world: drawn faces of many identities and a face pack whose recogniser really separates them, so that
+the identity filter's decisions can be measured.
 
 The tiny-model kit (:mod:`tools.tiny_models`) writes random models: they draw no faces, so the identity filter
-rejects everything and every similarity on a model card is "–". The world is the same kind of tiny, real
-model folders, but pre-trained on procedurally drawn faces of :data:`IDENTITIES` identities:
+rejects everything and every similarity on a model card is "–". The world starts with what the filter needs:
 
-* ``insightface/models/flen-world/`` - the kit's SCRFD-layout detector and a recogniser that separates the
-  identities: the ArcFace-layout 112x112 crop, 8x8 average-pooled, projected by a linear discriminant fitted
-  (closed form, numpy) on drawings of every identity under many poses, expressions, offsets, scales and blurs;
-* ``diffusers/flen-world-flux/`` - a ``FluxPipeline`` folder (the kit's tokenizers and random text encoders)
-  whose VAE and transformer are trained on the drawings, captioned with the model card's prompt words for their
-  expression and angle but never with who they are: the base model draws *a* face, no one in particular, and a
-  character LoRA has something to add.
+* :func:`draw_world_face` - procedurally drawn faces of :data:`IDENTITIES` identities (skin, hair colour and
+  style, background), under expressions, yaw, offsets, scales and blur;
+* ``insightface/models/flen-world/`` (:func:`write_face_pack`) - the kit's SCRFD-layout detector and a
+  recogniser that separates the identities: the ArcFace-layout 112x112 crop, 8x8 average-pooled, projected by a
+  linear discriminant fitted (closed form, numpy) on drawings of every identity.
 
-Everything is built on the CPU with fixed seeds and deterministic algorithms, and cached under
-``~/.cache/flenwheel/tiny-world-v<WORLD_VERSION>`` (``FLEN_WORLD_CACHE`` overrides it): CI builds it once.
-:func:`measure_recognizer` reports the recogniser's separation and the filter's accuracy on held-out drawings.
+Built on the CPU with fixed seeds in seconds. :func:`measure_recognizer` reports the recogniser's separation and
+the filter's accuracy on held-out drawings. Models pre-trained on the drawings (so that a character LoRA can be
+measured against its base) are not part of it yet.
 """
 
 from __future__ import annotations
@@ -32,9 +30,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from tools import tiny_models as kit
 
-# Bump when anything below changes what is built: the cache is keyed by it.
-WORLD_VERSION = 1
-FLUX_DIRNAME = "flen-world-flux"
 FACE_PACK = "flen-world"
 IDENTITIES = 24
 SIZE = 64
@@ -159,14 +154,6 @@ def variations(n: int, seed: int) -> list[Variation]:
                              (float(rng.uniform(-5, 5)), float(rng.uniform(-4, 4))), float(rng.uniform(0.82, 1.08)),
                              float(rng.choice([0.0, 0.0, 0.6, 1.2]))))
     return out
-
-
-def caption(v: Variation) -> str:
-    """The model card's prompt words for what the drawing shows (never who it is)."""
-    from engines import model_card as mc
-
-    return (f"close-up portrait photo of a person, {mc._EXPRESSION_TEXT[v.expression]}, {mc._ANGLE_TEXT[v.angle]}, "
-            "head and shoulders, plain grey background, soft studio light")
 
 
 # ---- the recogniser ------------------------------------------------------------------------------------------
@@ -309,88 +296,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# ---- the FLUX-layout model -----------------------------------------------------------------------------------
-
-def _images(per_identity: int, seed: int) -> tuple[list[Image.Image], list[str]]:
-    images, captions = [], []
-    for ident in range(IDENTITIES):
-        for v in variations(per_identity, seed * 1000 + ident):
-            images.append(v.draw(ident))
-            captions.append(caption(v))
-    return images, captions
-
-
-def build_world_flux(vae_steps: int = 300, steps: int = 600, per_identity: int = 12, seed: int = 0, log=print):
-    """The kit's tiny FluxPipeline (tokenizers, random text encoders) with a 2x VAE and a 2+2-block transformer
-    trained on the drawings (VAE: reconstruction; transformer: rectified flow on the captions above).
-
-    Not yet part of the world that :func:`main` writes: at max_sequence_length 512 (what the model card renders
-    with) one batch of 16 takes ~5 s on a shared 2-core CPU, far over the budget; the next step is a short text
-    sequence for the world (cards and trainer at max_sequence_length 16) before this is cached and used."""
-    import torch
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-
-    from .train_char_lora import flux_predict
-
-    torch.use_deterministic_algorithms(True)
-    pipe = kit.build_tiny_flux(seed)
-    images, captions = _images(per_identity, seed + 5)
-    x = torch.stack([torch.from_numpy(np.asarray(im, np.float32) / 127.5 - 1.0).permute(2, 0, 1) for im in images])
-    torch.manual_seed(seed + 10)
-    # Any: diffusers' top-level names resolve to dummy classes for the checker
-    vae: Any = AutoencoderKL(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(16, 32),
-                        layers_per_block=1, latent_channels=4, norm_num_groups=8, use_quant_conv=False,
-                        use_post_quant_conv=False, mid_block_add_attention=False,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    opt = torch.optim.Adam(vae.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(seed + 11)
-    t0 = time.time()
-    for step in range(vae_steps):
-        idx = torch.randint(0, len(x), (16,), generator=g)
-        dist = vae.encode(x[idx]).latent_dist
-        z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
-        rec = vae.decode(z).sample
-        loss = torch.nn.functional.mse_loss(rec, x[idx]) + 1e-5 * dist.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == vae_steps - 1:
-            log(f"vae step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        lat = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mode() for i in range(0, len(x), 64)])
-    vae.register_to_config(shift_factor=float(lat.mean()), scaling_factor=float(1.0 / lat.std()))
-    lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
-    pipe.vae = vae
-    pipe.vae_scale_factor = 2
-    pipe.image_processor.config.vae_scale_factor = 2
-    conds = {}
-    with torch.no_grad():
-        for c in sorted(set(captions)):
-            pe, pooled, _ = pipe.encode_prompt(prompt=c, prompt_2=None, max_sequence_length=512)
-            conds[c] = (pe[0], pooled[0])
-    torch.manual_seed(seed + 20)
-    tr: Any = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2,
-                                attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
-                                pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
-    opt = torch.optim.AdamW(tr.parameters(), lr=1e-3, weight_decay=0.0)
-    t0 = time.time()
-    for step in range(steps):
-        idx = torch.randint(0, len(x), (16,), generator=g)
-        x0 = lat[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.sigmoid(torch.randn(16, generator=g))
-        noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-        cond = {"prompt_embeds": torch.stack([conds[captions[i]][0] for i in idx.tolist()]),
-                "pooled": torch.stack([conds[captions[i]][1] for i in idx.tolist()])}
-        loss = torch.nn.functional.mse_loss(flux_predict(tr, noisy, t, cond, 3.5), noise - x0)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
-    pipe.transformer = tr.eval().requires_grad_(False)
-    torch.use_deterministic_algorithms(False)
-    return pipe
