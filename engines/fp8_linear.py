@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,42 @@ class SharedCast:
         return x2
 
 
+class _FrozenFp8Linear(torch.autograd.Function):
+    """``x @ (s·W)ᵀ + b`` over a frozen e4m3 weight, in fp8 both ways. A LoRA over a frozen base needs only the
+    gradient through ``x``: ``dx = dy @ (s·W)``, one more fp8 matmul (``dy`` scaled by its own amax into the e4m3
+    range: gradients are far smaller than 448). Nothing is saved for backward but the weight the layer holds
+    anyway, where ``F.linear`` on the dequantised weight saves the input and a 16-bit copy of the weight."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+        shape, n = x.shape, weight.shape[0]
+        out = torch._scaled_mm(e4m3_activations(x), weight.t(), scale_a=_unit_scale(x.device),
+                               scale_b=weight_scale, bias=bias, out_dtype=compute_dtype)
+        ctx.save_for_backward(weight, weight_scale)
+        ctx.x_shape, ctx.x_dtype, ctx.compute_dtype = shape, x.dtype, compute_dtype
+        return out.reshape(*shape[:-1], n).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        weight, weight_scale = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        g_scale = (g.abs().amax().float() / E4M3_MAX).clamp(min=1e-30)
+        g8 = (g.float() / g_scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+        # _scaled_mm takes its second operand column-major: the (out, in) weight transposed into a contiguous
+        # (in, out) copy, seen transposed; one pass over the fp8 bytes, freed after the matmul
+        w_cols = weight.t().contiguous().t()
+        grad_x = torch._scaled_mm(g8, w_cols, scale_a=g_scale, scale_b=weight_scale, out_dtype=ctx.compute_dtype)
+        return grad_x.reshape(ctx.x_shape).to(ctx.x_dtype), None, None, None, None
+
+
+def frozen_fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                      compute_dtype: torch.dtype) -> torch.Tensor:
+    """The linear map of a frozen e4m3 weight with fp8 matmuls in forward and backward (see _FrozenFp8Linear)."""
+    out = _FrozenFp8Linear.apply(x, weight, weight_scale, bias, compute_dtype)
+    return cast(torch.Tensor, out)
+
+
 class Fp8Linear(nn.Linear):
     """nn.Linear with an e4m3 weight and a per-tensor scale (peft wraps it like any Linear)."""
 
@@ -117,9 +154,11 @@ class Fp8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
-        # _scaled_mm has no backward: a LoRA trained over a frozen fp8 base needs the gradient through x.
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if x.is_cuda and not needs_grad and k % 16 == 0 and n % 16 == 0 and fp8_matmul_available(x.device):
+        fp8_mm = k % 16 == 0 and n % 16 == 0 and fp8_matmul_available(x.device)  # False off CUDA
+        if fp8_mm and needs_grad and not self.weight.requires_grad:
+            return frozen_fp8_linear(x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
+        if fp8_mm and not needs_grad:
             shape = x.shape
             x2 = self.shared_cast.get(x) if self.shared_cast is not None else e4m3_activations(x)
             out = torch._scaled_mm(x2, self.weight.t(), scale_a=_unit_scale(x.device),

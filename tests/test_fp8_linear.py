@@ -102,3 +102,73 @@ def test_streaming_fp8_load_names_an_incomplete_or_foreign_checkpoint(tiny_model
     (broken / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(FlenUserError, match="has no diffusion_pytorch_model.safetensors"):
         load_transformer_fp8(QwenImageTransformer2DModel, broken, torch.bfloat16)
+
+
+# ---- training over a frozen fp8 base: fp8 matmuls both ways (torch's _scaled_mm also runs on the CPU) ----
+
+def _fp8_layer(bias: bool = True) -> tuple[nn.Linear, Fp8Linear]:
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 48, bias=bias).to(torch.bfloat16)
+    q = Fp8Linear.from_linear(lin, torch.bfloat16)
+    lin.weight.data = q.dequantized_weight()  # the same weights: only the matmuls differ
+    return lin, q
+
+
+def test_frozen_fp8_linear_gradient_through_x_matches_the_dequantised_layer():
+    from engines.fp8_linear import frozen_fp8_linear
+
+    lin, q = _fp8_layer()
+    x = torch.randn(3, 10, 64, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randn(3, 10, 48)
+    out = frozen_fp8_linear(x, q.weight, q.weight_scale, q.bias, torch.bfloat16)
+    ((out.float() - target) ** 2).mean().backward()
+    g_fp8, x.grad = x.grad, None
+    ((lin(x).float() - target) ** 2).mean().backward()
+    g_ref = x.grad
+    assert out.shape == (3, 10, 48) and g_fp8.shape == x.shape and g_fp8.dtype == x.dtype
+    rel = (g_fp8.float() - g_ref.float()).norm() / g_ref.float().norm()
+    assert rel < 0.08  # e4m3 on both operands of the backward matmul
+    assert not torch.equal(g_fp8, g_ref)  # really the fp8 matmul
+    # a wrong transpose or scale would give an unrelated or a scaled gradient
+    cos = torch.nn.functional.cosine_similarity(g_fp8.float().flatten(), g_ref.float().flatten(), dim=0)
+    assert cos > 0.995
+
+
+def test_fp8_layer_under_a_lora_routes_training_through_fp8_and_saves_no_weight_copy(monkeypatch):
+    """On a GPU with fp8 tensor cores (here: the CPU, told it has them) a LoRA step over an Fp8Linear base runs
+    the fp8 autograd path: the LoRA gradients match the dequantised path, and autograd keeps no 16-bit copy
+    of the base weight (F.linear on the dequantised weight would keep one)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from engines import fp8_linear
+
+    def lora_grads(fp8_mm: bool):
+        monkeypatch.setattr(fp8_linear, "fp8_matmul_available", lambda device: fp8_mm)
+        torch.manual_seed(2)
+        base = nn.Sequential()
+        base.add_module("proj", _fp8_layer()[1])
+        model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=["proj"],
+                                                   init_lora_weights=False), base)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+        x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+        saved: list[torch.Tensor] = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x).float().pow(2).mean()
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        big16 = [t for t in saved if t.dtype == torch.bfloat16 and t.numel() == 48 * 64]
+        return grads, big16
+
+    g8, copies8 = lora_grads(True)
+    gref, copies_ref = lora_grads(False)
+    assert set(g8) == set(gref) and len(g8) == 2
+    for name in g8:
+        cos = torch.nn.functional.cosine_similarity(g8[name].flatten(), gref[name].flatten(), dim=0)
+        assert cos > 0.99, name
+    assert copies_ref and not copies8
