@@ -5,7 +5,10 @@ gradient checkpointing, 8-bit AdamW, batch 1, pre-cached latents and text embedd
 can be run side by side in the same session.
 
 usage: python -m benchmarks.bench_training --model flux|qwen --res 512|1024 [--cap 24] [--steps 5]
-       [--rank 16] [--tiny]
+       [--rank 16] [--tiny] [--base nf4|fp8] [--ckpt-blocks N]
+--base fp8: every Linear but the outer ones an e4m3 Fp8Linear (what a ComfyUI fp8 split file trains on, with fp8
+matmuls forward and backward on cards that have them) instead of the baseline's NF4. --ckpt-blocks N: only the
+first N transformer blocks recompute their activations in backward (-1, the default: all, as the baseline).
 Prints one JSON line.
 """
 
@@ -27,8 +30,11 @@ from training.train_char_lora import flux_predict  # noqa: E402
 from training.train_editor_lora import qwen_edit_predict  # noqa: E402
 
 
-def build_transformer(model: str, tiny: bool, device: torch.device) -> torch.nn.Module:
-    """Random weights materialised directly on the device in bf16; every Linear NF4 on CUDA (as the baseline)."""
+def build_transformer(model: str, tiny: bool, device: torch.device, base: str = "nf4") -> torch.nn.Module:
+    """Random weights materialised directly on the device in bf16; every Linear NF4 on CUDA (as the baseline), or
+    with ``base="fp8"`` e4m3 (engines.fp8_linear, skipping the layers its loader skips), one layer at a time."""
+    import re
+
     import torch.nn as nn
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel, QwenImageTransformer2DModel
@@ -55,9 +61,21 @@ def build_transformer(model: str, tiny: bool, device: torch.device) -> torch.nn.
     if cuda:
         import bitsandbytes as bnb
 
-    def materialise(mod):
+    from engines.fp8_linear import SKIP_PATTERNS, Fp8Linear, share_sibling_casts
+
+    skip = [re.compile(p) for p in SKIP_PATTERNS]
+
+    def materialise(mod, prefix=""):
         for name, child in list(mod.named_children()):
-            if isinstance(child, nn.Linear) and cuda:
+            qual = f"{prefix}{name}"
+            if type(child) is nn.Linear and base == "fp8" and not any(p.search(qual) for p in skip):
+                q = Fp8Linear(child.in_features, child.out_features, child.bias is not None, torch.bfloat16,
+                              device=device)
+                q.set_weight(rand(child.weight.shape))
+                if child.bias is not None:
+                    q.bias = nn.Parameter(rand(child.bias.shape), requires_grad=False)
+                setattr(mod, name, q)
+            elif isinstance(child, nn.Linear) and cuda and base == "nf4":
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
                 q.weight = bnb.nn.Params4bit(rand(child.weight.shape), requires_grad=False, quant_type="nf4").to(device)
@@ -65,12 +83,14 @@ def build_transformer(model: str, tiny: bool, device: torch.device) -> torch.nn.
                     q.bias = nn.Parameter(rand(child.bias.shape), requires_grad=False)
                 setattr(mod, name, q)
             else:
-                materialise(child)
+                materialise(child, qual + ".")
         for pname, prm in list(mod._parameters.items()):
             if prm is not None and prm.device.type == "meta":
                 mod._parameters[pname] = nn.Parameter(rand(prm.shape), requires_grad=False)
 
     materialise(m)
+    if base == "fp8":
+        share_sibling_casts(m)
     fuse_for_training(m)  # as training.lora_training.load_transformer does
     return m.to(device)
 
@@ -80,9 +100,9 @@ class BenchTask(TrainTask):
     trainer_name = "benchmarks.bench_training"
     character = "bench"
 
-    def __init__(self, cfg: TrainConfig, model: str, res: int, tiny: bool) -> None:
+    def __init__(self, cfg: TrainConfig, model: str, res: int, tiny: bool, base: str = "nf4") -> None:
         super().__init__(cfg)
-        self.model, self.res, self.tiny = model, res, tiny
+        self.model, self.res, self.tiny, self.base = model, res, tiny, base
         self.architecture = model
 
     def cache_key(self):
@@ -104,7 +124,7 @@ class BenchTask(TrainTask):
         return [Example("bench", (self.res, self.res), z, cond)], []
 
     def load_transformer(self, device, dtype):
-        return build_transformer(self.model, self.tiny, device)
+        return build_transformer(self.model, self.tiny, device, self.base)
 
     def predict(self, transformer, noisy, t, cond):
         if self.model == "flux":
@@ -120,18 +140,22 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument("--base", choices=["nf4", "fp8"], default="nf4")
+    p.add_argument("--ckpt-blocks", type=int, default=-1)
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     events: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(model="random-weights", dataset="random", output_dir=tmp, run_dir=tmp,
-                          precision="nf4" if cuda else "bf16", rank=a.rank, steps=a.steps + 2, resolution=a.res,
+                          precision="nf4" if cuda and a.base == "nf4" else "bf16", rank=a.rank,
+                          checkpoint_blocks=a.ckpt_blocks, steps=a.steps + 2, resolution=a.res,
                           checkpoint_every=0, sample_every=0, memory_cap_gb=a.cap if cuda else 0.0)
         res = {"bench": "real_trainer", "model": a.model + ("-edit" if a.model == "qwen" else ""), "res": a.res,
-               "rank": a.rank, "cap_gb": a.cap, "tiny": a.tiny, "ckpt": True}
+               "rank": a.rank, "cap_gb": a.cap, "tiny": a.tiny, "base": a.base,
+               "ckpt_blocks": a.ckpt_blocks}
         t0 = time.time()
         try:
-            trainer = Trainer(BenchTask(cfg, a.model, a.res, a.tiny), Path(tmp),
+            trainer = Trainer(BenchTask(cfg, a.model, a.res, a.tiny, a.base), Path(tmp),
                               emit_fn=lambda ev, **d: events.append({"event": ev, "t": time.time(), **d}))
             if cuda:
                 torch.cuda.reset_peak_memory_stats()

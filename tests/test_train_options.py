@@ -359,3 +359,65 @@ def test_best_sample_step_is_kept_recorded_and_survives_a_resume(tiny_models, da
     kept_b = read_lora(path_b.with_name(path_b.name.replace(".safetensors", ".best.safetensors")))[0]
     for k in kept:
         torch.testing.assert_close(kept_b[k], kept[k], rtol=0, atol=1e-6)
+
+
+# ---- checkpointing only some blocks ---------------------------------------------------------------------
+
+def _tiny_flux_with_lora():
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                                   joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
+                                   in_channels=16)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v"]))
+    model.train()
+    return model
+
+
+def _step_grads(n_blocks: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """Forward + backward of the tiny FLUX with block_checkpointing(n_blocks): calls per block, LoRA grads."""
+    from training.lora_training import block_checkpointing, transformer_blocks
+
+    model = _tiny_flux_with_lora()
+    blocks = transformer_blocks(model)
+    calls = [0] * len(blocks)
+    for i, b in enumerate(blocks):
+        b.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=block_checkpointing(model, n_blocks))
+    g = torch.Generator().manual_seed(1)
+    out = model(hidden_states=torch.randn(1, 16, 16, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
+    out.square().mean().backward()
+    return calls, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_checkpoint_blocks_recomputes_only_that_many_blocks_with_the_same_gradients():
+    all_calls, all_grads = _step_grads(-1)
+    part_calls, part_grads = _step_grads(2)
+    none_calls, none_grads = _step_grads(0)
+    assert len(all_calls) == 4  # 2 double + 2 single blocks, in call order
+    assert all_calls == [2, 2, 2, 2]  # each block's forward runs again in backward
+    assert part_calls == [2, 2, 1, 1]
+    assert none_calls == [1, 1, 1, 1]
+    assert all_grads.keys() == part_grads.keys() == none_grads.keys() and all_grads
+    for k in all_grads:
+        assert torch.equal(all_grads[k], part_grads[k]) and torch.equal(all_grads[k], none_grads[k]), k
+    assert any(g.abs().sum() > 0 for g in all_grads.values())
+
+
+def test_checkpoint_blocks_keeps_the_loss_curve(tiny_models, dataset, tmp_path):
+    common = settings(tiny_models, dataset, tmp_path / "loras", steps=4, sample_every=0, tensorboard=False)
+    curves = {}
+    for n in (-1, 1, 0):
+        _, task, _ = train(CharLoraConfig, CharLoraTask, run_dir=str(tmp_path / f"ckpt{n}"), checkpoint_blocks=n,
+                           **common)
+        curves[n] = [r["loss"] for r in _log(task)]
+    assert len(curves[-1]) == 4 and curves[-1] == curves[1] == curves[0]
+    with pytest.raises(ConfigError, match="checkpoint_blocks"):
+        config_from_dict(CharLoraConfig, {**common, "checkpoint_blocks": -2})
