@@ -457,6 +457,20 @@ def test_caption_from_the_tiny_vlm_is_edited_in_the_gallery_and_saved_with_the_d
     wait_status(page, 1, "approved")
     page.wait_for_function("document.querySelector('#flen-review-root').dataset.pendingDecisions === '0'")
 
+    # … and the correction panel sends the caption with the correction
+    assert page.get_attribute(".flen-rv-card.focused", "data-idx") == "2"
+    box = page.locator(".flen-rv-focus textarea.flen-rv-caption")
+    box.fill("ohwx_char person, caption of a correction")
+    box.press("Escape")
+    page.keyboard.press("c")
+    page.fill(".flen-rv-panel textarea.flen-rv-instruction", "make the background blue")
+    page.keyboard.press("Control+Enter")
+    wait_status(page, 2, "corrected")
+    page.wait_for_function("document.querySelector('#flen-review-root').dataset.pendingDecisions === '0'")
+    third = comfy.get(f"/flenwheel/review/{character}/items/{items[2]['id']}").json()
+    assert third["item"]["caption"] == "ohwx_char person, caption of a correction"
+    assert third["correction"]["instruction"] == "make the background blue"
+
     page.reload(wait_until="domcontentloaded")     # durable: a fresh page reads it back from the store
     page.wait_for_selector("#flen-review-root[data-ready='1']", timeout=30_000)
     assert page.locator(".flen-rv-focus textarea.flen-rv-caption").input_value() == "a rubber duck 1 2 r u j k x c b z"
