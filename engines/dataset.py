@@ -82,15 +82,25 @@ CAPTION_FIELDS = ("token", "class", "labels", "label", "angle", "expression", "p
                   "description")
 # where captions come from: the template, the VLM description (FLEN Caption Images' meta), or both
 CAPTION_SOURCES = ("template", "vlm", "template+vlm")
+# what the manifest records for an image whose caption a reviewer edited in the gallery: it wins over the above
+REVIEWER_SOURCE = "reviewer"
+
+
+def reviewer_caption_of(meta: dict[str, Any]) -> str:
+    """The caption a reviewer edited in the gallery (FLEN Load Approved's ``reviewer_caption``), or ''."""
+    value = meta.get("reviewer_caption") if isinstance(meta, dict) else None
+    return _clean_text(value) if isinstance(value, str) else ""
 
 
 def template_for_source(template: str, source: str, metas: list[dict[str, Any]] | None) -> str:
-    """The template a caption source means; vlm sources need a description in every record."""
+    """The template a caption source means; vlm sources need a description in every record (but those a
+    reviewer captioned, whose caption is theirs)."""
     if source not in CAPTION_SOURCES:
         raise FlenUserError(f"caption_source must be one of {', '.join(CAPTION_SOURCES)}.")
     if source == "template":
         return template
-    missing = [k for k, m in enumerate(metas or [{}]) if not (isinstance(m, dict) and m.get("description"))]
+    missing = [k for k, m in enumerate(metas or [{}])
+               if not (isinstance(m, dict) and (m.get("description") or reviewer_caption_of(m)))]
     if missing:
         raise FlenUserError(f"caption_source '{source}' needs a VLM description for every image, but record "
                             f"#{missing[0]} has none: put FLEN Caption Images before the writer and connect its "
@@ -257,6 +267,18 @@ def render_caption(template: str, token: str, meta: dict[str, Any], *, phase: st
     if len(caption) > _MAX_CAPTION:
         raise FlenUserError(f"A caption is {len(caption)} characters long (limit {_MAX_CAPTION}); shorten the "
                             "template or the labels.")
+    return caption
+
+
+def reviewer_caption(text: str, token: str) -> str:
+    """A reviewer's caption as the dataset writes it: one line, with the instance token (put in front when the
+    reviewer left it out: the LoRA must see its trigger word in every caption)."""
+    caption = _clean_text(text)
+    if not re.search(r"(?<!\w)" + re.escape(token) + r"(?!\w)", caption):
+        caption = f"{token}, {caption}" if caption else token
+    if len(caption) > _MAX_CAPTION:
+        raise FlenUserError(f"A reviewer's caption is {len(caption)} characters long (limit {_MAX_CAPTION}); "
+                            "shorten it in the review gallery.")
     return caption
 
 
@@ -694,14 +716,20 @@ def write_dataset(output_dir: str | os.PathLike, character: str, images: list[An
                   metas: list[dict[str, Any]] | None = None, *, token: str, version: str = "new",
                   template: str = DEFAULT_TEMPLATE, class_prompt: str = "", phase: str = "auto",
                   kind: str = "auto", near_duplicates: str = "flag", phash_threshold: int = PHASH_THRESHOLD,
-                  written_by: str = "") -> WriteResult:
+                  written_by: str = "", caption_source: str = "template") -> WriteResult:
     """Writes images (+ one meta dict each) into ``datasets/<version>`` of the character's workspace.
+
+    ``caption_source`` is recorded per image (the template is already what it means, see
+    :func:`template_for_source`); an image a reviewer captioned in the gallery gets that caption instead,
+    recorded as ``reviewer``.
 
     Everything is validated before the first byte is written; a bad input raises FlenUserError and
     changes nothing."""
     character = validate_character(character)
     token = validate_token(token)
     template = validate_template(template)
+    if caption_source not in CAPTION_SOURCES:
+        raise FlenUserError(f"caption_source must be one of {', '.join(CAPTION_SOURCES)}.")
     class_prompt = _clean_text(class_prompt)
     if near_duplicates not in NEAR_DUPLICATE_MODES:
         raise FlenUserError(f"near_duplicates must be one of {', '.join(NEAR_DUPLICATE_MODES)}.")
@@ -723,10 +751,15 @@ def write_dataset(output_dir: str | os.PathLike, character: str, images: list[An
             raise FlenUserError(f"Image #{k}: {exc}") from None
         ph = _choose(phase, PHASES, meta.get("phase"), "head", "phase")
         kd = _choose(kind, KINDS, _auto_kind(meta), "pristine", "kind")
-        caption = render_caption(template, token, meta, phase=ph, kind=kd, class_prompt=class_prompt,
-                                 character=character)
+        edited = reviewer_caption_of(meta)
+        try:
+            caption = reviewer_caption(edited, token) if edited else render_caption(
+                template, token, meta, phase=ph, kind=kd, class_prompt=class_prompt, character=character)
+        except FlenUserError as exc:
+            raise FlenUserError(f"Image #{k}: {exc}") from None
         trunc = truncation_note(np.asarray(pil))
-        prepared.append((k, pil, notes, meta, ph, kd, caption, [trunc] if trunc else []))
+        prepared.append((k, pil, notes, meta, ph, kd, (caption, REVIEWER_SOURCE if edited else caption_source),
+                         [trunc] if trunc else []))
 
     root = datasets_root(output_dir, character)
     trigger = token.split()[0]
@@ -768,7 +801,7 @@ def write_dataset(output_dir: str | os.PathLike, character: str, images: list[An
         next_index = max((int(r.get("index", 0)) for r in existing), default=0) + 1
         pool = list(existing)
         already = {r.get("sha256") for r in existing} if interrupted else set()
-        for k, pil, notes, meta, ph, kd, caption, warns in prepared:
+        for k, pil, notes, meta, ph, kd, (caption, source), warns in prepared:
             data = png_bytes(pil)
             digest = sha256_bytes(data)
             if digest in already:
@@ -786,7 +819,8 @@ def write_dataset(output_dir: str | os.PathLike, character: str, images: list[An
             stem = f"{character}_{next_index:05d}"
             folder = f"{ph}/{kd}"
             rec.update({"index": next_index, "file": f"{folder}/{stem}.png", "caption_file": f"{folder}/{stem}.txt",
-                        "caption": caption, "phase": ph, "kind": kd, "width": pil.width, "height": pil.height,
+                        "caption": caption, "caption_source": source, "phase": ph, "kind": kd, "width": pil.width,
+                        "height": pil.height,
                         "sha256": digest, "labels": labels_of(meta),
                         "near_duplicate_of": dup.get("file") if dup else None, "conversions": notes,
                         "warnings": warns,

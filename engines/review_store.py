@@ -52,6 +52,8 @@ SORTS = {"id": "id", "score_desc": "score IS NULL, score DESC, id", "score_asc":
 THUMB_SIZE = 256
 DB_NAME = "review.sqlite"
 _MAX_TEXT = 4000
+# leaves room for the instance token the dataset writer may prepend, under its 2000-character caption limit
+MAX_CAPTION = 1500
 
 
 # ---- schema -----------------------------------------------------------------------------------
@@ -112,8 +114,35 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE candidates ADD COLUMN refs TEXT NOT NULL DEFAULT '[]';
     """,
+    # v4: the caption a reviewer sees and may edit with the decision. ``caption`` starts as the captioner's
+    # (FLEN Caption Images' meta); ``caption_edited`` says a reviewer changed it. A decision that touched the
+    # caption keeps the text before and after (NULL: it left the caption alone), so undo can restore it.
+    """
+    ALTER TABLE candidates ADD COLUMN caption TEXT NOT NULL DEFAULT '';
+    ALTER TABLE candidates ADD COLUMN caption_edited INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE decisions ADD COLUMN caption TEXT;
+    ALTER TABLE decisions ADD COLUMN caption_before TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _backfill_captions(conn: sqlite3.Connection) -> None:
+    """v4 on an older database: candidates that came with a caption in their meta (FLEN Caption Images
+    before the queue) show it. In Python rather than SQL: not every SQLite a ComfyUI runs on has JSON1."""
+    rows = conn.execute("SELECT id, meta FROM candidates WHERE caption=''").fetchall()
+    for cid, raw in rows:
+        try:
+            meta = json.loads(raw)
+        except (TypeError, ValueError):
+            continue
+        caption = meta_caption(meta) if isinstance(meta, dict) else ""
+        if caption:
+            conn.execute("UPDATE candidates SET caption=? WHERE id=?", (caption, cid))
+
+
+# data steps run in the same transaction as the migration to that version
+_BACKFILLS = {4: _backfill_captions}
 
 
 def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
@@ -128,6 +157,8 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
         try:
             for statement in statements:
                 conn.execute(statement)
+            if version + 1 in _BACKFILLS:
+                _BACKFILLS[version + 1](conn)
             conn.execute(f"PRAGMA user_version = {version + 1}")
             conn.execute("COMMIT")
         except BaseException:
@@ -161,6 +192,32 @@ def _clip_text(value: Any, what: str) -> str:
     return value
 
 
+def clean_caption(value: Any) -> str:
+    """A reviewer's caption: text, stripped, at most MAX_CAPTION characters, no control characters but
+    newlines (the dataset writer folds those into one line)."""
+    if not isinstance(value, str):
+        raise FlenUserError("caption must be text.")
+    value = value.replace("\r\n", "\n").strip()
+    if len(value) > MAX_CAPTION:
+        raise FlenUserError(f"The caption is {len(value)} characters long; keep it under {MAX_CAPTION}.")
+    bad = sorted({c for c in value if c != "\n" and not c.isprintable()})
+    if bad:
+        raise FlenUserError(f"The caption contains the control character(s) {', '.join(repr(c) for c in bad)}; "
+                            "write plain text (line breaks are fine).")
+    return value
+
+
+def meta_caption(meta: dict[str, Any]) -> str:
+    """The caption a candidate arrives with: FLEN Caption Images writes ``caption`` (instance token and
+    description) and ``description``; the caption wins, the bare description is the fallback."""
+    for key in ("caption", "description"):
+        value = meta.get(key)
+        if isinstance(value, str) and value.strip():
+            text = "".join(c if c == "\n" or c.isprintable() else " " for c in value.strip())
+            return text[:MAX_CAPTION]
+    return ""
+
+
 # ---- the store --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -172,7 +229,7 @@ class Page:
 
 
 _COLUMNS = ("id, character, run_id, version, image, thumb, width, height, sources, refs, prompt, loras, seed, "
-            "model, score, label, pose, meta, created_at, status")
+            "model, score, label, pose, meta, created_at, status, caption, caption_edited")
 
 
 def meta_score(meta: dict[str, Any]) -> float | None:
@@ -276,8 +333,8 @@ class ReviewStore:
                 for row in rows:
                     cur = self._conn.execute(
                         "INSERT INTO candidates (character, run_id, version, image, thumb, width, height, sources, "
-                        "refs, prompt, loras, seed, model, score, label, pose, meta, created_at, status) "
-                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')", row)
+                        "refs, prompt, loras, seed, model, score, label, pose, meta, created_at, caption, status) "
+                        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,'pending')", row)
                     # lastrowid is set after every successful INSERT.
                     assert cur.lastrowid is not None
                     ids.append(cur.lastrowid)
@@ -314,7 +371,7 @@ class ReviewStore:
                 _json(sources), _json(refs), str(first("instruction", "prompt") or ""), _json(meta.get("loras") or []),
                 seed,
                 str(first("model") or ""), score, str(label), _json(pose) if pose is not None else "", _json(meta),
-                time.time())
+                time.time(), meta_caption(meta))
 
     # -- reading --
 
@@ -325,6 +382,7 @@ class ReviewStore:
         d["loras"] = json.loads(d["loras"])
         d["meta"] = json.loads(d["meta"])
         d["pose"] = json.loads(d["pose"]) if d.get("pose") else None
+        d["caption_edited"] = bool(d.get("caption_edited"))
         return d
 
     def get(self, candidate_id: int) -> dict[str, Any]:
@@ -485,10 +543,18 @@ class ReviewStore:
 
     def decide(self, candidate_id: int, action: str, *, reasons: builtins.list[str] | None = None, note: str = "",
                instruction: str = "", better_id: int | None = None, fixed_image: bytes | None = None,
-               who: str = "") -> dict[str, Any]:
-        """Records one decision and commits it before returning the updated candidate."""
+               who: str = "", caption: str | None = None) -> dict[str, Any]:
+        """Records one decision and commits it before returning the updated candidate.
+
+        ``caption``: the reviewer's caption, stored with the decision in the same transaction (None leaves
+        the caption as it is). An undo restores the caption the undone decision replaced."""
         if action not in ACTIONS:
             raise FlenUserError(f"Unknown action {action!r}; one of {', '.join(ACTIONS)}.")
+        if caption is not None:
+            if action == "undo":
+                raise FlenUserError("An undo takes no caption: it restores the caption from before the decision "
+                                    "it undoes.")
+            caption = clean_caption(caption)
         note, instruction, who = _clip_text(note, "note"), _clip_text(instruction, "instruction"), _clip_text(
             who, "who")[:120]
         reasons = list(reasons or [])
@@ -521,34 +587,46 @@ class ReviewStore:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                row = self._conn.execute("SELECT status FROM candidates WHERE id=?", (candidate_id,)).fetchone()
+                row = self._conn.execute("SELECT status, caption FROM candidates WHERE id=?",
+                                         (candidate_id,)).fetchone()
                 if row is None:
                     raise KeyError(candidate_id)
                 prev = row["status"]
+                caption_before = None if caption is None else row["caption"]
                 if better_id is not None:
                     if int(better_id) == int(candidate_id) or self._conn.execute(
                             "SELECT 1 FROM candidates WHERE id=?", (int(better_id),)).fetchone() is None:
                         raise FlenUserError(f"Better target {better_id} is not another candidate of this character.")
                 if action == "undo":
                     last = self._conn.execute(
-                        "SELECT id, prev_status FROM decisions WHERE candidate_id=? AND action<>'undo' "
-                        "AND undone_by IS NULL ORDER BY id DESC LIMIT 1", (candidate_id,)).fetchone()
+                        "SELECT id, prev_status, caption, caption_before FROM decisions WHERE candidate_id=? "
+                        "AND action<>'undo' AND undone_by IS NULL ORDER BY id DESC LIMIT 1",
+                        (candidate_id,)).fetchone()
                     if last is None:
                         self._conn.execute("ROLLBACK")
                         return {**self.get(candidate_id), "undone": None}
                     new = last["prev_status"]
+                    if last["caption"] is not None and last["caption"] != last["caption_before"]:
+                        caption, caption_before = last["caption_before"], row["caption"]
                 else:
                     last = None
                     new = {"approve": "approved", "reject": "rejected", "correct": "corrected"}[action]
                 cur = self._conn.execute(
                     "INSERT INTO decisions (candidate_id, action, prev_status, new_status, reasons, note, who, at, "
-                    "instruction, better_id, fixed_image, undoes) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    "instruction, better_id, fixed_image, undoes, caption, caption_before) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     (candidate_id, action, prev, new, _json(reasons), note, who, time.time(), instruction,
                      None if better_id is None else int(better_id), fixed_name,
-                     None if last is None else last["id"]))
+                     None if last is None else last["id"], caption, caption_before))
                 if last is not None:
                     self._conn.execute("UPDATE decisions SET undone_by=? WHERE id=?", (cur.lastrowid, last["id"]))
                 self._conn.execute("UPDATE candidates SET status=? WHERE id=?", (new, candidate_id))
+                if caption is not None and caption != caption_before:
+                    # edited while a decision in force changed the caption: an undo of the only edit clears it
+                    self._conn.execute(
+                        "UPDATE candidates SET caption=?, caption_edited=EXISTS(SELECT 1 FROM decisions "
+                        "WHERE candidate_id=? AND action<>'undo' AND undone_by IS NULL AND caption IS NOT NULL "
+                        "AND caption<>caption_before) WHERE id=?", (caption, candidate_id, candidate_id))
                 self._conn.execute("COMMIT")
             except BaseException:
                 if self._conn.in_transaction:
@@ -556,8 +634,8 @@ class ReviewStore:
                 raise
         return {**self.get(candidate_id), "decision_id": cur.lastrowid}
 
-    def approve(self, candidate_id: int, who: str = "") -> dict[str, Any]:
-        return self.decide(candidate_id, "approve", who=who)
+    def approve(self, candidate_id: int, who: str = "", caption: str | None = None) -> dict[str, Any]:
+        return self.decide(candidate_id, "approve", who=who, caption=caption)
 
     def reject(self, candidate_id: int, reasons: builtins.list[str] | None = None, note: str = "",
                who: str = "") -> dict:

@@ -19,7 +19,8 @@ class FLENDatasetWriter(io.ComfyNode):
             node_id="FLENDatasetWriter",
             display_name="FLEN Dataset Writer",
             category=f"{CATEGORY}/dataset",
-            description="Writes images with captions (template + instance token + angle/expression labels) into "
+            description="Writes images with captions (template + instance token + angle/expression labels, the "
+                        "VLM's description, or the caption a reviewer edited in the gallery) into "
                         "a versioned dataset output/flenwheel/<character>/datasets/vN/, by phase (head/body) and "
                         "kind (pristine/enriched/synthetic), with a manifest of provenance and a content hash. "
                         "Frozen versions (used by a trainer) are never changed.",
@@ -54,7 +55,8 @@ class FLENDatasetWriter(io.ComfyNode):
                                optional=True,
                                tooltip="template: the caption template only. vlm: '{token}, {description}' from "
                                        "FLEN Caption Images (connect its meta). template+vlm: the template with "
-                                       "{description} (appended if the template has none)."),
+                                       "{description} (appended if the template has none). A caption a reviewer "
+                                       "edited in the review gallery wins over all three (token added if missing)."),
                 MetaType.Input("meta", optional=True,
                                tooltip="One FLEN_META record per image: labels and provenance for the manifest."),
             ],
@@ -80,7 +82,8 @@ class FLENDatasetWriter(io.ComfyNode):
             bridge.output_directory(), character.strip(), [images[k] for k in range(images.shape[0])], metas,
             token=instance_token, version=version.strip() or "new", template=caption_template,
             class_prompt=class_prompt, phase=phase, kind=kind, near_duplicates=near_duplicates,
-            phash_threshold=phash_threshold, written_by=f"FLENDatasetWriter prompt {bridge.current_prompt_id()}")
+            phash_threshold=phash_threshold, written_by=f"FLENDatasetWriter prompt {bridge.current_prompt_id()}",
+            caption_source=caption_source)
         summary = result.summary()
         return io.NodeOutput(result.dataset.as_flen_dataset(), summary, ui={"text": [summary]})
 

@@ -148,6 +148,14 @@ def approved_outputs(store: review_store.ReviewStore, items: list[dict]) -> tupl
     metas = [{**item["meta"], "candidate_id": item["id"], "character": item["character"], "run_id": item["run_id"],
               "version": item["version"], "status": item["status"], "identity_score": item["score"],
               "label": item["label"], "review_image": str(store.root / item["image"])} for item in items]
+    for record, item in zip(metas, items, strict=True):
+        # the caption shown in the gallery replaces the captioner's; one a reviewer changed is also given apart
+        # (reviewer_caption), so a captioner run after this node cannot pass its own off as the reviewer's
+        if item["caption"]:
+            record["caption"] = item["caption"]
+        record["caption_edited"] = item["caption_edited"]
+        if item["caption_edited"] and item["caption"]:
+            record["reviewer_caption"] = item["caption"]
     for record, (_, truncated) in zip(metas, loaded, strict=True):
         if truncated:
             record["warnings"] = [*(record.get("warnings") or []),
@@ -173,7 +181,9 @@ class FLENLoadApproved(io.ComfyNode):
             ],
             outputs=[io.Image.Output(display_name="images", tooltip="Approved images (resized to the first's size "
                                                                     "if sizes differ)."),
-                     MetaType.Output(display_name="meta", tooltip="One record per approved image."),
+                     MetaType.Output(display_name="meta",
+                                     tooltip="One record per approved image, with its caption from the gallery "
+                                             "(reviewer_caption when a reviewer edited it)."),
                      io.String.Output(display_name="corrections",
                                       tooltip="JSON list of corrections: candidate, corrected instruction, better "
                                               "target or fixed image (absolute paths in the workspace)."),

@@ -269,6 +269,13 @@ def register(routes: web.RouteTableDef) -> None:
         for key in ("note", "instruction"):
             if not isinstance(kwargs[key], str):
                 raise HttpError(400, f"{key} must be text.")
+        caption = body.get("caption")
+        if caption is not None:
+            if not isinstance(caption, str):
+                raise HttpError(400, "caption must be text (the caption itself, never a file name).")
+            if len(ids) != 1:
+                raise HttpError(400, "A caption belongs to one candidate: send it with a decision on one id.")
+            kwargs["caption"] = review_store.clean_caption(caption)  # a bad one is refused before anything runs
 
         def work():
             missing = [i for i in ids if not store.exists(i)]
@@ -278,7 +285,7 @@ def register(routes: web.RouteTableDef) -> None:
 
         done = await asyncio.to_thread(work)
         review_gate.notify(store.character)
-        # Every decision above is committed (WAL, synchronous=FULL) before this answer is sent.
+        # Every decision above (and its caption) is committed (WAL, synchronous=FULL) before this answer is sent.
         return web.json_response({"saved": True, "items": [public_item(i) for i in done],
                                   "counts": await asyncio.to_thread(store.counts)})
 

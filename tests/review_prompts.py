@@ -17,3 +17,16 @@ def review_prompt(character: str, colors=COLORS, run_id: str = "", size: int = 3
                        "inputs": {"images": last, "character": character, "run_id": run_id, "version": "v1",
                                   "source_images": ["img0", 0]}}
     return prompt
+
+
+def captioned_review_prompt(character: str, source: str, token: str = "ohwx_char person", colors=COLORS,
+                            run_id: str = "", max_new_tokens: int = 8) -> dict:
+    """As review_prompt, with FLEN Caption Images between the images and the queue: each candidate arrives with
+    the tiny Qwen2.5-VL's caption in its meta, which the gallery shows and the reviewer may edit."""
+    prompt = review_prompt(character, colors, run_id)
+    images = prompt["queue"]["inputs"]["images"]
+    prompt["cap"] = {"class_type": "FLENCaptionImages",
+                     "inputs": {"images": images, "source": source, "instance_token": token,
+                                "max_new_tokens": max_new_tokens, "max_pixels": 128 * 128}}
+    prompt["queue"]["inputs"]["meta"] = ["cap", 1]
+    return prompt

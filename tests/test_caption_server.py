@@ -70,3 +70,52 @@ def test_template_plus_vlm_and_the_split_file_without_head(comfy, comfy_server, 
         assert rec["caption"].endswith(rec["meta"]["description"])
     err = comfy.run_error(caption_prompt(approved, "text_encoders/flen-tiny/qwen_2.5_vl_tiny.safetensors", "vlm"))
     assert "no language-model head (lm_head.weight)" in err["exception_message"]
+
+
+def test_a_vlm_caption_edited_in_the_review_reaches_the_dataset_as_the_reviewers(comfy, comfy_server):
+    """Tiny Qwen2.5-VL → FLEN Review Queue → caption edited through the decide route → FLEN Load Approved →
+    FLEN Dataset Writer (caption_source vlm): the edited caption is the one written, token enforced, and the
+    manifest says 'reviewer'; the unedited one keeps the VLM caption."""
+    from review_prompts import COLORS, captioned_review_prompt
+
+    character = "capr_" + uuid.uuid4().hex[:10]
+    comfy.run(captioned_review_prompt(character, "diffusers/" + QWEN_EDIT_DIRNAME, TOKEN, colors=COLORS[:3],
+                                      run_id="r1"))
+    items = comfy.get(f"/flenwheel/review/{character}/items").json()["items"]
+    assert all(i["caption"] == i["meta"]["caption"] and i["caption"].startswith(TOKEN) for i in items)
+    edited, kept, rejected = items
+    decide = f"/flenwheel/review/{character}/decide"
+    r = comfy.post(decide, {"ids": [edited["id"]], "action": "approve",
+                            "caption": "sitting on a red chair,\nwarm evening light"})  # no token: the writer adds it
+    assert r.status_code == 200 and r.json()["items"][0]["caption_edited"]
+    assert comfy.post(decide, {"ids": [kept["id"]], "action": "approve"}).status_code == 200
+    # an edit that is undone leaves nothing behind
+    comfy.post(decide, {"ids": [rejected["id"]], "action": "approve", "caption": "never written"})
+    comfy.post(decide, {"ids": [rejected["id"]], "action": "undo"})
+    comfy.post(decide, {"ids": [rejected["id"]], "action": "reject", "reasons": ["artefacts"]})
+
+    prompt = {"load": {"class_type": "FLENLoadApproved", "inputs": {"character": character, "run_id": "",
+                                                                   "version": ""}},
+              "write": {"class_type": "FLENDatasetWriter",
+                        "inputs": {"images": ["load", 0], "meta": ["load", 1], "character": character,
+                                   "instance_token": TOKEN, "caption_template": "{token}, {labels}",
+                                   "caption_source": "vlm", "version": "new", "phase": "head", "kind": "auto",
+                                   "near_duplicates": "keep", "phash_threshold": 6}}}
+    outputs = comfy.run(prompt)
+    assert "wrote 2 images" in outputs["write"]["text"][0]
+    d = _dataset(comfy_server, character)
+    assert d.consistent and len(d.items) == 2
+    records, _ = ds.read_manifest(d.path / "manifest.jsonl")
+    by_id = {rec["review"]["candidate_id"]: (rec, item) for rec, item in zip(records, d.items, strict=True)}
+    rec, item = by_id[edited["id"]]
+    assert rec["caption"] == f"{TOKEN}, sitting on a red chair, warm evening light"
+    with open(item["caption_path"], encoding="utf-8") as fh:
+        assert fh.read() == rec["caption"]
+    assert rec["caption_source"] == "reviewer"
+    assert rec["meta"]["caption_edited"] is True and rec["meta"]["description"] == edited["meta"]["description"]
+    rec, item = by_id[kept["id"]]
+    assert rec["caption"] == kept["caption"] == f"{TOKEN}, {kept['meta']['description']}"
+    with open(item["caption_path"], encoding="utf-8") as fh:
+        assert fh.read() == rec["caption"]
+    assert rec["caption_source"] == "vlm" and "reviewer_caption" not in rec["meta"]
+    assert "never written" not in (d.path / "manifest.jsonl").read_text(encoding="utf-8")

@@ -465,3 +465,15 @@ def test_caption_sources_pick_the_template_and_need_descriptions():
     caption = ds.render_caption("{token}, {labels}, {description}", "ohwx_char person",
                                 {"angle": "yaw_left_45", **metas[0]}, phase="head", kind="pristine")
     assert caption.startswith("ohwx_char person, ") and caption.endswith("standing by a window, soft daylight")
+
+
+def test_a_reviewers_caption_keeps_the_instance_token_and_one_line():
+    token = "ohwx_char person"
+    assert ds.reviewer_caption("sitting on a bench,\nevening light", token) == (
+        "ohwx_char person, sitting on a bench, evening light")
+    assert ds.reviewer_caption("a photo of ohwx_char person laughing", token) == "a photo of ohwx_char person laughing"
+    # a longer word that merely contains the token is not the token
+    assert ds.reviewer_caption("xohwx_char personal space", token).startswith("ohwx_char person, ")
+    assert ds.reviewer_caption("  ", token) == token
+    with pytest.raises(ds.FlenUserError, match="reviewer's caption"):
+        ds.reviewer_caption("x " * 1200, token)

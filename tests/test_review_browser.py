@@ -412,3 +412,73 @@ def test_canvas_shows_node_summaries_and_a_waiting_gate_with_the_way_to_the_gall
     page.wait_for_function("(id) => document.querySelector(`.flen-node-summary[data-node-id='${id}']`)"
                            ".innerText.includes('1 of 1 approved')", arg=str(ids["gate"]), timeout=30_000)
     gallery.close()
+
+
+def test_caption_from_the_tiny_vlm_is_edited_in_the_gallery_and_saved_with_the_decision(comfy, comfy_server,
+                                                                                        gallery):
+    from review_prompts import captioned_review_prompt
+
+    from tools.tiny_models import QWEN_EDIT_DIRNAME
+
+    character = "capg_" + uuid.uuid4().hex[:8]
+    comfy.run(captioned_review_prompt(character, "diffusers/" + QWEN_EDIT_DIRNAME, colors=COLORS[:3], run_id="c1"))
+    items = comfy.get(f"/flenwheel/review/{character}/items").json()["items"]
+    vlm = items[0]["caption"]
+    assert vlm.startswith("ohwx_char person") and vlm == items[0]["meta"]["caption"]  # the captioner's
+    page = gallery.flen_open(character)
+    box = page.locator(".flen-rv-focus textarea.flen-rv-caption")
+    assert box.input_value() == vlm and "from the captioner" in page.inner_text(".flen-rv-caption-state")
+
+    # every gallery shortcut letter typed into the caption is text: no decision, no cursor move
+    box.click()
+    box.press("Control+a")
+    box.press_sequentially("a rubber duck 1 2 r u j k x c b z")
+    assert box.input_value() == "a rubber duck 1 2 r u j k x c b z"
+    assert page.get_attribute(".flen-rv-card.focused", "data-idx") == "0"
+    assert page.locator("#flen-review-root").get_attribute("data-correcting") in (None, "")
+    assert [card_status(page, i) for i in range(3)] == ["pending"] * 3
+    assert "not saved yet" in page.inner_text(".flen-rv-caption-state")
+    assert comfy.get(f"/flenwheel/review/{character}/items/{items[0]['id']}").json()["history"] == []
+
+    box.press("Escape")                           # leaves the caption (kept as a draft) …
+    page.keyboard.press("a")                      # … and A approves with it
+    wait_status(page, 0, "approved")
+    page.wait_for_function("document.querySelector('#flen-review-root').dataset.pendingDecisions === '0'")
+    detail = comfy.get(f"/flenwheel/review/{character}/items/{items[0]['id']}").json()
+    assert detail["item"]["caption"] == "a rubber duck 1 2 r u j k x c b z" and detail["item"]["caption_edited"]
+    assert [(h["action"], h["caption_before"]) for h in detail["history"]] == [("approve", vlm)]
+    assert page.locator(".flen-rv-card[data-idx='0'] .flen-rv-caption-tag").count() == 1
+
+    # Ctrl+Enter in the caption approves the focused item with its caption
+    box = page.locator(".flen-rv-focus textarea.flen-rv-caption")
+    box.click()
+    box.fill("ohwx_char person, second edit")
+    box.press("Control+Enter")
+    wait_status(page, 1, "approved")
+    page.wait_for_function("document.querySelector('#flen-review-root').dataset.pendingDecisions === '0'")
+
+    # … and the correction panel sends the caption with the correction
+    assert page.get_attribute(".flen-rv-card.focused", "data-idx") == "2"
+    box = page.locator(".flen-rv-focus textarea.flen-rv-caption")
+    box.fill("ohwx_char person, caption of a correction")
+    box.press("Escape")
+    page.keyboard.press("c")
+    page.fill(".flen-rv-panel textarea.flen-rv-instruction", "make the background blue")
+    page.keyboard.press("Control+Enter")
+    wait_status(page, 2, "corrected")
+    page.wait_for_function("document.querySelector('#flen-review-root').dataset.pendingDecisions === '0'")
+    third = comfy.get(f"/flenwheel/review/{character}/items/{items[2]['id']}").json()
+    assert third["item"]["caption"] == "ohwx_char person, caption of a correction"
+    assert third["correction"]["instruction"] == "make the background blue"
+
+    page.reload(wait_until="domcontentloaded")     # durable: a fresh page reads it back from the store
+    page.wait_for_selector("#flen-review-root[data-ready='1']", timeout=30_000)
+    assert page.locator(".flen-rv-focus textarea.flen-rv-caption").input_value() == "a rubber duck 1 2 r u j k x c b z"
+    assert "edited by the reviewer" in page.inner_text(".flen-rv-caption-state")
+    page.keyboard.press("j")
+    assert page.locator(".flen-rv-focus textarea.flen-rv-caption").input_value() == "ohwx_char person, second edit"
+    page.keyboard.press("u")                      # undo takes the caption back with the approval
+    wait_status(page, 1, "pending")
+    page.wait_for_function("(v) => document.querySelector('.flen-rv-focus textarea.flen-rv-caption').value === v",
+                           arg=items[1]["caption"])
+    assert not [line for line in gallery.flen_console if line.startswith("pageerror")]

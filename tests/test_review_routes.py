@@ -108,6 +108,60 @@ def test_upload_fixed_image_is_a_correction(comfy, queued):
     assert bad.status_code == 400 and "not a readable image" in bad.json()["error"]
 
 
+def test_a_caption_goes_with_the_decision_and_comes_back_after_commit(comfy, comfy_server, queued):
+    character, items = queued
+    cid = items[0]["id"]
+    assert items[0]["caption"] == "" and items[0]["caption_edited"] is False
+    r = comfy.post(f"/flenwheel/review/{character}/decide",
+                   {"ids": [cid], "action": "approve", "caption": " ohwx_char person, in a red room\n "})
+    assert r.status_code == 200
+    assert (r.json()["items"][0]["caption"], r.json()["items"][0]["caption_edited"]) == (
+        "ohwx_char person, in a red room", True)
+    detail = comfy.get(f"/flenwheel/review/{character}/items/{cid}").json()
+    assert detail["item"]["caption"] == "ohwx_char person, in a red room"
+    assert (detail["history"][-1]["caption"], detail["history"][-1]["caption_before"]) == (
+        "ohwx_char person, in a red room", "")
+    # a caption that looks like a path is only text: stored as typed, no file is read or written
+    r = comfy.post(f"/flenwheel/review/{character}/decide",
+                   {"ids": [cid], "action": "approve", "caption": "../../../secret.txt"})
+    assert r.json()["items"][0]["caption"] == "../../../secret.txt"
+    assert not (comfy_server.base / "output" / "flenwheel" / character / "secret.txt").exists()
+    r = comfy.post(f"/flenwheel/review/{character}/decide", {"ids": [cid], "action": "undo"})
+    assert r.json()["items"][0]["caption"] == "ohwx_char person, in a red room"
+    # the approval with it is what FLEN Load Approved gives downstream
+    outputs = comfy.run({"load": {"class_type": "FLENLoadApproved", "inputs": {"character": character}},
+                         "show": {"class_type": "PreviewAny", "inputs": {"source": ["load", 1]}}})
+    (record,) = json.loads(outputs["show"]["text"][0])
+    assert record["reviewer_caption"] == record["caption"] == "ohwx_char person, in a red room"
+    assert record["caption_edited"] is True
+
+
+BAD_CAPTIONS = [
+    ({"caption": 5}, 400, "caption must be text"),
+    ({"caption": {"path": "/etc/passwd"}}, 400, "never a file name"),
+    ({"caption": ["a"]}, 400, "caption must be text"),
+    ({"caption": "x" * 1501}, 400, "keep it under 1500"),
+    ({"caption": "ring\u0007"}, 400, "control character"),
+    ({"caption": "two", "ids": "both"}, 400, "belongs to one candidate"),
+    ({"caption": "back", "action": "undo"}, 400, "undo takes no caption"),
+]
+
+
+@pytest.mark.parametrize("extra,expected,message", BAD_CAPTIONS)
+def test_bad_captions_get_400_with_a_message_and_change_nothing(comfy, comfy_server, queued, extra, expected,
+                                                                message):
+    character, items = queued
+    body = {"ids": [items[0]["id"]], "action": "approve", **extra}
+    if body["ids"] == "both":
+        body["ids"] = [items[0]["id"], items[1]["id"]]
+    status, answer = raw_request(comfy_server.url, "POST", f"/flenwheel/review/{character}/decide",
+                                 json.dumps(body).encode(), {"Content-Type": "application/json"})
+    assert status == expected, answer
+    assert message in json.loads(answer)["error"]
+    after = comfy.get(f"/flenwheel/review/{character}/items/{items[0]['id']}").json()
+    assert after["item"]["status"] == "pending" and after["item"]["caption"] == "" and after["history"] == []
+
+
 # ---- security ----------------------------------------------------------------------------------
 
 def raw_request(base_url: str, method: str, path: str, body: bytes | None = None,

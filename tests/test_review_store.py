@@ -145,7 +145,7 @@ def test_migrates_a_version_1_database_keeping_its_data(tmp_path):
     conn.close()
     store = rs.ReviewStore(tmp_path, "old")
     version = store._conn.execute("PRAGMA user_version").fetchone()[0]
-    assert version == rs.SCHEMA_VERSION == 3
+    assert version == rs.SCHEMA_VERSION == 4
     item = store.get(1)
     assert item["status"] == "approved" and item["pose"] is None
     assert store.undo(1)["status"] == "pending"  # v2 columns (undoes) work on migrated rows
@@ -269,4 +269,76 @@ def test_the_store_writes_through_wal_with_a_full_sync(tmp_path, monkeypatch):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the WAL is synced at every commit
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    store.close()
+
+
+# ---- captions edited with the decision (schema v4) -------------------------------------------------
+
+VLM_META = {"description": "standing by a window, soft light", "caption": "ohwx_char person, standing by a window, "
+            "soft light", "caption_provenance": {"captioner": "Qwen2.5-VL"}}
+
+
+def test_a_caption_edited_with_the_decision_is_durable_and_undone_with_it(tmp_path):
+    store = rs.ReviewStore(tmp_path, "cap")
+    a, b = store.add_candidates([_img((1, 1, 1)), _img((2, 2, 2))], [VLM_META, {}], run_id="r")
+    assert store.get(a)["caption"] == VLM_META["caption"] and store.get(a)["caption_edited"] is False
+    assert store.get(b)["caption"] == ""
+    item = store.approve(a, who="ann", caption="  ohwx_char person, sitting, smiling\nwarm light  ")
+    assert item["caption"] == "ohwx_char person, sitting, smiling\nwarm light" and item["caption_edited"] is True
+    assert item["status"] == "approved"
+    store.decide(b, "reject", reasons=["artefacts"])  # a decision without a caption leaves it alone
+    store.close()
+    reopened = rs.ReviewStore(tmp_path, "cap")
+    got = reopened.get(a)
+    assert got["caption"] == "ohwx_char person, sitting, smiling\nwarm light" and got["caption_edited"] is True
+    (hist,) = reopened.history(a)
+    assert (hist["caption"], hist["caption_before"]) == (got["caption"], VLM_META["caption"])
+    assert reopened.history(b)[0]["caption"] is None and reopened.get(b)["caption_edited"] is False
+    # a second edit, then undo step by step: each restores the caption before it
+    reopened.decide(a, "correct", instruction="turn left", caption="second")
+    assert reopened.get(a)["caption"] == "second"
+    assert reopened.undo(a)["caption"] == "ohwx_char person, sitting, smiling\nwarm light"
+    back = reopened.undo(a)
+    assert (back["caption"], back["caption_edited"], back["status"]) == (VLM_META["caption"], False, "pending")
+    assert reopened.approved() == []
+    # confirming the caption unchanged is no edit
+    assert reopened.approve(a, caption=VLM_META["caption"])["caption_edited"] is False
+    reopened.close()
+
+
+@pytest.mark.parametrize("caption,message", [
+    (5, "caption must be text"), ({"path": "/etc/passwd"}, "caption must be text"),
+    ("x" * (rs.MAX_CAPTION + 1), "keep it under"), ("bell\x07", "control character"),
+    ("nul\x00", "control character"), ("esc\x1b[2J", "control character")])
+def test_bad_captions_are_refused_and_change_nothing(store, caption, message):
+    (cid,) = store.add_candidates([_img((1, 2, 3))], [VLM_META], run_id="r")
+    with pytest.raises(ValueError, match=message):
+        store.approve(cid, caption=caption)
+    item = store.get(cid)
+    assert (item["status"], item["caption"], store.history(cid)) == ("pending", VLM_META["caption"], [])
+    with pytest.raises(FlenUserError, match="undo takes no caption"):
+        store.decide(cid, "undo", caption="x")
+
+
+def test_migrates_a_version_3_database_and_its_rows_take_captions(tmp_path):
+    ws = tmp_path / "flenwheel" / "v3"
+    ws.mkdir(parents=True)
+    conn = sqlite3.connect(ws / rs.DB_NAME, isolation_level=None)
+    assert rs.migrate(conn, target=3) == 3
+    meta = '{"description": "a walk in the park", "caption": "tok, a walk in the park"}'
+    for cid, m in ((1, meta), (2, "{}")):
+        conn.execute("INSERT INTO candidates (character, run_id, image, thumb, width, height, created_at, status, "
+                     "meta, refs) VALUES ('v3', 'r0', 'candidates/x.png', 'candidates/x.thumb.jpg', 8, 8, 1.0, "
+                     "'approved', ?, '[]')", (m,))
+        conn.execute("INSERT INTO decisions (candidate_id, action, prev_status, new_status, at) "
+                     "VALUES (?, 'approve', 'pending', 'approved', 1.0)", (cid,))
+    conn.close()
+    store = rs.ReviewStore(tmp_path, "v3")
+    assert store._conn.execute("PRAGMA user_version").fetchone()[0] == 4
+    assert store.get(1)["caption"] == "tok, a walk in the park"  # backfilled from the captioner's meta
+    assert store.get(2)["caption"] == "" and store.get(2)["caption_edited"] is False
+    assert store.history(1)[0]["caption"] is None  # an old decision touched no caption
+    assert store.undo(1)["caption"] == "tok, a walk in the park"  # undoing it leaves the caption be
+    assert store.approve(2, caption="tok, new")["caption_edited"] is True
+    assert store.undo(2)["caption"] == ""
     store.close()

@@ -52,6 +52,8 @@ export function mountGallery(root, opts = {}) {
     runPicked: opts.run !== undefined, offset: 0, total: 0, items: [], cursor: 0, selected: new Set(),
     counts: null, undoStack: [], awaitingReason: false, lastRoundTripMs: null,
     pending: 0, view: "candidate", zoom: false, correcting: null, fixedFile: null,
+    // captions typed but not yet sent (by candidate id): they go with that item's next approve or correction
+    captionDrafts: new Map(),
   };
   if (opts.run) state.filters.run = opts.run;
   const g = {};
@@ -80,7 +82,7 @@ export function mountGallery(root, opts = {}) {
     g.counts = h("div", { class: "flen-rv-counts" }),
     g.waiting = h("div", { class: "flen-rv-waiting", hidden: true }),
     h("div", { class: "flen-rv-keys" },
-      "A approve · R reject (then 1–6) · 1–6 reject with reason · C correct · U / Ctrl+Z undo · J/K or ←/→ next/prev · X select · Shift+A/Shift+R all on page · B A/B source · Z zoom · Esc clear"),
+      "A approve · R reject (then 1–6) · 1–6 reject with reason · C correct · U / Ctrl+Z undo · J/K or ←/→ next/prev · X select · Shift+A/Shift+R all on page · B A/B source · Z zoom · Esc clear · caption: click to edit, it goes with A or C (Ctrl+Enter approves, Esc leaves it)"),
     g.reasonHint = h("div", { class: "flen-rv-reasons", hidden: true }, "Reason: "),
     h("div", { class: "flen-rv-main" },
       h("div", { class: "flen-rv-left" },
@@ -257,7 +259,8 @@ export function mountGallery(root, opts = {}) {
       h("div", { class: "flen-rv-meta" },
         h("span", { class: "flen-rv-score", title: "identity score" }, fmtScore(item.score)),
         item.label && h("span", { class: "flen-rv-label-tag" }, item.label),
-        h("span", { class: "flen-rv-status-tag" }, item.status)),
+        h("span", { class: "flen-rv-status-tag" }, item.status),
+        item.caption_edited && h("span", { class: "flen-rv-caption-tag", title: `caption edited: ${item.caption}` }, "✎ caption")),
     );
   }
 
@@ -315,6 +318,10 @@ export function mountGallery(root, opts = {}) {
 
   function renderFocus() {
     const item = state.items[state.cursor];
+    // a re-render while the reviewer types in the caption keeps the cursor where it was
+    const ta = g.captionText;
+    const keepFocus = ta && item && document.activeElement === ta && Number(ta.dataset.id) === item.id
+      ? [ta.selectionStart, ta.selectionEnd] : null;
     if (!item) {
       g.focus.replaceChildren(h("div", { class: "flen-rv-empty" },
         state.character ? "Nothing here with these filters." : "No candidates yet: queue some with FLEN Review Queue."));
@@ -344,10 +351,52 @@ export function mountGallery(root, opts = {}) {
         corr && h("div", { class: "flen-rv-correction" },
           h("div", {}, h("b", {}, "Correction: "), correctionText(corr)),
           corr.has_fixed_image && h("img", { class: "flen-rv-fixed", src: fixedUrl(item.id, corr.at), alt: "fixed image" })),
+        captionBox(item),
         detailRows(item),
       ),
       state.correcting === item.id ? (state.panelEl ||= correctionPanel(item)) : null,
     );
+    if (keepFocus) {
+      g.captionText.focus();
+      g.captionText.setSelectionRange(keepFocus[0], keepFocus[1]);
+    }
+  }
+
+  // ---- the caption: edited here, saved with the decision (approve or correct) ----
+
+  const captionDraft = (item) => (state.captionDrafts.has(item.id) ? state.captionDrafts.get(item.id) : item.caption || "");
+
+  // the caption to send with a decision on this item: only when the reviewer changed it
+  function captionChange(item) {
+    if (!state.captionDrafts.has(item.id)) return undefined;
+    const text = state.captionDrafts.get(item.id).trim();
+    return text === (item.caption || "").trim() ? undefined : text;
+  }
+
+  function captionBox(item) {
+    const draft = captionDraft(item);
+    const unsaved = captionChange(item) !== undefined;
+    const status = h("span", { class: "flen-rv-caption-state" },
+      unsaved ? "not saved yet: goes with A (approve) or C (correct)" : item.caption_edited ? "✎ edited by the reviewer" : (item.caption ? "from the captioner" : "none yet"));
+    const ta = h("textarea", { class: "flen-rv-caption" + (unsaved ? " unsaved" : ""), rows: 3, maxlength: "1500",
+      "aria-label": "Caption", placeholder: "Caption for the dataset (the instance token is added if missing)",
+      dataset: { id: item.id },
+      oninput: () => {
+        state.captionDrafts.set(item.id, ta.value);
+        const now = captionChange(item) !== undefined;
+        ta.classList.toggle("unsaved", now);
+        status.textContent = now ? "not saved yet: goes with A (approve) or C (correct)" : item.caption_edited ? "✎ edited by the reviewer" : (item.caption ? "from the captioner" : "none yet");
+      },
+      onkeydown: (ev) => {
+        // typing here is text, not gallery shortcuts (the gallery's own handler skips textareas too)
+        ev.stopPropagation();
+        if (ev.key === "Escape") { ev.preventDefault(); root.focus(); }
+        else if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) { ev.preventDefault(); root.focus(); decideFocused("approve"); }
+      } });
+    ta.value = draft;
+    g.captionText = ta;
+    return h("div", { class: "flen-rv-caption-box" + (item.caption_edited ? " edited" : "") },
+      h("label", {}, h("b", {}, "Caption "), status, ta));
   }
 
   // ---- corrections: the editor flywheel's input ----
@@ -426,6 +475,7 @@ export function mountGallery(root, opts = {}) {
     const reasons = REASONS.filter((r) => p[`r_${r}`].checked);
     const better = p.better.value ? Number(p.better.value) : null;
     const file = state.fixedFile;
+    const caption = captionChange(item);
     const changed = instruction && instruction !== (item.prompt || "").trim();
     if (!changed && better === null && !file) {
       toast("A correction needs a changed instruction, a better candidate or a fixed image", true);
@@ -434,11 +484,13 @@ export function mountGallery(root, opts = {}) {
     closeCorrection();
     enqueue(async () => {
       let res = null;
-      if (changed || better !== null || reasons.length || !file) {
+      if (changed || better !== null || reasons.length || caption !== undefined || !file) {
         const body = { ids: [item.id], action: "correct", reasons };
         body.instruction = changed ? instruction : (better === null ? item.prompt || instruction : "");
         if (better !== null) body.better_id = better;
+        if (caption !== undefined) body.caption = caption;
         res = await post(`/${state.character}/decide`, body);
+        if (caption !== undefined) sentCaption(item.id, caption);
       }
       if (file) {
         res = await api(`/${state.character}/items/${item.id}/fixed`, { method: "POST",
@@ -505,6 +557,7 @@ export function mountGallery(root, opts = {}) {
     if (action !== "undo") state.undoStack.push(ids);
     return enqueue(async () => {
       const res = await post(`/${state.character}/decide`, { ids, action, ...extra });
+      if (extra.caption !== undefined) sentCaption(ids[0], extra.caption);
       if (state.filters.run) { // counts of the run shown, not of the whole store
         res.counts = await api(`/${state.character}/counts?${new URLSearchParams({ run: state.filters.run })}`);
       }
@@ -512,10 +565,16 @@ export function mountGallery(root, opts = {}) {
     }, ids);
   }
 
-  function decideFocused(action, extra) {
+  // a draft is dropped once the server has stored it (unless the reviewer typed on meanwhile)
+  function sentCaption(id, text) {
+    if (state.captionDrafts.has(id) && state.captionDrafts.get(id).trim() === text) state.captionDrafts.delete(id);
+  }
+
+  function decideFocused(action, extra = {}) {
     const item = state.items[state.cursor];
     if (!item) return;
-    decide([item.id], action, extra);
+    const caption = action === "approve" ? captionChange(item) : undefined;
+    decide([item.id], action, caption === undefined ? extra : { ...extra, caption });
     if (action !== "undo" && state.cursor < state.items.length - 1) moveCursor(state.cursor + 1);
   }
 
