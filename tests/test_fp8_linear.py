@@ -134,6 +134,24 @@ def test_frozen_fp8_linear_gradient_through_x_matches_the_dequantised_layer():
     assert cos > 0.995
 
 
+@pytest.mark.parametrize("size", [1e-12, 1.0, 1e6])
+def test_frozen_fp8_backward_scales_any_gradient_into_range(size):
+    """dy of any magnitude, with one element exactly at its amax: no overflow to NaN, no flush to zero, the
+    gradient's scale kept (a scale that were not the multiplier really applied would show as a ratio != 1)."""
+    from engines.fp8_linear import frozen_fp8_linear
+
+    lin, q = _fp8_layer(bias=False)
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    dy = (torch.randn(4, 48) * size).to(torch.bfloat16)
+    dy[0, 0] = dy.abs().max() * 1.0
+    frozen_fp8_linear(x, q.weight, q.weight_scale, None, torch.bfloat16).backward(dy)
+    g_fp8 = x.grad.float()
+    g_ref = dy.float() @ q.dequantized_weight().float()
+    assert torch.isfinite(g_fp8).all() and g_fp8.abs().max() > 0
+    ratio = (g_fp8 * g_ref).sum() / (g_ref * g_ref).sum()
+    assert ratio == pytest.approx(1.0, abs=0.02)
+
+
 def test_fp8_layer_under_a_lora_routes_training_through_fp8_and_saves_no_weight_copy(monkeypatch):
     """On a GPU with fp8 tensor cores (here: the CPU, told it has them) a LoRA step over an Fp8Linear base runs
     the fp8 autograd path: the LoRA gradients match the dequantised path, and autograd keeps no 16-bit copy
