@@ -51,8 +51,9 @@ def test_judge_with_the_keyboard_then_load_approved(comfy, comfy_server, gallery
     assert page.locator(".flen-rv-card").count() == 4
     assert "A approve" in page.inner_text(".flen-rv-keys")  # shortcuts are visible
     assert page.inner_text(".flen-rv-count-pending b") == "4"
-    # the focused view shows the candidate, with its source one click (or B) away
-    assert page.locator(".flen-rv-focus img.flen-rv-candidate").is_visible()
+    # the focused view shows the candidate, with its source one click (or B) away; an <img> has a size (is
+    # visible) only once its file has loaded, which on a busy machine takes longer than the cards' render
+    page.wait_for_selector(".flen-rv-focus img.flen-rv-candidate", state="visible")
     assert page.locator(".flen-rv-focus .flen-rv-strip-img").count() == 3  # candidate, its source, one reference
 
     page.keyboard.press("a")                      # approve #0, focus moves to #1
