@@ -38,7 +38,7 @@ def train(models: Path, dataset: Path, out: Path, **over) -> Path:
     in this process."""
     config = {"model": str(models / "diffusers" / world.FLUX_DIRNAME), "dataset": str(dataset),
               "output_dir": str(out / "loras"), "precision": "fp32", "rank": 8, "resolution": world.SIZE,
-              "bucket_multiple": 16, "learning_rate": 2e-3, "steps": 150, "batch_size": 4, "checkpoint_every": 0,
+              "bucket_multiple": 16, "learning_rate": 2e-3, "steps": 100, "batch_size": 4, "checkpoint_every": 0,
               "sample_every": 0, "seed": 1, "tensorboard": False, "guidance": 1.0, **over}
     path = out / f"config-{len(list(out.glob('config-*.json')))}.json"
     path.write_text(json.dumps(config), encoding="utf-8")

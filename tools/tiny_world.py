@@ -345,7 +345,7 @@ def _to_tensor(images: list[Image.Image]):
                         for im in images])
 
 
-def build_world_flux(vae_steps: int = 400, steps: int = 800, per_identity: int = 16, seed: int = WORLD_SEED,
+def build_world_flux(vae_steps: int = 150, steps: int = 300, per_identity: int = 16, seed: int = WORLD_SEED,
                      log=print):
     """The kit's tiny FluxPipeline (its tokenizers and random text encoders, T5 at :data:`TEXT_TOKENS`) with a
     VAE and a transformer trained on drawings of every identity: the VAE to reconstruct them (8x down, 8 latent
