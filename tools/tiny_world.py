@@ -11,8 +11,9 @@ rejects everything and every similarity on a model card is "–". The world star
   linear discriminant fitted (closed form, numpy) on drawings of every identity.
 
 Built on the CPU with fixed seeds in seconds. :func:`measure_recognizer` reports the recogniser's separation and
-the filter's accuracy on held-out drawings. Models pre-trained on the drawings (so that a character LoRA can be
-measured against its base) are not part of it yet.
+the filter's accuracy on held-out drawings. :func:`world_models` adds ``diffusers/flen-world-flux``, a FLUX-layout
+pipeline pre-trained on the drawings (:func:`build_world_flux`), and caches the whole folder under
+``~/.cache/flenwheel/tiny_world/<cache_key()>`` (``FLENWHEEL_WORLD_CACHE`` moves it). No Qwen-Edit world model yet.
 """
 
 from __future__ import annotations
