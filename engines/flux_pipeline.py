@@ -122,6 +122,14 @@ class ExternalFluxPipe(Protocol):
         ...
 
 
+def text_length(pipe, requested: int) -> int:
+    """The T5 sequence length prompts are encoded at: the requested one, but no longer than the model's tokenizer
+    says it reads (FLUX.1's T5 reads 512; a tiny world's model fewer, and its LoRAs are trained at that length)."""
+    tokenizer = getattr(pipe, "tokenizer_2", None)
+    limit = getattr(tokenizer, "model_max_length", None)
+    return min(int(requested), int(limit)) if isinstance(limit, int) and limit > 0 else int(requested)
+
+
 def _meta(handle, job: FluxJob, request: FluxRequest, stack: LoraStack) -> dict[str, object]:
     return {
         "kind": "synthetic", "prompt": job.prompt, "seed": job.seed, "model": handle.name,
@@ -151,6 +159,7 @@ def generate_many(handle: FluxHandle | ExternalFluxPipe, jobs: list[FluxJob], re
     pipe = handle.pipe
     handle.adapters.apply(stack)
     total = len(jobs) * request.steps
+    msl = text_length(pipe, request.max_sequence_length)
 
     device = host.prepare(pipe.text_encoder, pipe.text_encoder_2)
     encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -159,7 +168,7 @@ def generate_many(handle: FluxHandle | ExternalFluxPipe, jobs: list[FluxJob], re
             if job.prompt not in encoded:
                 embeds, pooled, _ = pipe.encode_prompt(
                     prompt=job.prompt, prompt_2=None, device=device, num_images_per_prompt=1,
-                    max_sequence_length=request.max_sequence_length)
+                    max_sequence_length=msl)
                 encoded[job.prompt] = (embeds.cpu(), pooled.cpu())
 
     latents_out: list[torch.Tensor] = []
@@ -181,7 +190,7 @@ def generate_many(handle: FluxHandle | ExternalFluxPipe, jobs: list[FluxJob], re
                 prompt_embeds=embeds.to(device), pooled_prompt_embeds=pooled.to(device),
                 width=request.width, height=request.height, num_inference_steps=request.steps,
                 guidance_scale=request.guidance, generator=torch.Generator("cpu").manual_seed(job.seed),
-                output_type="latent", callback_on_step_end=_step, max_sequence_length=request.max_sequence_length,
+                output_type="latent", callback_on_step_end=_step, max_sequence_length=msl,
             ).images
         latents_out.append(pipe._unpack_latents(packed, request.height, request.width, pipe.vae_scale_factor).cpu())
 

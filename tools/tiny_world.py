@@ -11,14 +11,16 @@ rejects everything and every similarity on a model card is "–". The world star
   linear discriminant fitted (closed form, numpy) on drawings of every identity.
 
 Built on the CPU with fixed seeds in seconds. :func:`measure_recognizer` reports the recogniser's separation and
-the filter's accuracy on held-out drawings. Models pre-trained on the drawings (so that a character LoRA can be
-measured against its base) are not part of it yet.
+the filter's accuracy on held-out drawings. :func:`world_models` adds ``diffusers/flen-world-flux``, a FLUX-layout
+pipeline pre-trained on the drawings (:func:`build_world_flux`), and caches the whole folder under
+``~/.cache/flenwheel/tiny_world/<cache_key()>`` (``FLENWHEEL_WORLD_CACHE`` moves it). No Qwen-Edit world model yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -296,3 +298,193 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- the FLUX-layout world model -----------------------------------------------------------------------------
+
+WORLD_VERSION = 1           # bump when the world's models change in a way the source hash would not show
+FLUX_DIRNAME = "flen-world-flux"
+# The world's T5 length: the card prompt's expression and angle fall inside it, and 16 image tokens plus 32 text
+# tokens keep a training step of the world's transformer cheap on a CPU (FLUX.1's own is 512). The tokenizer's
+# model_max_length carries it: the model card and the trainer use min(512, it).
+TEXT_TOKENS = 32
+WORLD_SEED = 0
+_SUBJECTS = ("a person", "the person", "someone", "a character", "ohwx person", "zk_char", "sks man", "a face")
+
+
+def world_caption(v: Variation, rng: np.random.Generator) -> str:
+    """A caption of a training drawing in the model card's words, naming no identity: the subject is one of
+    several generic or made-up words, so that a LoRA's instance token starts out meaning nobody in particular."""
+    from engines import model_card as mc
+
+    subject = str(rng.choice(_SUBJECTS))
+    expr = mc._EXPRESSION_TEXT[v.expression]
+    angle = mc._ANGLE_TEXT[v.angle]
+    kind = int(rng.integers(0, 3))
+    if kind == 0:
+        return f"close-up portrait photo of {subject}, {expr}, {angle}, head and shoulders, plain grey background"
+    if kind == 1:
+        return f"a photo of {subject}, {expr}, {angle}"
+    return f"full body photo of {subject}, {mc._POSE_TEXT[str(rng.choice(mc.BODY_POSES))]}, {angle}"
+
+
+def world_drawings(per_identity: int, seed: int) -> tuple[list[Image.Image], list[str], list[int]]:
+    rng = np.random.default_rng(seed)
+    images, captions, labels = [], [], []
+    for ident in range(IDENTITIES):
+        for v in variations(per_identity, seed * 1000 + ident):
+            images.append(v.draw(ident))
+            captions.append(world_caption(v, rng))
+            labels.append(ident)
+    return images, captions, labels
+
+
+def _to_tensor(images: list[Image.Image]):
+    import torch
+
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+                        for im in images])
+
+
+def build_world_flux(vae_steps: int = 150, steps: int = 300, per_identity: int = 16, seed: int = WORLD_SEED,
+                     log=print):
+    """The kit's tiny FluxPipeline (its tokenizers and random text encoders, T5 at :data:`TEXT_TOKENS`) with a
+    VAE and a transformer trained on drawings of every identity: the VAE to reconstruct them (8x down, 8 latent
+    channels: 64 px -> 16 image tokens), the transformer by rectified flow on captions that name no identity
+    (the trainer's objective: x_t = (1 - t) x0 + t noise, target noise - x0), so that it draws faces of anyone."""
+    import torch
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    from training.train_char_lora import flux_predict
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)    # the same sums in the same order on any machine: the cache key assumes it
+    torch.use_deterministic_algorithms(True)
+    # denormal activations late in training slow a CPU step tenfold
+    denormals = torch.set_flush_denormal(True)
+    try:
+        pipe = kit.build_tiny_flux(seed)
+        pipe.tokenizer_2.model_max_length = TEXT_TOKENS
+        images, captions, _ = world_drawings(per_identity, seed + 5)
+        x = _to_tensor(images)
+        torch.manual_seed(seed + 10)
+        # Any: diffusers' top-level names resolve to dummy classes for the checker
+        vae: Any = AutoencoderKL(sample_size=SIZE, in_channels=3, out_channels=3, block_out_channels=(8, 16, 16, 16),
+                                 layers_per_block=1, latent_channels=8, norm_num_groups=4, use_quant_conv=False,
+                                 use_post_quant_conv=False, mid_block_add_attention=False,
+                                 down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(seed + 11)
+        t0 = time.time()
+        for step in range(vae_steps):
+            for group in opt.param_groups:   # a short cosine decay: the last steps polish
+                group["lr"] = 5e-3 * 0.5 * (1 + np.cos(np.pi * step / vae_steps))
+            idx = torch.randint(0, len(x), (16,), generator=g)
+            dist = vae.encode(x[idx]).latent_dist
+            z = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)
+            rec = vae.decode(z).sample
+            loss = torch.nn.functional.mse_loss(rec, x[idx]) + 1e-6 * dist.kl().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 50 == 0 or step == vae_steps - 1:
+                log(f"vae step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(x[i:i + 64]).latent_dist.mode() for i in range(0, len(x), 64)])
+        vae.register_to_config(shift_factor=float(lat.mean()), scaling_factor=float(1.0 / lat.std()))
+        lat = (lat - vae.config.shift_factor) * vae.config.scaling_factor
+        pipe.vae = vae
+        pipe.vae_scale_factor = 8
+        pipe.image_processor.config.vae_scale_factor = 8
+        conds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        with torch.no_grad():
+            for c in sorted(set(captions)) + [""]:
+                pe, pooled, _ = pipe.encode_prompt(prompt=c, prompt_2=None, max_sequence_length=TEXT_TOKENS)
+                conds[c] = (pe[0], pooled[0])
+        torch.manual_seed(seed + 20)
+        tr: Any = FluxTransformer2DModel(patch_size=1, in_channels=32, num_layers=2, num_single_layers=2,
+                                         attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                         pooled_projection_dim=32, axes_dims_rope=[4, 6, 6])
+        opt = torch.optim.AdamW(tr.parameters(), lr=1e-3, weight_decay=0.0)
+        t0 = time.time()
+        batch = 32
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * step / steps))
+            idx = torch.randint(0, len(x), (batch,), generator=g)
+            x0 = lat[idx]
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.sigmoid(torch.randn(batch, generator=g))
+            noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+            # one caption in ten dropped: unseen prompts (the card's, a token's) still land among faces
+            drop = torch.rand(batch, generator=g) < 0.1
+            keys = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+            cond = {"prompt_embeds": torch.stack([conds[k][0] for k in keys]),
+                    "pooled": torch.stack([conds[k][1] for k in keys])}
+            loss = torch.nn.functional.mse_loss(flux_predict(tr, noisy, t, cond, 1.0), noise - x0)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+            opt.step()
+            if step % 100 == 0 or step == steps - 1:
+                log(f"transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+        pipe.transformer = tr.eval().requires_grad_(False)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+        if denormals:
+            torch.set_flush_denormal(False)
+    return pipe
+
+
+def cache_key() -> str:
+    """The world's cache folder name: the world's version, the builders' source and the libraries whose sums
+    the models are (another torch may round differently)."""
+    import hashlib
+
+    import diffusers
+    import torch
+    import transformers
+
+    h = hashlib.sha256(f"{WORLD_VERSION}|{torch.__version__}|{diffusers.__version__}|{transformers.__version__}"
+                       .encode())
+    for mod in (sys.modules[__name__], kit):
+        h.update(Path(str(mod.__file__)).read_bytes())
+    return f"v{WORLD_VERSION}-{h.hexdigest()[:16]}"
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("FLENWHEEL_WORLD_CACHE") or Path.home() / ".cache" / "flenwheel" / "tiny_world")
+
+
+def write_world(models_dir: Path, log=print) -> dict[str, Any]:
+    """The world's models in a ComfyUI-style models folder: ``diffusers/flen-world-flux`` and the face pack."""
+    start = time.time()
+    pipe = build_world_flux(log=log)
+    flux = models_dir / "diffusers" / FLUX_DIRNAME
+    flux.parent.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(flux), safe_serialization=True)
+    built = time.time() - start
+    write_face_pack(models_dir / "insightface" / "models" / FACE_PACK)
+    return {"flux_s": round(built, 1), "total_s": round(time.time() - start, 1), "key": cache_key()}
+
+
+def world_models(cache_root: Path | None = None, log=print) -> Path:
+    """The world's models folder, built once per :func:`cache_key` and reused: tests and the demo share it.
+    Built beside its final place and renamed there, so a build cut short leaves nothing that looks complete."""
+    import shutil
+
+    root = (cache_root or default_cache_root()) / cache_key()
+    models = root / "models"
+    if (root / "world.json").is_file():
+        return models
+    tmp = root.parent / f".{root.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    info = write_world(tmp / "models", log=log)
+    (tmp / "world.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+    try:
+        tmp.rename(root)
+    except OSError:         # another process finished first: its world is the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    return models

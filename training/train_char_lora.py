@@ -237,6 +237,8 @@ class CharLoraTask(TrainTask):
     def encode(self, device: torch.device, dtype: torch.dtype) -> tuple[list[Example], list[Example]]:
         from diffusers import FluxPipeline
 
+        from engines.flux_pipeline import text_length
+
         cfg = self.cfg
         if cfg.files:
             from engines.flux_pipeline import flux_pipe_from_files
@@ -247,6 +249,8 @@ class CharLoraTask(TrainTask):
         for m in (pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
             m.eval().requires_grad_(False).to(device)
         resolutions = cfg.all_resolutions()
+        # what the model card renders with too: a model whose tokenizer reads fewer tokens gets that many
+        msl = text_length(pipe, cfg.max_sequence_length)
         texts: dict[str, dict[str, torch.Tensor]] = {}
 
         def text(prompt: str) -> dict[str, torch.Tensor]:
@@ -254,7 +258,7 @@ class CharLoraTask(TrainTask):
                 with torch.no_grad():
                     pe, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
                                                        num_images_per_prompt=1,
-                                                       max_sequence_length=cfg.max_sequence_length)
+                                                       max_sequence_length=msl)
                 texts[prompt] = {"prompt_embeds": pe[0].float().cpu(), "pooled": pooled[0].float().cpu()}
             return texts[prompt]
 
