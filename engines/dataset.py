@@ -92,12 +92,16 @@ def reviewer_caption_of(meta: dict[str, Any]) -> str:
     return _clean_text(value) if isinstance(value, str) else ""
 
 
+def validate_caption_source(source: str) -> str:
+    if source not in CAPTION_SOURCES:
+        raise FlenUserError(f"caption_source must be one of {', '.join(CAPTION_SOURCES)}.")
+    return source
+
+
 def template_for_source(template: str, source: str, metas: list[dict[str, Any]] | None) -> str:
     """The template a caption source means; vlm sources need a description in every record (but those a
     reviewer captioned, whose caption is theirs)."""
-    if source not in CAPTION_SOURCES:
-        raise FlenUserError(f"caption_source must be one of {', '.join(CAPTION_SOURCES)}.")
-    if source == "template":
+    if validate_caption_source(source) == "template":
         return template
     missing = [k for k, m in enumerate(metas or [{}])
                if not (isinstance(m, dict) and (m.get("description") or reviewer_caption_of(m)))]
@@ -728,8 +732,7 @@ def write_dataset(output_dir: str | os.PathLike, character: str, images: list[An
     character = validate_character(character)
     token = validate_token(token)
     template = validate_template(template)
-    if caption_source not in CAPTION_SOURCES:
-        raise FlenUserError(f"caption_source must be one of {', '.join(CAPTION_SOURCES)}.")
+    caption_source = validate_caption_source(caption_source)
     class_prompt = _clean_text(class_prompt)
     if near_duplicates not in NEAR_DUPLICATE_MODES:
         raise FlenUserError(f"near_duplicates must be one of {', '.join(NEAR_DUPLICATE_MODES)}.")
