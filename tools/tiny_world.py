@@ -296,10 +296,6 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 # ---- the FLUX-layout world model -----------------------------------------------------------------------------
 
 WORLD_VERSION = 1           # bump when the world's models change in a way the source hash would not show
@@ -488,3 +484,7 @@ def world_models(cache_root: Path | None = None, log=print) -> Path:
     except OSError:         # another process finished first: its world is the same
         shutil.rmtree(tmp, ignore_errors=True)
     return models
+
+
+if __name__ == "__main__":
+    sys.exit(main())
