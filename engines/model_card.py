@@ -49,11 +49,11 @@ EXPRESSIONS = ("neutral", "smiling", "angry", "sad")
 ANGLES = ("front", "three-quarter", "profile")
 BODY_POSES = ("T-pose", "standing", "sitting")
 BODY_ANGLES = ("front", "three-quarter")
-_EXPRESSION_TEXT = {"neutral": "neutral expression", "smiling": "smiling", "angry": "angry expression",
+EXPRESSION_TEXT = {"neutral": "neutral expression", "smiling": "smiling", "angry": "angry expression",
                     "sad": "sad expression"}
-_ANGLE_TEXT = {"front": "front view, looking at the camera", "three-quarter": "three-quarter view",
+ANGLE_TEXT = {"front": "front view, looking at the camera", "three-quarter": "three-quarter view",
                "profile": "side profile view"}
-_POSE_TEXT = {"T-pose": "standing in a T-pose with arms stretched out to the sides",
+POSE_TEXT = {"T-pose": "standing in a T-pose with arms stretched out to the sides",
               "standing": "standing relaxed, arms at the sides", "sitting": "sitting on a chair"}
 
 
@@ -62,12 +62,12 @@ def _default_prompt_set() -> str:
     for i, expr in enumerate(EXPRESSIONS):
         for j, angle in enumerate(ANGLES):
             lines.append(f"{expr} | {angle} | {1001 + 3 * i + j} | close-up portrait photo of {{token}}, "
-                         f"{_EXPRESSION_TEXT[expr]}, {_ANGLE_TEXT[angle]}, head and shoulders, plain grey "
+                         f"{EXPRESSION_TEXT[expr]}, {ANGLE_TEXT[angle]}, head and shoulders, plain grey "
                          "background, soft studio light")
     for i, pose in enumerate(BODY_POSES):
         for j, angle in enumerate(BODY_ANGLES):
-            lines.append(f"{pose} | {angle} | {2001 + 2 * i + j} | full body photo of {{token}}, {_POSE_TEXT[pose]}, "
-                         f"{_ANGLE_TEXT[angle]}, plain grey background, soft studio light")
+            lines.append(f"{pose} | {angle} | {2001 + 2 * i + j} | full body photo of {{token}}, {POSE_TEXT[pose]}, "
+                         f"{ANGLE_TEXT[angle]}, plain grey background, soft studio light")
     return "\n".join(lines)
 
 

@@ -75,7 +75,7 @@ def world_run(tmp_path_factory):
     cards = {"base": card(None), "v1": card(v1)}
     # v2: v1's data plus what v1 renders of the character (other seeds than the card's) that the filter passes
     stack = LoraStack().extended(LoraEntry(f"flenwheel/{CHARACTER}/{v1.name}", str(v1), 1.0))
-    jobs = [flux_pipeline.FluxJob(f"a photo of {TOKEN}, {mc._EXPRESSION_TEXT[e]}, {mc._ANGLE_TEXT[a]}", 7000 + k,
+    jobs = [flux_pipeline.FluxJob(f"a photo of {TOKEN}, {mc.EXPRESSION_TEXT[e]}, {mc.ANGLE_TEXT[a]}", 7000 + k,
                                   {"expression": e, "angle": a})
             for k, (e, a) in enumerate((e, a) for e in mc.EXPRESSIONS for a in mc.ANGLES)]
     request = flux_pipeline.FluxRequest(prompts=("-",), width=world.SIZE, height=world.SIZE, steps=SETTINGS.steps,

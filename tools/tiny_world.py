@@ -314,14 +314,14 @@ def world_caption(v: Variation, rng: np.random.Generator) -> str:
     from engines import model_card as mc
 
     subject = str(rng.choice(_SUBJECTS))
-    expr = mc._EXPRESSION_TEXT[v.expression]
-    angle = mc._ANGLE_TEXT[v.angle]
+    expr = mc.EXPRESSION_TEXT[v.expression]
+    angle = mc.ANGLE_TEXT[v.angle]
     kind = int(rng.integers(0, 3))
     if kind == 0:
         return f"close-up portrait photo of {subject}, {expr}, {angle}, head and shoulders, plain grey background"
     if kind == 1:
         return f"a photo of {subject}, {expr}, {angle}"
-    return f"full body photo of {subject}, {mc._POSE_TEXT[str(rng.choice(mc.BODY_POSES))]}, {angle}"
+    return f"full body photo of {subject}, {mc.POSE_TEXT[str(rng.choice(mc.BODY_POSES))]}, {angle}"
 
 
 def world_drawings(per_identity: int, seed: int) -> tuple[list[Image.Image], list[str], list[int]]:
