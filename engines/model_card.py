@@ -50,11 +50,11 @@ ANGLES = ("front", "three-quarter", "profile")
 BODY_POSES = ("T-pose", "standing", "sitting")
 BODY_ANGLES = ("front", "three-quarter")
 EXPRESSION_TEXT = {"neutral": "neutral expression", "smiling": "smiling", "angry": "angry expression",
-                    "sad": "sad expression"}
+                   "sad": "sad expression"}
 ANGLE_TEXT = {"front": "front view, looking at the camera", "three-quarter": "three-quarter view",
-               "profile": "side profile view"}
+              "profile": "side profile view"}
 POSE_TEXT = {"T-pose": "standing in a T-pose with arms stretched out to the sides",
-              "standing": "standing relaxed, arms at the sides", "sitting": "sitting on a chair"}
+             "standing": "standing relaxed, arms at the sides", "sitting": "sitting on a chair"}
 
 
 def _default_prompt_set() -> str:
