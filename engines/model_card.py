@@ -194,6 +194,15 @@ def breakdown(cells: Sequence[dict], by: str) -> dict[str, dict]:
     return {k: aggregate(v) for k, v in groups.items()}
 
 
+BASE_NAME = "base (no LoRA)"
+
+
+def base_record(stack: LoraStack) -> dict:
+    """The card's record for the base model alone (no LoRA of the stack is on): the baseline a character LoRA's
+    cards are compared against."""
+    return {"name": BASE_NAME, "base": True, "stack": stack.describe()}
+
+
 def lora_record(stack: LoraStack, read_file: bool = True) -> dict:
     """The card's LoRA (the first LoRA of the stack that is on), its provenance and the whole stack."""
     active = stack.active()
@@ -589,6 +598,16 @@ class Comparison:
                 cell = fmt(vals[v]) if k == 0 else f"{fmt(vals[v])} ({fmt(deltas[v], True)})"
                 row += f"{cell:>22}"
             lines.append(row)
+        per_row = self.report.get("per_row") or {}
+        if per_row:
+            lines += ["", f"{'mean per row':<16}" + "".join(f"{v:>22}" for v in versions)]
+            for row, g in per_row.items():
+                line = f"{row:<16}"
+                for k, v in enumerate(versions):
+                    val = g["mean_similarity"][v]
+                    cell = fmt(val) if k == 0 else f"{fmt(val)} ({fmt(g['delta'][v], True)})"
+                    line += f"{cell:>22}"
+                lines.append(line)
         lines.append("")
         lines += self.report["summary"]
         return "\n".join(lines)

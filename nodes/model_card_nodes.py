@@ -37,7 +37,9 @@ class FLENModelCard(io.ComfyNode):
                 LoraStackType.Input("lora_stack",
                                     tooltip="The first enabled LoRA of this stack is the version the card is for "
                                             "(e.g. flenwheel/<character>/char_lora_v2.safetensors); the card is "
-                                            "saved beside it. Further LoRAs are applied too and recorded."),
+                                            "saved beside it. Further LoRAs are applied too and recorded. With "
+                                            "every LoRA switched off the card is the base model's baseline "
+                                            "(not saved; compare it as card_a)."),
                 IdentityType.Input("identity", tooltip="The identity bank from FLEN Identity Reference (the pristine "
                                                        "photos of the character)."),
                 io.String.Input("instance_token", default="ohwx_char",
@@ -83,7 +85,8 @@ class FLENModelCard(io.ComfyNode):
         cells = engine.parse_prompt_set(prompt_set)
         settings = engine.CardSettings(width=width, height=height, steps=steps, guidance=guidance,
                                        instance_token=instance_token.strip(), threshold=threshold, cell_px=cell_size)
-        lora = engine.lora_record(lora_stack)
+        base = not lora_stack.active()
+        lora = engine.base_record(lora_stack) if base else engine.lora_record(lora_stack)
         for cell in cells:  # fail before rendering anything
             engine.substitute_token(cell.prompt, settings.instance_token)
         progress = bridge.Progress(len(cells) * steps + len(cells), latent_format="flux")
@@ -99,7 +102,7 @@ class FLENModelCard(io.ComfyNode):
         for meta, cell in zip(metas, card.report["cells"], strict=True):
             meta["scores"] = {**dict(meta.get("scores") or {}), "identity": cell["similarity"]}
             meta["identity"] = {k: cell[k] for k in ("similarity", "faces", "passed", "reason", "pose")}
-        if save_beside_lora:
+        if save_beside_lora and not base:
             entry = lora_stack.active()[0]
             engine.save_card(card, entry.path)
         report = engine.report_json(card.report)
@@ -107,7 +110,9 @@ class FLENModelCard(io.ComfyNode):
         text = (f"{lora['name']}: mean similarity {engine.fmt(agg['mean_similarity'])}, min "
                 f"{engine.fmt(agg['min_similarity'])}, faces {agg['faces_found']}/{agg['cells']}, passed "
                 f"{agg['passed']}/{agg['cells']}"
-                + (f"\nsaved {card.json_path}\nsaved {card.png_path}" if card.json_path else ""))
+                + (f"\nsaved {card.json_path}\nsaved {card.png_path}" if card.json_path else "")
+                + ("\nthe base model alone (no LoRA of the stack is on): a baseline card, not saved; connect it to "
+                   "FLEN Compare Versions as card_a" if base else ""))
         return io.NodeOutput(card, pil_to_tensor(card.grid), images, metas, report, ui={"text": [text]})
 
 

@@ -270,7 +270,15 @@ def test_comparison_tells_which_version_is_better_on_which_cell(planted, face, t
     assert r["deltas"]["mean_similarity"]["char_lora_v2"] == pytest.approx(
         v2.report["aggregates"]["mean_similarity"] - v1.report["aggregates"]["mean_similarity"], abs=1e-6)
     assert "worse on 1" in r["summary"][0]
-    assert "char_lora_v2" in comparison.table() and "mean_similarity" in comparison.table()
+    table = comparison.table()
+    assert "char_lora_v2" in table and "mean_similarity" in table
+    # one line per card row: the planted cell's row shows v2's drop in that row's mean, as the report has it
+    row = cell["row"]
+    line = next(ln for ln in table.splitlines() if ln.startswith(f"{row:<16}"))
+    assert f"({mc.fmt(r['per_row'][row]['delta']['char_lora_v2'], True)})" in line and r["per_row"][row][
+        "delta"]["char_lora_v2"] < 0
+    assert sum(1 for ln in table.splitlines() if ln.split(" ")[0] in {"neutral", "smiling", "angry", "sad",
+                                                                      "T-pose", "standing", "sitting"}) == 7
     mc.save_comparison(comparison, tmp_path, "v1_vs_v2")
     mc.save_comparison(comparison, tmp_path, "v1_vs_v2")
     names = sorted(p.name for p in tmp_path.iterdir())
