@@ -5,10 +5,12 @@ gradient checkpointing, 8-bit AdamW, batch 1, pre-cached latents and text embedd
 can be run side by side in the same session.
 
 usage: python -m benchmarks.bench_training --model flux|qwen --res 512|1024 [--cap 24] [--steps 5]
-       [--rank 16] [--tiny] [--base nf4|fp8] [--ckpt-blocks N]
+       [--rank 16] [--tiny] [--base nf4|fp8] [--ckpt-blocks N] [--compile]
 --base fp8: every Linear but the outer ones an e4m3 Fp8Linear (what a ComfyUI fp8 split file trains on, with fp8
 matmuls forward and backward on cards that have them) instead of the baseline's NF4. --ckpt-blocks N: only the
 first N transformer blocks recompute their activations in backward (-1, the default: all, as the baseline).
+--compile: torch.compile every transformer block (TrainConfig.compile_blocks); the two warm-up steps absorb the
+compilation, which total_s includes.
 Prints one JSON line.
 """
 
@@ -142,17 +144,19 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--base", choices=["nf4", "fp8"], default="nf4")
     p.add_argument("--ckpt-blocks", type=int, default=-1)
+    p.add_argument("--compile", action="store_true", help="compile every transformer block (compile_blocks)")
     a = p.parse_args(argv)
     cuda = torch.cuda.is_available()
     events: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(model="random-weights", dataset="random", output_dir=tmp, run_dir=tmp,
                           precision="nf4" if cuda and a.base == "nf4" else "bf16", rank=a.rank,
-                          checkpoint_blocks=a.ckpt_blocks, steps=a.steps + 2, resolution=a.res,
+                          checkpoint_blocks=a.ckpt_blocks, compile_blocks=a.compile, steps=a.steps + 2,
+                          resolution=a.res,
                           checkpoint_every=0, sample_every=0, memory_cap_gb=a.cap if cuda else 0.0)
         res = {"bench": "real_trainer", "model": a.model + ("-edit" if a.model == "qwen" else ""), "res": a.res,
                "rank": a.rank, "cap_gb": a.cap, "tiny": a.tiny, "base": a.base,
-               "ckpt_blocks": a.ckpt_blocks}
+               "ckpt_blocks": a.ckpt_blocks, "compile": a.compile}
         t0 = time.time()
         try:
             trainer = Trainer(BenchTask(cfg, a.model, a.res, a.tiny, a.base), Path(tmp),

@@ -378,16 +378,21 @@ def _tiny_flux_with_lora():
     return model
 
 
-def _step_grads(n_blocks: int) -> tuple[list[int], dict[str, torch.Tensor]]:
+def _step_grads(n_blocks: int, compiled: bool = False) -> tuple[list[int], dict[str, torch.Tensor]]:
     """Forward + backward of the tiny FLUX with block_checkpointing(n_blocks): calls per block, LoRA grads."""
-    from training.lora_training import block_checkpointing, transformer_blocks
+    from training.lora_training import block_checkpointing, compile_blocks, transformer_blocks
 
     model = _tiny_flux_with_lora()
     blocks = transformer_blocks(model)
     calls = [0] * len(blocks)
-    for i, b in enumerate(blocks):
-        b.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
-    model.enable_gradient_checkpointing(gradient_checkpointing_func=block_checkpointing(model, n_blocks))
+    if not compiled:  # hooks would be traced into the graphs
+        for i, b in enumerate(blocks):
+            b.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    if compiled and n_blocks == 0:
+        compile_blocks(model)
+    else:
+        model.enable_gradient_checkpointing(gradient_checkpointing_func=block_checkpointing(model, n_blocks,
+                                                                                            compiled=compiled))
     g = torch.Generator().manual_seed(1)
     out = model(hidden_states=torch.randn(1, 16, 16, generator=g),
                 encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
@@ -421,3 +426,45 @@ def test_checkpoint_blocks_keeps_the_loss_curve(tiny_models, dataset, tmp_path):
     assert len(curves[-1]) == 4 and curves[-1] == curves[1] == curves[0]
     with pytest.raises(ConfigError, match="checkpoint_blocks"):
         config_from_dict(CharLoraConfig, {**common, "checkpoint_blocks": -2})
+
+
+# ---- compiled blocks ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_blocks", [-1, 2, 0])
+def test_compiled_blocks_give_the_eager_gradients_and_run_as_graphs(monkeypatch, n_blocks):
+    """aot_eager traces each block into the graph inductor would compile (no C compiler here); the GPU's
+    inductor speed is measured by benchmarks/bench_training.py --compile. n_blocks 0: no checkpointing, the
+    blocks compiled in place."""
+    import torch._dynamo
+
+    from training import lora_training as lt
+
+    monkeypatch.setattr(lt, "COMPILE_BACKEND", "aot_eager")
+    _, eager = _step_grads(n_blocks)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    calls, compiled = _step_grads(n_blocks, compiled=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 2, dict(torch._dynamo.utils.counters["stats"])  # a double and a single block at least
+    assert compiled.keys() == eager.keys() and compiled
+    for k in eager:
+        torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_compile_blocks_keeps_the_loss_curve(tiny_models, dataset, tmp_path, monkeypatch):
+    import torch._dynamo
+
+    from training import lora_training as lt
+
+    monkeypatch.setattr(lt, "COMPILE_BACKEND", "aot_eager")
+    common = settings(tiny_models, dataset, tmp_path / "loras", steps=3, sample_every=0, tensorboard=False)
+    curves = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        _, task, _ = train(CharLoraConfig, CharLoraTask, run_dir=str(tmp_path / f"c{compiled}"),
+                           compile_blocks=compiled, **common)
+        curves[compiled] = [r["loss"] for r in _log(task)]
+    torch._dynamo.reset()
+    assert len(curves[True]) == 3
+    np.testing.assert_allclose(curves[True], curves[False], rtol=1e-4)
