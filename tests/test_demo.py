@@ -28,3 +28,9 @@ def test_demo_runs_the_whole_loop_and_its_outputs_exist(tmp_path):
         assert Path(made[label]).exists(), (label, made[label])
     assert made["comparison"].endswith(".compare.json")
     assert "MISSING" not in out
+    # the comparison on the tiny world: base, v1 and v2 with numbers in every card row, v1 above the base
+    for row in ("neutral", "smiling", "angry", "sad", "T-pose", "standing", "sitting"):
+        line = re.search(rf"^\s+{row}\s+(-?\d\.\d+)\s+(-?\d\.\d+) \([+-]\d\.\d+\)\s+(-?\d\.\d+) \(", out, re.M)
+        assert line, (row, out[-3000:])
+    mean = re.search(r"^\s+mean_similarity\s+(-?\d\.\d+)\s+(-?\d\.\d+) \(([+-]\d\.\d+)\)", out, re.M)
+    assert mean and float(mean.group(3)) >= 0.04, out[-3000:]

@@ -2,9 +2,12 @@
 
     python -m tools.demo [--workdir DIR]
 
-Writes the tiny models, starts ComfyUI headless with the pack in custom_nodes, queues the
-shipped workflows through POST /prompt (with the tiny models' names and sizes substituted),
-and prints where the results are. Grows as capabilities land.
+Writes the tiny models and the tiny world (tools/tiny_world.py: a FLUX-layout model pre-trained on drawn faces
+of 24 identities and a face pack whose recogniser separates them), starts ComfyUI headless with the pack in
+custom_nodes, queues the shipped workflows through POST /prompt (the models' names and sizes substituted), and
+prints what the loop measured: the identity filter's passes and rejections, and the 18-cell model card of the
+base model, char_lora_v1 and char_lora_v2 per row. The Qwen editor is still the random tiny one: it draws no
+faces, so its edits feed only the editor flywheel (as corrections), not the character's dataset.
 """
 
 from __future__ import annotations
@@ -131,61 +134,230 @@ def _text(outputs: dict, node_id: str) -> str:
     return (outputs.get(node_id, {}).get("text") or [""])[0]
 
 
+# ---- the character loop on the tiny world ------------------------------------------------------------------
+
+WORLD_PHOTOS = "flen_world_photos"   # input/<folder>/: drawings of the world's character, the 'photos'
+WORLD_PHOTO_COUNT = 12
+WORLD_PHOTO_SEED = 2101
+WORLD_TOKEN = "ohwx_char"
+# The world's FLUX model has 16 image tokens: a LoRA learns the character in 100 steps of 4 at 64 px (these are
+# the settings tests/test_world_card.py measured the card margin with).
+WORLD_TRAINING = {"precision": "fp32", "steps": 100, "rank": 8, "learning_rate": 2e-3, "resolution": 64, "seed": 1,
+                  "checkpoint_every": 0, "sample_every": 0, "tensorboard": False,
+                  "advanced": "bucket_multiple: 16\nbatch_size: 4\nguidance: 1.0"}
+WORLD_RENDER = {"width": 64, "height": 64, "steps": 8, "guidance": 1.0}
+# the synthetic set in the words the world's model was trained on (no comma inside a value: commas split them)
+WORLD_SYNTH = {"prompts": "a photo of {token} person, {expression}, {angle}", "variations": 16,
+               "template_values": "expression: neutral expression, smiling, angry expression, sad expression\n"
+                                  "angle: front view, three-quarter view, side profile view"}
+
+
+def world_photos() -> list[tuple[str, Any, str]]:
+    """(file name, drawing, the caption a reviewer would write for it) of each of the character's photos."""
+    from engines import model_card as mc
+    from tools import tiny_world as world
+
+    out = []
+    for k, v in enumerate(world.variations(WORLD_PHOTO_COUNT, WORLD_PHOTO_SEED)):
+        caption = f"a photo of {WORLD_TOKEN} person, {mc.EXPRESSION_TEXT[v.expression]}, {mc.ANGLE_TEXT[v.angle]}"
+        out.append((f"photo_{k + 1:02d}.png", v.draw(world.CHARACTER_IDENTITY), caption))
+    return out
+
+
+def install_world(base: Path) -> Path:
+    """The world's models (built once per kit version and cached; see tiny_world.world_models) copied into the
+    demo's models folder, and the character's photos into input/; returns the world cache's models folder."""
+    from tools import tiny_world as world
+
+    models = world.world_models()
+    for sub in (Path("diffusers") / world.FLUX_DIRNAME, Path("insightface") / "models" / world.FACE_PACK):
+        dest = base / "models" / sub
+        if dest.exists():
+            shutil.rmtree(dest)
+        shutil.copytree(models / sub, dest)
+    photos = base / "input" / WORLD_PHOTOS
+    photos.mkdir(parents=True, exist_ok=True)
+    for name, image, _caption in world_photos():
+        image.save(photos / name)
+    return models
+
+
+def world_workflow(name: str, character: str) -> dict:
+    """A shipped workflow on the tiny world: the FLUX split-file loader becomes the diffusers-folder loader on
+    the world's model, identity references come from the world's photos through the world's face pack. The
+    Qwen editor stays the tiny kit's."""
+    from tools import tiny_world as world
+
+    prompt = with_character(load_api_workflow(name), character)
+    for node in prompt.values():
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "FLENFluxFileLoader":
+            node["class_type"] = "FLENFluxLoader"
+            node["inputs"] = {"model": world.FLUX_DIRNAME, "precision": "fp32"}
+        elif kind == "FLENIdentityReference":
+            inputs.update(face_model=world.FACE_PACK, det_size=160)
+        elif kind == "LoadImageSetFromFolderNode":
+            inputs["folder"] = WORLD_PHOTOS
+        elif kind == "FLENTrainCharacterLoRA":
+            inputs.update(WORLD_TRAINING)
+        elif kind == "FLENModelCard":
+            inputs.update(WORLD_RENDER, cell_size=64, instance_token=WORLD_TOKEN)
+        elif kind == "FLENFluxGenerate":
+            inputs.update(WORLD_RENDER, **WORLD_SYNTH, instance_token=WORLD_TOKEN)
+        elif kind == "FLENDatasetWriter":
+            inputs["instance_token"] = f"{WORLD_TOKEN} person"
+    return prompt
+
+
+def queue_photos(client: ComfyClient, character: str) -> str:
+    """The character's photos themselves go to review too: approved, they are the dataset's core."""
+    run_id = "photos"
+    client.run({"1": {"class_type": "LoadImageSetFromFolderNode",
+                      "inputs": {"folder": WORLD_PHOTOS, "resize_method": "Stretch"}},
+                "2": {"class_type": "FLENReviewQueue",
+                      "inputs": {"images": ["1", 0], "character": character, "run_id": run_id, "version": "v1"}}},
+               timeout=300)
+    return run_id
+
+
+def _pending(client: ComfyClient, character: str, run_id: str | None = None) -> list[int]:
+    params: dict[str, Any] = {"status": "pending", "limit": 500}
+    if run_id is not None:
+        params["run"] = run_id
+    r = client.get(f"/flenwheel/review/{character}/items", params=params)
+    r.raise_for_status()
+    return [i["id"] for i in r.json()["items"]]
+
+
+def review_photos(client: ComfyClient, character: str, run_id: str) -> int:
+    """The scripted reviewer looks at each queued photo (the image the gallery shows), recognises which drawing
+    it is and approves it with a caption saying what it shows, as a person would type it in the gallery."""
+    import io as _io
+
+    import numpy as np
+    from PIL import Image
+
+    known = [(np.asarray(im.convert("RGB"), np.int16), caption) for _name, im, caption in world_photos()]
+    ids = _pending(client, character, run_id)
+    for item in ids:
+        r = client.get(f"/flenwheel/review/{character}/image/{item}")
+        r.raise_for_status()
+        seen = np.asarray(Image.open(_io.BytesIO(r.content)).convert("RGB"), np.int16)
+        caption = min(known, key=lambda k: float(np.abs(k[0] - seen).mean()) if k[0].shape == seen.shape
+                      else float("inf"))[1]
+        d = client.post(f"/flenwheel/review/{character}/decide",
+                        {"ids": [item], "action": "approve", "who": "demo reviewer", "caption": caption})
+        d.raise_for_status()
+    return len(ids)
+
+
+def review_edits(client: ComfyClient, character: str, correct: int) -> dict:
+    """The random tiny editor's edits show no face: the reviewer corrects the instruction of a few (edit pairs
+    for the editor's own LoRA) and rejects the rest, so none reaches the character's dataset."""
+    ids = _pending(client, character)
+    decide = f"/flenwheel/review/{character}/decide"
+    counts: dict = {}
+    for chunk, body in ((ids[:correct], {"action": "correct", "instruction": "rotate the camera 45 degrees to the "
+                                                                             "left, keep the face identical"}),
+                        (ids[correct:], {"action": "reject", "reasons": ["identity_drift"]})):
+        if chunk:
+            r = client.post(decide, {"ids": chunk, "who": "demo reviewer", **body})
+            r.raise_for_status()
+            counts = r.json()["counts"]
+    return counts
+
+
+def _filter_text(outputs: dict, prompt: dict) -> str:
+    """The identity filter's one-line summary (its text output is a JSON report)."""
+    import json
+
+    text = _text(outputs, _node(prompt, "FLENIdentityFilter"))
+    try:
+        return str(json.loads(text)["summary"])
+    except (ValueError, KeyError, TypeError):
+        return text.splitlines()[0] if text else "(no report)"
+
+
+def base_card_prompt(character: str, cards: list[str]) -> dict:
+    """compare_versions with its first card the base model alone (every LoRA off), then the saved cards."""
+    prompt = world_workflow("compare_versions", character)
+    card_a, cmp_node = _node(prompt, "FLENModelCard"), _node(prompt, "FLENCompareVersions")
+    stack = prompt[card_a]["inputs"]["lora_stack"][0]
+    prompt[stack]["inputs"]["enabled"] = False
+    prompt[card_a]["inputs"]["save_beside_lora"] = False
+    for k in [k for k, v in prompt.items() if v["class_type"] == "FLENModelCard" and k != card_a]:
+        del prompt[k]
+    prompt = {k: v for k, v in prompt.items()
+              if not (v["class_type"] == "FLENLoraStack" and k != stack)}
+    prompt[cmp_node]["inputs"] = {"card_a": [card_a, 0], "save": True,
+                                  "card_files": "\n".join(f"flenwheel/{character}/{c}.card.json" for c in cards)}
+    return prompt
+
+
 def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
-    """The whole flywheel on the tiny models; returns what it made (label → path)."""
+    """The whole flywheel, the character's side on the tiny world; returns what it made (label → path)."""
     c = CHARACTER
     out = workspace_dir(base / "output", c)
     loras = loras_dir(base / "models" / "loras", c)
     made: dict[str, Path] = {}
 
-    say("1/9 flywheel1_enrich: source photos → angle sweep (Qwen edit + LoRA stack) → identity filter → review queue")
-    say("     (the tiny models draw no faces, so the identity filter rejects every edit: the demo queues the "
-        "filter's rejected side for review anyway)")
-    client.run(enrich_for_review(c, "v1"), timeout=600)
-    counts = scripted_review(client, c)
-    say(f"2/9 scripted reviewer, through the review routes: {counts}")
+    say(f"1/9 the character's {WORLD_PHOTO_COUNT} photos (tiny-world drawings) → review queue; flywheel1_enrich: "
+        "photos → angle sweep (Qwen edit + LoRA stack) → identity filter → review queue")
+    photos_run = queue_photos(client, c)
+    enrich = enrich_for_review(c, "v1")
+    enrich = {**enrich, **{k: v for k, v in world_workflow("flywheel1_enrich", c).items()
+                           if v["class_type"] in ("FLENIdentityReference", "LoadImageSetFromFolderNode")}}
+    outputs = client.run(enrich, timeout=600)
+    say("     identity filter on the random tiny editor's edits: " + _filter_text(outputs, enrich))
+    say("     (the editor draws no faces: the demo queues the filter's rejected side, for the editor flywheel)")
+    approved = review_photos(client, c, photos_run)
+    say(f"2/9 scripted reviewer, through the review routes: {approved} photos approved, each with a caption typed "
+        f"in; edits: {review_edits(client, c, correct=2)}")
 
-    say("3/9 flywheel1_train: approved → dataset v1 → char_lora_v1 → model card")
-    train = with_character(load_api_workflow("flywheel1_train"), c)
+    say("3/9 flywheel1_train: approved → dataset v1 → char_lora_v1 (on the world's FLUX) → model card")
+    train = world_workflow("flywheel1_train", c)
     outputs = client.run(train, timeout=600)
     say("     " + _text(outputs, _node(train, "FLENDatasetWriter")).splitlines()[0])
     say("     " + _text(outputs, _node(train, "FLENTrainCharacterLoRA")))
+    say("     " + _text(outputs, _node(train, "FLENModelCard")).splitlines()[0])
     made.update({"dataset v1": out / "datasets" / "v1", "char_lora_v1": loras / "char_lora_v1.safetensors",
                  "model card v1": loras / "char_lora_v1.card.json"})
 
     say("4/9 flywheel1_synthesize: char_lora_v1 → FLUX synthetic set → identity filter → review queue (v2)")
-    synth = with_character(load_api_workflow("flywheel1_synthesize"), c)
+    synth = world_workflow("flywheel1_synthesize", c)
     synth[_node(synth, "FLENLoraStack")]["inputs"]["lora_name"] = f"flenwheel/{c}/char_lora_v1.safetensors"
-    flt, queue = _node(synth, "FLENIdentityFilter"), _node(synth, "FLENReviewQueue")
-    synth[queue]["inputs"].update(images=[flt, 2], meta=[flt, 3], version="v2")
-    client.run(synth, timeout=600)
-    say(f"     reviewed: {scripted_review(client, c, correct=0, reject=1)}")
+    synth[_node(synth, "FLENReviewQueue")]["inputs"]["version"] = "v2"
+    outputs = client.run(synth, timeout=600)
+    say("     identity filter: " + _filter_text(outputs, synth))
+    say(f"     reviewed (the filter's passed side): {scripted_review(client, c, correct=0, reject=0)}")
 
     say("5/9 flywheel2_editor: corrections → edit pairs v1 → qwen_lora_v1 → angle sweep with it")
-    editor = with_character(load_api_workflow("flywheel2_editor"), c)
+    editor = world_workflow("flywheel2_editor", c)
     outputs = client.run(editor, timeout=600)
     say("     " + _text(outputs, _node(editor, "FLENTrainEditorLoRA")))
     made.update({"edit pairs v1": out / "edit_pairs" / "v1", "qwen_lora_v1": loras / "qwen_lora_v1.safetensors"})
 
     say("6/9 flywheel1_enrich again, with qwen_lora_v1 switched on in the stack")
-    client.run(enrich_for_review(c, "v2", editor_lora=f"flenwheel/{c}/qwen_lora_v1.safetensors"), timeout=600)
-    say(f"7/9 scripted reviewer: {scripted_review(client, c)}")
+    enrich2 = enrich_for_review(c, "v2", editor_lora=f"flenwheel/{c}/qwen_lora_v1.safetensors")
+    enrich2 = {**enrich2, **{k: v for k, v in enrich.items()
+                             if v["class_type"] in ("FLENIdentityReference", "LoadImageSetFromFolderNode")}}
+    outputs = client.run(enrich2, timeout=600)
+    say("     identity filter: " + _filter_text(outputs, enrich2))
+    say(f"7/9 scripted reviewer: {review_edits(client, c, correct=2)}")
 
-    say("8/9 flywheel1_train again: everything approved → dataset v2 → char_lora_v2 → model card")
-    outputs = client.run(with_character(load_api_workflow("flywheel1_train"), c), timeout=600)
+    say("8/9 flywheel1_train again: everything approved (photos + synthetic) → dataset v2 → char_lora_v2 → card")
+    outputs = client.run(world_workflow("flywheel1_train", c), timeout=600)
     say("     " + _text(outputs, _node(train, "FLENDatasetWriter")).splitlines()[0])
     say("     " + _text(outputs, _node(train, "FLENTrainCharacterLoRA")))
+    say("     " + _text(outputs, _node(train, "FLENModelCard")).splitlines()[0])
     made.update({"dataset v2": out / "datasets" / "v2", "char_lora_v2": loras / "char_lora_v2.safetensors",
                  "model card v2": loras / "char_lora_v2.card.json"})
 
-    say("9/9 compare_versions: the model cards of char_lora_v1 and char_lora_v2 side by side")
-    cmp_prompt = load_api_workflow("compare_versions")
-    node = _node(cmp_prompt, "FLENCompareVersions")
-    cmp_prompt = {k: v for k, v in cmp_prompt.items() if k == node or v["class_type"] == "PreviewImage"}
-    cmp_prompt[node]["inputs"] = {"card_files": f"flenwheel/{c}/char_lora_v1.card.json\n"
-                                                f"flenwheel/{c}/char_lora_v2.card.json", "save": True}
+    say("9/9 compare_versions: the model card of the base model alone, char_lora_v1 and char_lora_v2 (mean "
+        "identity similarity to the photos; per row of the card)")
+    cmp_prompt = base_card_prompt(c, ["char_lora_v1", "char_lora_v2"])
     outputs = client.run(cmp_prompt, timeout=600)
-    table = _text(outputs, node)
+    table = _text(outputs, _node(cmp_prompt, "FLENCompareVersions"))
     say("     " + "\n     ".join(table.splitlines()))
     saved = [Path(line[len("saved "):]) for line in table.splitlines() if line.startswith("saved ")]
     made["comparison"] = next((p for p in saved if p.name.endswith(".compare.json")), out / "model_cards")
@@ -206,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"writing tiny models to {base / 'models'}")
     write_tiny_models(base / "models", seed=0)
+    say("the tiny world (cached after its first build, a few minutes on 2 cores): "
+        f"{install_world(base)}")
     for old in (workspace_dir(base / "output", CHARACTER), loras_dir(base / "models" / "loras", CHARACTER)):
         if old.exists():  # a fresh loop each run: v1 and v2 again, not v3 and v4
             say(f"removing the previous demo run's {old}")
