@@ -78,20 +78,30 @@ def enrich_for_review(character: str, version: str = "v1", editor_lora: str | No
     return prompt
 
 
-def scripted_review(client: ComfyClient, character: str, correct: int = 2, reject: int = 1) -> dict:
+def _pending(client: ComfyClient, character: str, run_id: str | None = None) -> list[int]:
+    params: dict[str, Any] = {"status": "pending", "limit": 500}
+    if run_id is not None:
+        params["run"] = run_id
+    r = client.get(f"/flenwheel/review/{character}/items", params=params)
+    r.raise_for_status()
+    return [i["id"] for i in r.json()["items"]]
+
+
+def scripted_review(client: ComfyClient, character: str, correct: int = 2, reject: int | None = 1,
+                    reasons: tuple[str, ...] = ("artefacts",)) -> dict:
     """A scripted reviewer judges every pending candidate through the review routes, as a person would in
-    the gallery: the first `correct` get a corrected instruction, the next `reject` are rejected, the rest
-    approved. Returns the store's counts."""
-    items = client.get(f"/flenwheel/review/{character}/items", params={"status": "pending", "limit": 500})
-    ids = [i["id"] for i in items.json()["items"]]
+    the gallery: the first `correct` get a corrected instruction, the next `reject` (None: all the rest) are
+    rejected, the rest approved. Returns the store's counts."""
+    ids = _pending(client, character)
     if not ids:
         raise RuntimeError(f"nothing pending for review of {character}")
     decide = f"/flenwheel/review/{character}/decide"
+    end = len(ids) if reject is None else correct + reject
     steps: list[tuple[list[int], dict[str, Any]]] = [
         (ids[:correct], {"action": "correct", "instruction": "rotate the camera 45 degrees to the left, "
                                                              "keep the face identical"}),
-        (ids[correct:correct + reject], {"action": "reject", "reasons": ["artefacts"]}),
-        (ids[correct + reject:], {"action": "approve"})]
+        (ids[correct:end], {"action": "reject", "reasons": list(reasons)}),
+        (ids[end:], {"action": "approve"})]
     counts: dict = {}
     for chunk, body in steps:
         if chunk:
@@ -150,6 +160,11 @@ WORLD_RENDER = {"width": 64, "height": 64, "steps": 8, "guidance": 1.0}
 WORLD_SYNTH = {"prompts": "a photo of {token} person, {expression}, {angle}", "variations": 16,
                "template_values": "expression: neutral expression, smiling, angry expression, sad expression\n"
                                   "angle: front view, three-quarter view, side profile view"}
+
+
+# the random tiny editor's edits show no face: the reviewer corrects a few (edit pairs for the editor's own LoRA) and
+# rejects the rest, so none reaches the character's dataset
+EDIT_REJECT_REASONS = ("identity_drift",)
 
 
 def world_photos() -> list[tuple[str, Any, str]]:
@@ -220,15 +235,6 @@ def queue_photos(client: ComfyClient, character: str) -> str:
     return run_id
 
 
-def _pending(client: ComfyClient, character: str, run_id: str | None = None) -> list[int]:
-    params: dict[str, Any] = {"status": "pending", "limit": 500}
-    if run_id is not None:
-        params["run"] = run_id
-    r = client.get(f"/flenwheel/review/{character}/items", params=params)
-    r.raise_for_status()
-    return [i["id"] for i in r.json()["items"]]
-
-
 def review_photos(client: ComfyClient, character: str, run_id: str) -> int:
     """The scripted reviewer looks at each queued photo (the image the gallery shows), recognises which drawing
     it is and approves it with a caption saying what it shows, as a person would type it in the gallery."""
@@ -249,22 +255,6 @@ def review_photos(client: ComfyClient, character: str, run_id: str) -> int:
                         {"ids": [item], "action": "approve", "who": "demo reviewer", "caption": caption})
         d.raise_for_status()
     return len(ids)
-
-
-def review_edits(client: ComfyClient, character: str, correct: int) -> dict:
-    """The random tiny editor's edits show no face: the reviewer corrects the instruction of a few (edit pairs
-    for the editor's own LoRA) and rejects the rest, so none reaches the character's dataset."""
-    ids = _pending(client, character)
-    decide = f"/flenwheel/review/{character}/decide"
-    counts: dict = {}
-    for chunk, body in ((ids[:correct], {"action": "correct", "instruction": "rotate the camera 45 degrees to the "
-                                                                             "left, keep the face identical"}),
-                        (ids[correct:], {"action": "reject", "reasons": ["identity_drift"]})):
-        if chunk:
-            r = client.post(decide, {"ids": chunk, "who": "demo reviewer", **body})
-            r.raise_for_status()
-            counts = r.json()["counts"]
-    return counts
 
 
 def _filter_text(outputs: dict, prompt: dict) -> str:
@@ -311,8 +301,9 @@ def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
     say("     identity filter on the random tiny editor's edits: " + _filter_text(outputs, enrich))
     say("     (the editor draws no faces: the demo queues the filter's rejected side, for the editor flywheel)")
     approved = review_photos(client, c, photos_run)
+    edits = scripted_review(client, c, correct=2, reject=None, reasons=EDIT_REJECT_REASONS)
     say(f"2/9 scripted reviewer, through the review routes: {approved} photos approved, each with a caption typed "
-        f"in; edits: {review_edits(client, c, correct=2)}")
+        f"in; edits: {edits}")
 
     say("3/9 flywheel1_train: approved → dataset v1 → char_lora_v1 (on the world's FLUX) → model card")
     train = world_workflow("flywheel1_train", c)
@@ -343,7 +334,7 @@ def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
                              if v["class_type"] in ("FLENIdentityReference", "LoadImageSetFromFolderNode")}}
     outputs = client.run(enrich2, timeout=600)
     say("     identity filter: " + _filter_text(outputs, enrich2))
-    say(f"7/9 scripted reviewer: {review_edits(client, c, correct=2)}")
+    say(f"7/9 scripted reviewer: {scripted_review(client, c, correct=2, reject=None, reasons=EDIT_REJECT_REASONS)}")
 
     say("8/9 flywheel1_train again: everything approved (photos + synthetic) → dataset v2 → char_lora_v2 → card")
     outputs = client.run(world_workflow("flywheel1_train", c), timeout=600)
