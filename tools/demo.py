@@ -224,6 +224,16 @@ def world_workflow(name: str, character: str) -> dict:
     return prompt
 
 
+def world_enrich(character: str, version: str, editor_lora: str | None = None) -> dict:
+    """enrich_for_review with the world's photos as sources and the world's face pack as the identity."""
+    prompt = enrich_for_review(character, version, editor_lora)
+    world = world_workflow("flywheel1_enrich", character)
+    for k, v in world.items():
+        if v["class_type"] in ("FLENIdentityReference", "LoadImageSetFromFolderNode"):
+            prompt[k] = v
+    return prompt
+
+
 def queue_photos(client: ComfyClient, character: str) -> str:
     """The character's photos themselves go to review too: approved, they are the dataset's core."""
     run_id = "photos"
@@ -261,11 +271,7 @@ def _filter_text(outputs: dict, prompt: dict) -> str:
     """The identity filter's one-line summary (its text output is a JSON report)."""
     import json
 
-    text = _text(outputs, _node(prompt, "FLENIdentityFilter"))
-    try:
-        return str(json.loads(text)["summary"])
-    except (ValueError, KeyError, TypeError):
-        return text.splitlines()[0] if text else "(no report)"
+    return str(json.loads(_text(outputs, _node(prompt, "FLENIdentityFilter")))["summary"])
 
 
 def base_card_prompt(character: str, cards: list[str]) -> dict:
@@ -275,10 +281,8 @@ def base_card_prompt(character: str, cards: list[str]) -> dict:
     stack = prompt[card_a]["inputs"]["lora_stack"][0]
     prompt[stack]["inputs"]["enabled"] = False
     prompt[card_a]["inputs"]["save_beside_lora"] = False
-    for k in [k for k, v in prompt.items() if v["class_type"] == "FLENModelCard" and k != card_a]:
-        del prompt[k]
-    prompt = {k: v for k, v in prompt.items()
-              if not (v["class_type"] == "FLENLoraStack" and k != stack)}
+    prompt = {k: v for k, v in prompt.items()   # the workflow's second card and its stack are not needed
+              if v["class_type"] not in ("FLENModelCard", "FLENLoraStack") or k in (card_a, stack)}
     prompt[cmp_node]["inputs"] = {"card_a": [card_a, 0], "save": True,
                                   "card_files": "\n".join(f"flenwheel/{character}/{c}.card.json" for c in cards)}
     return prompt
@@ -294,9 +298,7 @@ def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
     say(f"1/9 the character's {WORLD_PHOTO_COUNT} photos (tiny-world drawings) → review queue; flywheel1_enrich: "
         "photos → angle sweep (Qwen edit + LoRA stack) → identity filter → review queue")
     photos_run = queue_photos(client, c)
-    enrich = enrich_for_review(c, "v1")
-    enrich = {**enrich, **{k: v for k, v in world_workflow("flywheel1_enrich", c).items()
-                           if v["class_type"] in ("FLENIdentityReference", "LoadImageSetFromFolderNode")}}
+    enrich = world_enrich(c, "v1")
     outputs = client.run(enrich, timeout=600)
     say("     identity filter on the random tiny editor's edits: " + _filter_text(outputs, enrich))
     say("     (the editor draws no faces: the demo queues the filter's rejected side, for the editor flywheel)")
@@ -329,9 +331,7 @@ def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
     made.update({"edit pairs v1": out / "edit_pairs" / "v1", "qwen_lora_v1": loras / "qwen_lora_v1.safetensors"})
 
     say("6/9 flywheel1_enrich again, with qwen_lora_v1 switched on in the stack")
-    enrich2 = enrich_for_review(c, "v2", editor_lora=f"flenwheel/{c}/qwen_lora_v1.safetensors")
-    enrich2 = {**enrich2, **{k: v for k, v in enrich.items()
-                             if v["class_type"] in ("FLENIdentityReference", "LoadImageSetFromFolderNode")}}
+    enrich2 = world_enrich(c, "v2", editor_lora=f"flenwheel/{c}/qwen_lora_v1.safetensors")
     outputs = client.run(enrich2, timeout=600)
     say("     identity filter: " + _filter_text(outputs, enrich2))
     say(f"7/9 scripted reviewer: {scripted_review(client, c, correct=2, reject=None, reasons=EDIT_REJECT_REASONS)}")
@@ -376,7 +376,6 @@ def main(argv: list[str] | None = None) -> int:
             say(f"removing the previous demo run's {old}")
             shutil.rmtree(old)
     prepare_base_directory(base, None)
-    write_demo_inputs(base / "input")
     server = ComfyServer(base, python=sys.executable)
     say("starting ComfyUI headless with FLENwheel; every step below is a shipped workflow queued through "
         "POST /prompt")
