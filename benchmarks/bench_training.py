@@ -6,11 +6,15 @@ can be run side by side in the same session.
 
 usage: python -m benchmarks.bench_training --model flux|qwen --res 512|1024 [--cap 24] [--steps 5]
        [--rank 16] [--tiny] [--base nf4|fp8] [--ckpt-blocks N] [--compile]
+       [--run-dir DIR --examples 15 --checkpoint-every 250]
 --base fp8: every Linear but the outer ones an e4m3 Fp8Linear (what a ComfyUI fp8 split file trains on, with fp8
 matmuls forward and backward on cards that have them) instead of the baseline's NF4. --ckpt-blocks N: only the
 first N transformer blocks recompute their activations in backward (-1, the default: all, as the baseline).
 --compile: torch.compile every transformer block (TrainConfig.compile_blocks); the two warm-up steps absorb the
 compilation, which total_s includes.
+--run-dir DIR: a whole run as a user's, timed end to end: exactly --steps steps (no warm-up added) over --examples
+distinct pre-cached examples (15 photos' latents and captions), a resumable checkpoint every --checkpoint-every steps
+and the LoRA written at the end, all in DIR, which is kept; progress lines go to DIR/progress.jsonl as it runs.
 Prints one JSON line.
 """
 
@@ -102,28 +106,33 @@ class BenchTask(TrainTask):
     trainer_name = "benchmarks.bench_training"
     character = "bench"
 
-    def __init__(self, cfg: TrainConfig, model: str, res: int, tiny: bool, base: str = "nf4") -> None:
+    def __init__(self, cfg: TrainConfig, model: str, res: int, tiny: bool, base: str = "nf4",
+                 examples: int = 1) -> None:
         super().__init__(cfg)
-        self.model, self.res, self.tiny, self.base = model, res, tiny, base
+        self.model, self.res, self.tiny, self.base, self.examples = model, res, tiny, base, examples
         self.architecture = model
 
     def cache_key(self):
-        return {"bench": self.model, "res": self.res, "tiny": self.tiny}
+        return {"bench": self.model, "res": self.res, "tiny": self.tiny, "examples": self.examples}
 
     def encode(self, device, dtype):  # pre-cached inputs, as in the baseline
         lat = self.res // 8
         g = torch.Generator().manual_seed(0)
-        if self.model == "flux":
-            txt, jd, pooled = (16, 32, 32) if self.tiny else (512, 4096, 768)
-            cond = {"prompt_embeds": torch.randn(txt, jd, generator=g), "pooled": torch.randn(pooled, generator=g)}
-            z = torch.randn(16, lat, lat, generator=g)
-        else:
-            txt, jd = (16, 32) if self.tiny else (256, 3584)
-            z = torch.randn(16, lat, lat, generator=g)
-            cond = {"prompt_embeds": torch.randn(txt, jd, generator=g), "prompt_mask": torch.ones(txt).long(),
-                    "control": torch.randn((lat // 2) ** 2, 64, generator=g),
-                    "control_shapes": torch.tensor([[1, lat // 2, lat // 2]])}
-        return [Example("bench", (self.res, self.res), z, cond)], []
+        out = []
+        for i in range(self.examples):
+            if self.model == "flux":
+                txt, jd, pooled = (16, 32, 32) if self.tiny else (512, 4096, 768)
+                cond = {"prompt_embeds": torch.randn(txt, jd, generator=g),
+                        "pooled": torch.randn(pooled, generator=g)}
+                z = torch.randn(16, lat, lat, generator=g)
+            else:
+                txt, jd = (16, 32) if self.tiny else (256, 3584)
+                z = torch.randn(16, lat, lat, generator=g)
+                cond = {"prompt_embeds": torch.randn(txt, jd, generator=g), "prompt_mask": torch.ones(txt).long(),
+                        "control": torch.randn((lat // 2) ** 2, 64, generator=g),
+                        "control_shapes": torch.tensor([[1, lat // 2, lat // 2]])}
+            out.append(Example(f"bench_{i:02d}", (self.res, self.res), z, cond))
+        return out, []
 
     def load_transformer(self, device, dtype):
         return build_transformer(self.model, self.tiny, device, self.base)
@@ -145,7 +154,12 @@ def main(argv=None) -> int:
     p.add_argument("--base", choices=["nf4", "fp8"], default="nf4")
     p.add_argument("--ckpt-blocks", type=int, default=-1)
     p.add_argument("--compile", action="store_true", help="compile every transformer block (compile_blocks)")
+    p.add_argument("--run-dir", default="", help="a whole run, timed end to end, kept in this folder")
+    p.add_argument("--examples", type=int, default=1)
+    p.add_argument("--checkpoint-every", type=int, default=250)
     a = p.parse_args(argv)
+    if a.run_dir:
+        return whole_run(a)
     cuda = torch.cuda.is_available()
     events: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -175,6 +189,53 @@ def main(argv=None) -> int:
         except torch.OutOfMemoryError as e:
             res["oom"] = str(e).splitlines()[0][:200]
         res["total_s"] = round(time.time() - t0, 1)
+    print(json.dumps(res), flush=True)
+    return 0
+
+
+def whole_run(a: argparse.Namespace) -> int:
+    """A user's run: --steps steps over --examples examples, checkpoints and the LoRA file included, timed from the
+    trainer's start (the transformer's load) to the written LoRA; progress lines appended as it goes."""
+    cuda = torch.cuda.is_available()
+    run_dir = Path(a.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    progress = (run_dir / "progress.jsonl").open("a", encoding="utf-8")
+    t0 = time.time()
+    marks: dict[str, float] = {}
+
+    def emit(ev: str, **d) -> None:
+        now = time.time() - t0
+        if ev == "step":
+            marks.setdefault("first_step_s", now)
+            if d["step"] % 50 == 0 or d["step"] == a.steps:
+                progress.write(json.dumps({"step": d["step"], "t": round(now, 1), "loss": d.get("loss"),
+                                           "peak_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+                                           if cuda else None}) + "\n")
+                progress.flush()
+        elif ev in ("checkpoint", "saved", "done", "resume"):
+            progress.write(json.dumps({"event": ev, "t": round(now, 1)}) + "\n")
+            progress.flush()
+
+    cfg = TrainConfig(model="random-weights", dataset="random", output_dir=str(run_dir), run_dir=str(run_dir),
+                      precision="nf4" if cuda and a.base == "nf4" else "bf16", rank=a.rank,
+                      checkpoint_blocks=a.ckpt_blocks, compile_blocks=a.compile, steps=a.steps,
+                      resolution=a.res, checkpoint_every=a.checkpoint_every, sample_every=0,
+                      memory_cap_gb=a.cap if cuda else 0.0)
+    res: dict = {"bench": "whole_run", "model": a.model + ("-edit" if a.model == "qwen" else ""), "res": a.res,
+                 "rank": a.rank, "cap_gb": a.cap, "base": a.base, "ckpt_blocks": a.ckpt_blocks,
+                 "compile": a.compile, "steps": a.steps, "examples": a.examples,
+                 "checkpoint_every": a.checkpoint_every}
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    Trainer(BenchTask(cfg, a.model, a.res, a.tiny, a.base, a.examples), run_dir, emit_fn=emit).run()
+    res["total_s"] = round(time.time() - t0, 1)
+    res["first_step_s"] = round(marks.get("first_step_s", 0.0), 1)
+    res["loras"] = sorted(str(f.relative_to(run_dir)) for f in run_dir.rglob("*.safetensors")
+                          if not {"checkpoints", "cache"} & set(f.parts))
+    if cuda:
+        res["peak_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+        res["gpu"] = torch.cuda.get_device_name(0)
+    progress.close()
     print(json.dumps(res), flush=True)
     return 0
 
