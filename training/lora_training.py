@@ -815,6 +815,10 @@ class Trainer:
             raise ConfigError(f"None of target_modules {cfg.modules()} exist in this transformer.")
         for _, p in self.params:
             p.data = p.data.float()  # LoRA weights train in fp32 whatever the base precision
+        if cfg.compile_blocks:  # a traced NF4 layer keeps its 16-bit weight for backward: one opaque op instead
+            from training.opaque_nf4 import make_nf4_opaque
+
+            make_nf4_opaque(transformer)
         if cfg.gradient_checkpointing and cfg.checkpoint_blocks != 0:
             transformer.enable_gradient_checkpointing(gradient_checkpointing_func=block_checkpointing(
                 transformer, cfg.checkpoint_blocks, compiled=cfg.compile_blocks))
