@@ -291,7 +291,9 @@ def _common_inputs(default_res: int) -> list:
                          tooltip="Resume from the latest checkpoint of an earlier run with the same settings."),
         io.String.Input("advanced", default="", multiline=True, optional=True,
                         tooltip="More trainer settings as 'key: value' lines (YAML), e.g. 'batch_size: 2', "
-                                "'extra_target_modules: [proj_out]', 'sample_prompts: [...]'. Unknown keys are "
+                                "'extra_target_modules: [proj_out]', 'sample_prompts: [...]'; for speed on a GPU "
+                                "'compile_blocks: true' (torch.compile of each block, needs Triton) and "
+                                "'checkpoint_blocks: N' (recompute only N blocks). Unknown keys are "
                                 "refused with the list of known ones; so are file keys (model, dataset, "
                                 "output_dir, init_lora, class_images, identity_root): they come from the "
                                 "inputs. run_dir is a folder name inside the character's training folder."),
