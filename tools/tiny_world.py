@@ -734,8 +734,17 @@ def measure_qwen_world(models: Path, per_identity: int = 2, seed: int = 313, ste
     edited, _ = qwen_edit.edit_many(handle, jobs, stack or LoraStack(), LocalHost())
     rgb = (edited.numpy() * 255).round().astype(np.uint8)
     edits = _identity_scores(model, banks, [Image.fromarray(a) for a in rgb], labels, threshold)
-    targets = _identity_scores(model, banks, [w.draw(i) for i, _, _, w in pairs], labels, threshold)
-    return {"raw": raw, "round_trip": trips, "edits": edits, "targets": targets, "threshold": threshold}
+    target_images = [w.draw(i) for i, _, _, w in pairs]
+    targets = _identity_scores(model, banks, target_images, labels, threshold)
+    # pixels: each edit against its own target and against the same edit's target drawn as the next identity
+    tgt = np.stack([np.asarray(im, np.float32) for im in target_images])
+    wrong = np.stack([np.asarray(w.draw((i + 1) % IDENTITIES), np.float32) for i, _, _, w in pairs])
+    src = np.stack([np.asarray(im, np.float32) for im in sources])
+    pixels = {"edit_vs_target": round(float(np.abs(rgb - tgt).mean()), 2),
+              "edit_vs_other_identity": round(float(np.abs(rgb - wrong).mean()), 2),
+              "source_vs_target": round(float(np.abs(src - tgt).mean()), 2)}
+    return {"raw": raw, "round_trip": trips, "edits": edits, "targets": targets, "pixels": pixels,
+            "threshold": threshold}
 
 
 def cache_key() -> str:
