@@ -577,19 +577,79 @@ def train_world_qwen_vae(x, steps: int, warm: int, seed: int, log=print, batch: 
     return vae
 
 
-def build_world_qwen_edit(vae_steps: int = 150, vae_warm: int = 60, steps: int = 120, per_identity: int = 6,
-                          seed: int = WORLD_SEED, log=print):
-    """The kit's tiny QwenImageEditPlusPipeline (its tokenizer, tiny Qwen2.5-VL text encoder and processor) with a
-    VAE trained on the drawings (:func:`train_world_qwen_vae`) and a transformer trained as an editor by rectified
-    flow on :func:`edit_pairs`: the reference latents of a drawing of identity i (as the pipeline passes them), the
-    sweep line encoded with that drawing by the VL encoder (as engines.qwen_edit encodes it), the target a drawing of
-    the same identity with the line's angle or expression; the objective is the editor trainer's
-    (:func:`training.train_editor_lora.qwen_edit_predict`)."""
+def encode_edit_pairs(pipe, pairs) -> dict[str, Any]:
+    """Latents of each pair's source and target drawings through the pipeline's ``_encode_vae_image``, and its sweep
+    line encoded with the source by the VL encoder at :data:`CONDITION_SIDE` (as engines.qwen_edit encodes), padded."""
+    import torch
+
+    sources = [v.draw(i) for i, v, _, _ in pairs]
+    with torch.no_grad(), _single_frame_convs():
+        def latents(ims):
+            x = _to_tensor(ims).unsqueeze(2)
+            return torch.cat([pipe._encode_vae_image(x[k:k + 64], None)[:, :, 0] for k in range(0, len(x), 64)])
+        src = latents(sources)
+        tgt = latents([w.draw(i) for i, _, _, w in pairs])
+        embeds = []
+        for im, (_, _, line, _) in zip(sources, pairs, strict=True):
+            cond = pipe.image_processor.resize(im, CONDITION_SIDE, CONDITION_SIDE)
+            pe, _ = pipe._get_qwen_prompt_embeds([line.instruction(EDIT_LANGUAGE)], [cond], torch.device("cpu"))
+            embeds.append(pe[0])
+    length = max(e.shape[0] for e in embeds)
+    return {"source": src, "target": tgt,
+            "prompt": torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e in embeds]),
+            "mask": torch.stack([(torch.arange(length) < e.shape[0]).long() for e in embeds])}
+
+
+def train_world_qwen_editor(pipe, enc: dict[str, Any], steps: int, seed: int, log=print, lr: float = 1e-3,
+                            batch: int = 16, layers: int = 2):
+    """A QwenImageTransformer2DModel trained by rectified flow (x_t = (1 - t) x0 + t noise, target noise - x0) as
+    the editor of :func:`encode_edit_pairs`' pairs, through the editor trainer's objective (``qwen_edit_predict``):
+    the noisy target's tokens followed by the source's, the loss on the target's."""
     import torch
     from diffusers import QwenImageTransformer2DModel
 
     from training.train_char_lora import pack
     from training.train_editor_lora import qwen_edit_predict
+
+    src, tgt, prompt, mask = enc["source"], enc["target"], enc["prompt"], enc["mask"]
+    control = pack(src)
+    torch.manual_seed(seed)
+    tr: Any = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * QWEN_Z, out_channels=QWEN_Z,
+                                          num_layers=layers, attention_head_dim=16, num_attention_heads=4,
+                                          joint_attention_dim=pipe.text_encoder.config.text_config.hidden_size,
+                                          guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    t0 = time.time()
+    shapes = torch.tensor([[[1, src.shape[2] // 2, src.shape[3] // 2]]] * batch)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        idx = torch.randint(0, len(src), (batch,), generator=g)
+        x0 = tgt[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(batch, generator=g))
+        noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        cond = {"prompt_embeds": prompt[idx], "prompt_mask": mask[idx], "control": control[idx],
+                "control_shapes": shapes}
+        loss = torch.nn.functional.mse_loss(qwen_edit_predict(tr, noisy, t, cond), noise - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"qwen transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+    return tr.eval().requires_grad_(False)
+
+
+def build_world_qwen_edit(vae_steps: int = 150, vae_warm: int = 60, steps: int = 250, per_identity: int = 6,
+                          seed: int = WORLD_SEED, log=print):
+    """The kit's tiny QwenImageEditPlusPipeline (its tokenizer, tiny Qwen2.5-VL text encoder and processor) with a
+    VAE trained on the drawings (:func:`train_world_qwen_vae`) and a transformer trained as an editor by rectified
+    flow on :func:`edit_pairs` (:func:`train_world_qwen_editor`): the reference latents of a drawing of identity i
+    (as the pipeline passes them), the sweep line encoded with that drawing by the VL encoder, the target a drawing
+    of the same identity with the line's angle or expression."""
+    import torch
 
     threads = torch.get_num_threads()
     torch.set_num_threads(2)    # the same sums in the same order on any machine: the cache key assumes it
@@ -600,54 +660,11 @@ def build_world_qwen_edit(vae_steps: int = 150, vae_warm: int = 60, steps: int =
         images, _, _ = world_drawings(16, seed + 105)
         pipe.vae = train_world_qwen_vae(_to_tensor(images), vae_steps, vae_warm, seed + 110, log)
         pipe.latent_channels = QWEN_Z       # read from the VAE when the pipeline is built (the kit's has 4)
-        pairs = edit_pairs(per_identity, seed + 120)
         t0 = time.time()
-        sources = [v.draw(i) for i, v, _, _ in pairs]
-        with torch.no_grad(), _single_frame_convs():
-            def latents(ims):
-                x = _to_tensor(ims).unsqueeze(2)
-                return torch.cat([pipe._encode_vae_image(x[k:k + 64], None)[:, :, 0] for k in range(0, len(x), 64)])
-            src = latents(sources)
-            tgt = latents([w.draw(i) for i, _, _, w in pairs])
-            embeds = []
-            for im, (_, _, line, _) in zip(sources, pairs, strict=True):
-                cond = pipe.image_processor.resize(im, CONDITION_SIDE, CONDITION_SIDE)
-                pe, _ = pipe._get_qwen_prompt_embeds([line.instruction(EDIT_LANGUAGE)], [cond], torch.device("cpu"))
-                embeds.append(pe[0])
-        length = max(e.shape[0] for e in embeds)
-        prompt = torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e in embeds])
-        mask = torch.stack([(torch.arange(length) < e.shape[0]).long() for e in embeds])
-        control = pack(src)
-        log(f"qwen edit pairs: {len(pairs)} encoded, {length} text tokens ({time.time() - t0:.0f} s)")
-        torch.manual_seed(seed + 130)
-        tr: Any = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * QWEN_Z, out_channels=QWEN_Z,
-                                              num_layers=2, attention_head_dim=16, num_attention_heads=4,
-                                              joint_attention_dim=pipe.text_encoder.config.text_config.hidden_size,
-                                              guidance_embeds=False, axes_dims_rope=(8, 4, 4))
-        opt = torch.optim.AdamW(tr.parameters(), lr=1e-3, weight_decay=0.0)
-        g = torch.Generator().manual_seed(seed + 131)
-        t0 = time.time()
-        batch = 16
-        h, w = src.shape[2] // 2, src.shape[3] // 2
-        shapes = torch.tensor([[[1, h, w]]] * batch)
-        for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * step / steps))
-            idx = torch.randint(0, len(pairs), (batch,), generator=g)
-            x0 = tgt[idx]
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.sigmoid(torch.randn(batch, generator=g))
-            noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-            cond = {"prompt_embeds": prompt[idx], "prompt_mask": mask[idx], "control": control[idx],
-                    "control_shapes": shapes}
-            loss = torch.nn.functional.mse_loss(qwen_edit_predict(tr, noisy, t, cond), noise - x0)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-            opt.step()
-            if step % 50 == 0 or step == steps - 1:
-                log(f"qwen transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
-        pipe.transformer = tr.eval().requires_grad_(False)
+        enc = encode_edit_pairs(pipe, edit_pairs(per_identity, seed + 120))
+        log(f"qwen edit pairs: {len(enc['source'])} encoded, {enc['prompt'].shape[1]} text tokens "
+            f"({time.time() - t0:.0f} s)")
+        pipe.transformer = train_world_qwen_editor(pipe, enc, steps, seed + 130, log, lr=5e-3)
     finally:
         torch.use_deterministic_algorithms(False)
         torch.set_num_threads(threads)
