@@ -20,9 +20,10 @@ kit's tokenizer, tiny Qwen2.5-VL text encoder and processor, a Qwen-Image VAE in
 drawings, and a transformer trained as an editor on edit pairs in the angle sweep's words (:func:`edit_pairs`: a
 drawing, a line of the "model-card head angles" / "model-card expressions" presets, the same identity drawn with
 that angle or expression). :func:`measure_qwen_world` runs it through engines.qwen_edit and scores round trips and
-edits of held-out drawings. Its limit, measured: the VAE trained within the build's ~50 s keeps little identity (a
-round trip scores ~0.1 against the drawing's bank, the raw drawing 0.94; ~0.44 after 800 steps), so the editor's
-edits show faces but rarely pass the identity filter; see tests/test_world_qwen.py for the numbers.
+edits of held-out drawings. Its limit, measured: this VAE layout (per-pixel RMS norms, narrow) learns slowly, and the
+~40 s it gets keep little identity - a round trip scores 0.09 against the drawing's bank (the raw drawing 0.94; 0.44
+after 800 steps, ~4 min). So held-out edits show faces (47 of 48) that mostly fail the filter below threshold (3 of 48
+pass), and an editor LoRA trained on corrections gains a little (tests/test_world_qwen.py has the numbers).
 """
 
 from __future__ import annotations
