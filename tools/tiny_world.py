@@ -13,7 +13,17 @@ rejects everything and every similarity on a model card is "–". The world star
 Built on the CPU with fixed seeds in seconds. :func:`measure_recognizer` reports the recogniser's separation and
 the filter's accuracy on held-out drawings. :func:`world_models` adds ``diffusers/flen-world-flux``, a FLUX-layout
 pipeline pre-trained on the drawings (:func:`build_world_flux`), and caches the whole folder under
-``~/.cache/flenwheel/tiny_world/<cache_key()>`` (``FLENWHEEL_WORLD_CACHE`` moves it). No Qwen-Edit world model yet.
+``~/.cache/flenwheel/tiny_world/<cache_key()>`` (``FLENWHEEL_WORLD_CACHE`` moves it).
+
+It also adds ``diffusers/flen-world-qwen-edit`` (:func:`build_world_qwen_edit`), a QwenImageEditPlusPipeline: the
+kit's tokenizer, tiny Qwen2.5-VL text encoder and processor, a Qwen-Image VAE in the real layout trained on the
+drawings, and a transformer trained as an editor on edit pairs in the angle sweep's words (:func:`edit_pairs`: a
+drawing, a line of the "model-card head angles" / "model-card expressions" presets, the same identity drawn with
+that angle or expression). :func:`measure_qwen_world` runs it through engines.qwen_edit and scores round trips and
+edits of held-out drawings. Its limit, measured: this VAE layout (per-pixel RMS norms, narrow) learns slowly, and the
+~40 s it gets keep little identity - a round trip scores 0.09 against the drawing's bank (the raw drawing 0.94; 0.44
+after 800 steps, ~4 min). So held-out edits show faces (47 of 48) that mostly fail the filter below threshold (3 of 48
+pass), and an editor LoRA trained on corrections gains a little (tests/test_world_qwen.py has the numbers).
 """
 
 from __future__ import annotations
@@ -434,6 +444,327 @@ def build_world_flux(vae_steps: int = 150, steps: int = 300, per_identity: int =
     return pipe
 
 
+# ---- the Qwen-Image-Edit-layout world model -------------------------------------------------------------------
+
+QWEN_DIRNAME = "flen-world-qwen-edit"
+# the angle sweep's presets the world's editor is trained on (the demo's enrichment runs the first), in the sweep's
+# own words ("zh+en", the node's default language)
+EDIT_PRESETS = ("model-card head angles", "model-card expressions")
+EDIT_LANGUAGE = "zh+en"
+# the drawn yaw and model-card angle of each camera line of those presets ("left": the features move left)
+EDIT_LINE_POSE = {"yaw_left_45": (-0.45, "three-quarter"), "yaw_right_45": (0.45, "three-quarter"),
+                  "yaw_left_90": (-0.8, "profile"), "yaw_right_90": (0.8, "profile")}
+QWEN_Z = 16                 # the real Qwen-Image VAE's latent channels (ComfyUI's Wan 2.1 latent format assumes 16)
+CONDITION_SIDE = 384        # the VL encoder's view of the reference: engines.qwen_edit's default (384x384)
+
+
+def edit_lines():
+    from engines import angle_catalogue as ac
+
+    return [line for preset in EDIT_PRESETS for line in ac.sweep_lines(preset)]
+
+
+def edit_target(v: Variation, line) -> Variation:
+    """What the sweep line asks of drawing ``v``: the same identity, offset, scale and blur; the line's yaw (a
+    camera line) or expression (an expression line)."""
+    import dataclasses
+
+    if line.kind == "angle":
+        yaw, angle = EDIT_LINE_POSE[line.label]
+        return dataclasses.replace(v, yaw=yaw, angle=angle)
+    return dataclasses.replace(v, expression=line.label)
+
+
+def edit_pairs(per_identity: int, seed: int) -> list[tuple[int, Variation, Any, Variation]]:
+    """(identity, source variation, sweep line, target variation) for ``per_identity`` random sources of every
+    identity, each with a random line of :data:`EDIT_PRESETS`."""
+    lines = edit_lines()
+    rng = np.random.default_rng(seed)
+    out = []
+    for ident in range(IDENTITIES):
+        for v in variations(per_identity, seed * 1000 + ident):
+            line = lines[int(rng.integers(len(lines)))]
+            out.append((ident, v, line, edit_target(v, line)))
+    return out
+
+
+def _single_frame_convs():
+    """While training on still images only: the Qwen-Image VAE's causal 3D convolutions of a single frame (no
+    temporal cache, causal zero padding in time) computed as the 2D convolution by their last temporal slice, which
+    is what they reduce to (same sums up to rounding, 2.5x faster on a CPU). The model and its saved weights are
+    the real ones; inference never runs under this."""
+    import contextlib
+
+    import torch.nn.functional as F
+    from diffusers.models.autoencoders import autoencoder_kl_qwenimage as qvae
+
+    @contextlib.contextmanager
+    def patched():
+        orig = qvae.QwenImageCausalConv3d.forward
+
+        def forward(self, x, cache_x=None):
+            if x.shape[2] == 1 and cache_x is None and self._padding[4] == self.kernel_size[0] - 1:
+                y = F.conv2d(F.pad(x[:, :, 0], self._padding[:4]), self.weight[:, :, -1], self.bias, self.stride[1:])
+                return y.unsqueeze(2)
+            return orig(self, x, cache_x)
+
+        qvae.QwenImageCausalConv3d.forward = forward
+        try:
+            yield
+        finally:
+            qvae.QwenImageCausalConv3d.forward = orig
+
+    return patched()
+
+
+def _patch_codes(x, mean, basis):
+    """The linear warm-start code of the VAE: each 8x8 patch projected on the first principal axes of the training
+    patches, scaled to unit variance -> [B, QWEN_Z, 1, H/8, W/8]."""
+    import torch.nn.functional as F
+
+    b, _, h, w = x.shape
+    p = F.unfold(x, 8, stride=8).transpose(1, 2).reshape(-1, 3 * 64)
+    c = (p - mean) @ basis.T
+    return c.reshape(b, h // 8, w // 8, -1).permute(0, 3, 1, 2).unsqueeze(2)
+
+
+def train_world_qwen_vae(x, steps: int, warm: int, seed: int, log=print, batch: int = 16, lr: float = 2e-3):
+    """An AutoencoderKLQwenImage in the real layout (4 levels of 2 residual blocks, 3 downsamplings, 16 latent
+    channels; base width 8) trained to reconstruct ``x`` ([N, 3, H, W] in -1..1).
+
+    The layout learns slowly from scratch (per-pixel RMS norms, narrow): 150 plain steps barely leave the mean
+    image. So for the first ``warm`` steps the decoder learns to decode, and the encoder to produce, a fixed linear
+    code (principal axes of 8x8 patches, closed form); then both train end to end. The encoder's mode is the
+    latent (the pipeline encodes with ``argmax``); ``latents_mean`` / ``latents_std`` are set afterwards to the
+    latents' per-channel statistics, as the pipeline normalises with them."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKLQwenImage
+
+    patches = F.unfold(x, 8, stride=8).transpose(1, 2).reshape(-1, 3 * 64).double()
+    mean = patches.mean(0)
+    _, sv, vt = torch.linalg.svd(patches - mean, full_matrices=False)
+    basis = (vt[:QWEN_Z] / (sv[:QWEN_Z, None] / float(np.sqrt(len(patches))))).float()
+    codes = _patch_codes(x, mean.float(), basis)
+    x5 = x.unsqueeze(2)
+    torch.manual_seed(seed)
+    vae: Any = AutoencoderKLQwenImage(base_dim=8, z_dim=QWEN_Z, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+                                      temperal_downsample=[False, True, True], latents_mean=[0.0] * QWEN_Z,
+                                      latents_std=[1.0] * QWEN_Z)
+    opt = torch.optim.Adam(vae.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed + 1)
+    t0 = time.time()
+    with _single_frame_convs():
+        for step in range(steps):
+            for group in opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+            idx = torch.randint(0, len(x5), (batch,), generator=g)
+            xb, zt = x5[idx], codes[idx]
+            z = vae.encode(xb).latent_dist.mode()
+            code_loss = F.mse_loss(z, zt)
+            rec = vae.decode(zt if step < warm else z).sample
+            loss = F.mse_loss(rec, xb) + (1.0 if step < warm else 0.1) * code_loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 50 == 0 or step == steps - 1:
+                log(f"qwen vae step {step}: reconstruction {float(F.mse_loss(rec, xb)):.4f}, code "
+                    f"{float(code_loss):.3f} ({time.time() - t0:.0f} s)")
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            lat = torch.cat([vae.encode(x5[i:i + 64]).latent_dist.mode() for i in range(0, len(x5), 64)])
+    vae.register_to_config(latents_mean=[round(float(v), 5) for v in lat.mean(dim=(0, 2, 3, 4))],
+                           latents_std=[round(float(v), 5) for v in lat.std(dim=(0, 2, 3, 4))])
+    return vae
+
+
+def encode_edit_pairs(pipe, pairs) -> dict[str, Any]:
+    """Latents of each pair's source and target drawings through the pipeline's ``_encode_vae_image``, and its sweep
+    line encoded with the source by the VL encoder at :data:`CONDITION_SIDE` (as engines.qwen_edit encodes), padded."""
+    import torch
+
+    sources = [v.draw(i) for i, v, _, _ in pairs]
+    with torch.no_grad(), _single_frame_convs():
+        def latents(ims):
+            x = _to_tensor(ims).unsqueeze(2)
+            return torch.cat([pipe._encode_vae_image(x[k:k + 64], None)[:, :, 0] for k in range(0, len(x), 64)])
+        src = latents(sources)
+        tgt = latents([w.draw(i) for i, _, _, w in pairs])
+        embeds = []
+        for im, (_, _, line, _) in zip(sources, pairs, strict=True):
+            cond = pipe.image_processor.resize(im, CONDITION_SIDE, CONDITION_SIDE)
+            pe, _ = pipe._get_qwen_prompt_embeds([line.instruction(EDIT_LANGUAGE)], [cond], torch.device("cpu"))
+            embeds.append(pe[0])
+    length = max(e.shape[0] for e in embeds)
+    return {"source": src, "target": tgt,
+            "prompt": torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e in embeds]),
+            "mask": torch.stack([(torch.arange(length) < e.shape[0]).long() for e in embeds])}
+
+
+def train_world_qwen_editor(pipe, enc: dict[str, Any], steps: int, seed: int, log=print, lr: float = 1e-3,
+                            batch: int = 16, layers: int = 2):
+    """A QwenImageTransformer2DModel trained by rectified flow (x_t = (1 - t) x0 + t noise, target noise - x0) as
+    the editor of :func:`encode_edit_pairs`' pairs, through the editor trainer's objective (``qwen_edit_predict``):
+    the noisy target's tokens followed by the source's, the loss on the target's."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    from training.train_char_lora import pack
+    from training.train_editor_lora import qwen_edit_predict
+
+    src, tgt, prompt, mask = enc["source"], enc["target"], enc["prompt"], enc["mask"]
+    control = pack(src)
+    torch.manual_seed(seed)
+    tr: Any = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * QWEN_Z, out_channels=QWEN_Z,
+                                          num_layers=layers, attention_head_dim=16, num_attention_heads=4,
+                                          joint_attention_dim=pipe.text_encoder.config.text_config.hidden_size,
+                                          guidance_embeds=False, axes_dims_rope=(8, 4, 4))
+    opt = torch.optim.AdamW(tr.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed + 1)
+    t0 = time.time()
+    shapes = torch.tensor([[[1, src.shape[2] // 2, src.shape[3] // 2]]] * batch)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        idx = torch.randint(0, len(src), (batch,), generator=g)
+        x0 = tgt[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(batch, generator=g))
+        noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        cond = {"prompt_embeds": prompt[idx], "prompt_mask": mask[idx], "control": control[idx],
+                "control_shapes": shapes}
+        loss = torch.nn.functional.mse_loss(qwen_edit_predict(tr, noisy, t, cond), noise - x0)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"qwen transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+    return tr.eval().requires_grad_(False)
+
+
+def build_world_qwen_edit(vae_steps: int = 150, vae_warm: int = 60, steps: int = 250, per_identity: int = 6,
+                          seed: int = WORLD_SEED, log=print):
+    """The kit's tiny QwenImageEditPlusPipeline (its tokenizer, tiny Qwen2.5-VL text encoder and processor) with a
+    VAE trained on the drawings (:func:`train_world_qwen_vae`) and a transformer trained as an editor by rectified
+    flow on :func:`edit_pairs` (:func:`train_world_qwen_editor`): the reference latents of a drawing of identity i
+    (as the pipeline passes them), the sweep line encoded with that drawing by the VL encoder, the target a drawing
+    of the same identity with the line's angle or expression."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)    # the same sums in the same order on any machine: the cache key assumes it
+    torch.use_deterministic_algorithms(True)
+    denormals = torch.set_flush_denormal(True)
+    try:
+        pipe = kit.build_tiny_qwen_edit(seed)
+        images, _, _ = world_drawings(16, seed + 105)
+        pipe.vae = train_world_qwen_vae(_to_tensor(images), vae_steps, vae_warm, seed + 110, log)
+        pipe.latent_channels = QWEN_Z       # read from the VAE when the pipeline is built (the kit's has 4)
+        t0 = time.time()
+        enc = encode_edit_pairs(pipe, edit_pairs(per_identity, seed + 120))
+        log(f"qwen edit pairs: {len(enc['source'])} encoded, {enc['prompt'].shape[1]} text tokens "
+            f"({time.time() - t0:.0f} s)")
+        pipe.transformer = train_world_qwen_editor(pipe, enc, steps, seed + 130, log, lr=5e-3)
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(threads)
+        if denormals:
+            torch.set_flush_denormal(False)
+    return pipe
+
+
+def _banks(model, root):
+    from engines import identity
+
+    refs = [Variation("neutral", "front", 0.0, o, s, 0.0) for o, s in (((0, 0), 1.0), ((-3, 2), 0.9), ((3, -2), 1.05))]
+    return [identity.build_bank(model, [np.asarray(v.draw(i)) for v in refs], root) for i in range(IDENTITIES)]
+
+
+def _identity_scores(model, banks, images, labels, threshold: float) -> dict[str, Any]:
+    """Similarity of each image to its identity's bank vs to the other banks, and the filter's decisions against
+    the own bank (engines.identity.score_images, as FLEN Identity Filter scores)."""
+    from engines import identity
+
+    means = np.stack([b.mean for b in banks])
+    same: list[float] = []
+    other: list[float] = []
+    reasons: dict[str, int] = {}
+    passed = 0
+    for im, label in zip(images, labels, strict=True):
+        row = identity.score_images(banks[label], model, [np.asarray(im)], threshold=threshold)[0]
+        passed += int(row.passed)
+        if not row.passed:
+            reason = str(row.reason)
+            reasons[reason] = reasons.get(reason, 0) + 1
+        a = model.analyse(np.asarray(im))
+        if a.embedding is not None:
+            sims = means @ a.embedding
+            same.append(float(sims[label]))
+            other.extend(float(v) for c, v in enumerate(sims) if c != label)
+    return {"n": len(images), "faces": len(same), "same_mean": round(float(np.mean(same)), 4) if same else None,
+            "other_mean": round(float(np.mean(other)), 4) if other else None, "passed": passed, "rejected": reasons}
+
+
+def qwen_round_trips(pipe, images: list[Image.Image]) -> list[Image.Image]:
+    """Drawings through the pipeline's own VAE path: its preprocessing, ``_encode_vae_image`` (normalised by
+    latents_mean / latents_std), packing, and engines.qwen_edit.decode_latents (denormalised, postprocessed)."""
+    import torch
+
+    from engines.qwen_edit import decode_latents
+
+    out = []
+    with torch.no_grad():
+        for im in images:
+            x = pipe.image_processor.preprocess(im, im.height, im.width).unsqueeze(2)
+            z = pipe._encode_vae_image(x, None)
+            packed = pipe._pack_latents(z, 1, z.shape[1], z.shape[3], z.shape[4])
+            rgb = decode_latents(pipe, packed, im.height, im.width)[0]
+            out.append(Image.fromarray((rgb.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)))
+    return out
+
+
+def measure_qwen_world(models: Path, per_identity: int = 2, seed: int = 313, steps: int = 8, stack=None,
+                       threshold: float | None = None) -> dict[str, Any]:
+    """The world's Qwen editor on held-out drawings (new seeds): VAE round trips through the pipeline's path, and
+    edits run through engines.qwen_edit (as FLEN Qwen Edit / Angle Sweep run them) of held-out sources with held-out
+    sweep lines; each scored against its source identity's bank (three frontal drawings) and the others."""
+    import torch
+
+    from engines import identity, qwen_edit
+    from engines.lora_stack import LoraStack
+    from engines.model_host import LocalHost
+
+    threshold = identity.DEFAULT_THRESHOLD if threshold is None else threshold
+    root = models / "insightface"
+    model = identity.load_insightface_model(root, FACE_PACK, det_size=160, providers=["CPUExecutionProvider"])
+    banks = _banks(model, root)
+    handle = qwen_edit.load_qwen_edit(models / "diffusers" / QWEN_DIRNAME, QWEN_DIRNAME, "fp32", torch.device("cpu"))
+    handle.pipe.set_progress_bar_config(disable=True)
+    pairs = edit_pairs(per_identity, seed)
+    sources = [v.draw(i) for i, v, _, _ in pairs]
+    labels = [i for i, _, _, _ in pairs]
+    raw = _identity_scores(model, banks, sources, labels, threshold)
+    trips = _identity_scores(model, banks, qwen_round_trips(handle.pipe, sources), labels, threshold)
+    jobs = [qwen_edit.EditJob([im], qwen_edit.EditRequest(line.instruction(EDIT_LANGUAGE), steps=steps, seed=k,
+                                                         width=SIZE, height=SIZE))
+            for k, (im, (_, _, line, _)) in enumerate(zip(sources, pairs, strict=True))]
+    edited, _ = qwen_edit.edit_many(handle, jobs, stack or LoraStack(), LocalHost())
+    rgb = (edited.numpy() * 255).round().astype(np.uint8)
+    edits = _identity_scores(model, banks, [Image.fromarray(a) for a in rgb], labels, threshold)
+    target_images = [w.draw(i) for i, _, _, w in pairs]
+    targets = _identity_scores(model, banks, target_images, labels, threshold)
+    # pixels: each edit against its own target and against the same edit's target drawn as the next identity
+    tgt = np.stack([np.asarray(im, np.float32) for im in target_images])
+    wrong = np.stack([np.asarray(w.draw((i + 1) % IDENTITIES), np.float32) for i, _, _, w in pairs])
+    src = np.stack([np.asarray(im, np.float32) for im in sources])
+    pixels = {"edit_vs_target": round(float(np.abs(rgb - tgt).mean()), 2),
+              "edit_vs_other_identity": round(float(np.abs(rgb - wrong).mean()), 2),
+              "source_vs_target": round(float(np.abs(src - tgt).mean()), 2)}
+    return {"raw": raw, "round_trip": trips, "edits": edits, "targets": targets, "pixels": pixels,
+            "threshold": threshold}
+
+
 def cache_key() -> str:
     """The world's cache folder name: the world's version, the builders' source and the libraries whose sums
     the models are (another torch may round differently)."""
@@ -455,15 +786,21 @@ def default_cache_root() -> Path:
 
 
 def write_world(models_dir: Path, log=print) -> dict[str, Any]:
-    """The world's models in a ComfyUI-style models folder: ``diffusers/flen-world-flux`` and the face pack."""
+    """The world's models in a ComfyUI-style models folder: ``diffusers/flen-world-flux``,
+    ``diffusers/flen-world-qwen-edit`` and the face pack."""
     start = time.time()
     pipe = build_world_flux(log=log)
     flux = models_dir / "diffusers" / FLUX_DIRNAME
     flux.parent.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(flux), safe_serialization=True)
     built = time.time() - start
+    qstart = time.time()
+    qwen = models_dir / "diffusers" / QWEN_DIRNAME
+    build_world_qwen_edit(log=log).save_pretrained(str(qwen), safe_serialization=True)
+    qbuilt = time.time() - qstart
     write_face_pack(models_dir / "insightface" / "models" / FACE_PACK)
-    return {"flux_s": round(built, 1), "total_s": round(time.time() - start, 1), "key": cache_key()}
+    return {"flux_s": round(built, 1), "qwen_edit_s": round(qbuilt, 1), "total_s": round(time.time() - start, 1),
+            "key": cache_key()}
 
 
 def world_models(cache_root: Path | None = None, log=print) -> Path:
