@@ -22,7 +22,7 @@ from typing import Any
 
 from engines.workspace import loras_dir, workspace_dir
 from tools.comfy_queue import ComfyClient, ComfyServer, comfyui_path, prepare_base_directory
-from tools.tiny_models import write_tiny_models
+from tools.tiny_models import LORA_DIRNAME, LORA_FILES, write_tiny_models
 from tools.tiny_workflows import load_api_workflow
 
 DEMO_INPUTS = {"flen_demo_face.png": 1}  # input file → identity drawn by the tiny-model kit
@@ -65,11 +65,13 @@ def with_character(prompt: dict, character: str) -> dict:
     return prompt
 
 
-def enrich_for_review(character: str, version: str = "v1", editor_lora: str | None = None) -> dict:
-    """flywheel1_enrich on the tiny models, its review queue fed from the identity filter's *rejected* side:
-    the tiny editor draws no faces, so the filter rejects every edit, and the demo queues them for review
-    anyway. With editor_lora, the workflow's editor-LoRA slot (off as shipped) is switched on with it."""
-    prompt = with_character(load_api_workflow("flywheel1_enrich"), character)
+def enrich_for_review(character: str, version: str = "v1", editor_lora: str | None = None,
+                      prompt: dict | None = None) -> dict:
+    """flywheel1_enrich (on the tiny models, or ``prompt``), its review queue fed from the identity filter's
+    *rejected* side: the tiny editor draws no faces and the world's keeps little identity, so the filter rejects
+    (nearly) every edit, and the demo queues those for review and correction. With editor_lora, the workflow's
+    editor-LoRA slot (off as shipped) is switched on with it."""
+    prompt = prompt or with_character(load_api_workflow("flywheel1_enrich"), character)
     queue = next(k for k, v in prompt.items() if v["class_type"] == "FLENReviewQueue")
     flt = next(k for k, v in prompt.items() if v["class_type"] == "FLENIdentityFilter")
     prompt[queue]["inputs"].update(images=[flt, 2], meta=[flt, 3], version=version)
@@ -88,11 +90,11 @@ def _pending(client: ComfyClient, character: str, run_id: str | None = None) -> 
 
 
 def scripted_review(client: ComfyClient, character: str, correct: int = 2, reject: int | None = 1,
-                    reasons: tuple[str, ...] = ("artefacts",)) -> dict:
-    """A scripted reviewer judges every pending candidate through the review routes, as a person would in
-    the gallery: the first `correct` get a corrected instruction, the next `reject` (None: all the rest) are
-    rejected, the rest approved. Returns the store's counts."""
-    ids = _pending(client, character)
+                    reasons: tuple[str, ...] = ("artefacts",), run_id: str | None = None) -> dict:
+    """A scripted reviewer judges every pending candidate (of ``run_id``, or all) through the review routes, as a
+    person would in the gallery: the first `correct` get a corrected instruction, the next `reject` (None: all
+    the rest) are rejected, the rest approved. Returns the store's counts."""
+    ids = _pending(client, character, run_id)
     if not ids:
         raise RuntimeError(f"nothing pending for review of {character}")
     decide = f"/flenwheel/review/{character}/decide"
@@ -156,6 +158,12 @@ WORLD_TRAINING = {"precision": "fp32", "steps": 100, "rank": 8, "learning_rate":
                   "checkpoint_every": 0, "sample_every": 0, "tensorboard": False,
                   "advanced": "bucket_multiple: 16\nbatch_size: 4\nguidance: 1.0"}
 WORLD_RENDER = {"width": 64, "height": 64, "steps": 8, "guidance": 1.0}
+# the tiny kit's editor LoRAs, which the shipped workflows' stacks name (tools/tiny_workflows.py)
+KIT_EDITOR_LORAS = {f"{LORA_DIRNAME}/{name}" for name in LORA_FILES["qwen_edit"]}
+# the editor LoRA's settings that gave the world's measured gain (tests/test_world_qwen.py)
+WORLD_EDITOR_TRAINING = {"precision": "fp32", "steps": 300, "rank": 16, "learning_rate": 5e-3, "resolution": 64,
+                         "seed": 1, "checkpoint_every": 0, "sample_every": 0, "tensorboard": False,
+                         "advanced": "bucket_multiple: 16"}
 # the synthetic set in the words the world's model was trained on (no comma inside a value: commas split them)
 WORLD_SYNTH = {"prompts": "a photo of {token} person, {expression}, {angle}", "variations": 16,
                "template_values": "expression: neutral expression, smiling, angry expression, sad expression\n"
@@ -185,7 +193,8 @@ def install_world(base: Path) -> Path:
     from tools import tiny_world as world
 
     models = world.world_models()
-    for sub in (Path("diffusers") / world.FLUX_DIRNAME, Path("insightface") / "models" / world.FACE_PACK):
+    for sub in (Path("diffusers") / world.FLUX_DIRNAME, Path("diffusers") / world.QWEN_DIRNAME,
+                Path("insightface") / "models" / world.FACE_PACK):
         dest = base / "models" / sub
         if dest.exists():
             shutil.rmtree(dest)
@@ -198,9 +207,10 @@ def install_world(base: Path) -> Path:
 
 
 def world_workflow(name: str, character: str) -> dict:
-    """A shipped workflow on the tiny world: the FLUX split-file loader becomes the diffusers-folder loader on
-    the world's model, identity references come from the world's photos through the world's face pack. The
-    Qwen editor stays the tiny kit's."""
+    """A shipped workflow on the tiny world: the split-file loaders become the diffusers-folder loaders on the
+    world's FLUX and Qwen-Image-Edit models, identity references come from the world's photos through the
+    world's face pack. The workflows' camera and Lightning LoRAs are the tiny kit's, made for its editor's
+    layout, not the world's: they are switched off (the world's editor was trained on the sweep's lines)."""
     from tools import tiny_world as world
 
     prompt = with_character(load_api_workflow(name), character)
@@ -209,6 +219,15 @@ def world_workflow(name: str, character: str) -> dict:
         if kind == "FLENFluxFileLoader":
             node["class_type"] = "FLENFluxLoader"
             node["inputs"] = {"model": world.FLUX_DIRNAME, "precision": "fp32"}
+        elif kind == "FLENQwenEditFileLoader":
+            node["class_type"] = "FLENQwenEditLoader"
+            node["inputs"] = {"model": world.QWEN_DIRNAME, "precision": "fp32"}
+        elif kind == "FLENLoraStack" and str(inputs.get("lora_name")) in KIT_EDITOR_LORAS:
+            inputs["enabled"] = False
+        elif kind == "FLENAngleSweep":
+            inputs.update(width=world.SIZE, height=world.SIZE)
+        elif kind == "FLENTrainEditorLoRA":
+            inputs.update(WORLD_EDITOR_TRAINING)
         elif kind == "FLENIdentityReference":
             inputs.update(face_model=world.FACE_PACK, det_size=160)
         elif kind == "LoadImageSetFromFolderNode":
@@ -225,13 +244,35 @@ def world_workflow(name: str, character: str) -> dict:
 
 
 def world_enrich(character: str, version: str, editor_lora: str | None = None) -> dict:
-    """enrich_for_review with the world's photos as sources and the world's face pack as the identity."""
-    prompt = enrich_for_review(character, version, editor_lora)
-    world = world_workflow("flywheel1_enrich", character)
-    for k, v in world.items():
-        if v["class_type"] in ("FLENIdentityReference", "LoadImageSetFromFolderNode"):
-            prompt[k] = v
+    """enrich_for_review on the world: its photos as sources, its editor, its face pack as the identity. Both
+    sides of the identity filter go to review, as runs of their own (:func:`enrich_runs`): the passed edits to be
+    approved, the rejected ones to be corrected or rejected."""
+    prompt = enrich_for_review(character, version, editor_lora, prompt=world_workflow("flywheel1_enrich", character))
+    queue, flt = _node(prompt, "FLENReviewQueue"), _node(prompt, "FLENIdentityFilter")
+    passed_run, rejected_run = enrich_runs(version)
+    prompt[queue]["inputs"]["run_id"] = rejected_run
+    passed = {**prompt[queue], "inputs": {**prompt[queue]["inputs"], "images": [flt, 0], "meta": [flt, 1],
+                                          "run_id": passed_run}}
+    prompt[str(max(int(k) for k in prompt) + 1)] = passed
     return prompt
+
+
+def enrich_runs(version: str) -> tuple[str, str]:
+    """The review runs of an enrichment on the world: the identity filter's passed side, then its rejected side."""
+    return f"enrich-{version}-passed", f"enrich-{version}-rejected"
+
+
+def review_enrichment(client: ComfyClient, character: str, version: str) -> dict:
+    """The scripted reviewer on a world enrichment: approves what the identity filter passed, corrects the
+    instruction of two rejected edits and rejects the other rejected ones; returns the store's counts."""
+    passed_run, rejected_run = enrich_runs(version)
+    counts: dict = {}
+    if _pending(client, character, passed_run):
+        counts = scripted_review(client, character, correct=0, reject=0, run_id=passed_run)
+    if _pending(client, character, rejected_run):
+        counts = scripted_review(client, character, correct=2, reject=None, reasons=EDIT_REJECT_REASONS,
+                                 run_id=rejected_run)
+    return counts
 
 
 def queue_photos(client: ComfyClient, character: str) -> str:
@@ -300,10 +341,10 @@ def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
     photos_run = queue_photos(client, c)
     enrich = world_enrich(c, "v1")
     outputs = client.run(enrich, timeout=600)
-    say("     identity filter on the random tiny editor's edits: " + _filter_text(outputs, enrich))
-    say("     (the editor draws no faces: the demo queues the filter's rejected side, for the editor flywheel)")
+    say("     identity filter on the world editor's edits: " + _filter_text(outputs, enrich))
+    say("     (both sides go to review: the passed edits to approve, the filter's rejected side to correct)")
     approved = review_photos(client, c, photos_run)
-    edits = scripted_review(client, c, correct=2, reject=None, reasons=EDIT_REJECT_REASONS)
+    edits = review_enrichment(client, c, "v1")
     say(f"2/9 scripted reviewer, through the review routes: {approved} photos approved, each with a caption typed "
         f"in; edits: {edits}")
 
@@ -324,7 +365,8 @@ def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
     say("     identity filter: " + _filter_text(outputs, synth))
     say(f"     reviewed (the filter's passed side): {scripted_review(client, c, correct=0, reject=0)}")
 
-    say("5/9 flywheel2_editor: corrections → edit pairs v1 → qwen_lora_v1 → angle sweep with it")
+    say("5/9 flywheel2_editor: corrections and approved edits → edit pairs v1 → qwen_lora_v1 (on the world's "
+        "editor) → angle sweep with it")
     editor = world_workflow("flywheel2_editor", c)
     outputs = client.run(editor, timeout=600)
     say("     " + _text(outputs, _node(editor, "FLENTrainEditorLoRA")))
@@ -333,10 +375,14 @@ def run_loop(client: ComfyClient, base: Path, say) -> dict[str, Path]:
     say("6/9 flywheel1_enrich again, with qwen_lora_v1 switched on in the stack")
     enrich2 = world_enrich(c, "v2", editor_lora=f"flenwheel/{c}/qwen_lora_v1.safetensors")
     outputs = client.run(enrich2, timeout=600)
-    say("     identity filter: " + _filter_text(outputs, enrich2))
-    say(f"7/9 scripted reviewer: {scripted_review(client, c, correct=2, reject=None, reasons=EDIT_REJECT_REASONS)}")
+    say("     identity filter with qwen_lora_v1: " + _filter_text(outputs, enrich2))
+    say("     (the same photos and sweep lines the LoRA was trained on: held-out sources are measured by "
+        "tests/test_world_qwen.py)")
+    say(f"7/9 scripted reviewer (passed edits approved, two rejected ones corrected): "
+        f"{review_enrichment(client, c, 'v2')}")
 
-    say("8/9 flywheel1_train again: everything approved (photos + synthetic) → dataset v2 → char_lora_v2 → card")
+    say("8/9 flywheel1_train again: everything approved (photos, edits, synthetic) → dataset v2 → char_lora_v2 "
+        "→ card")
     outputs = client.run(world_workflow("flywheel1_train", c), timeout=600)
     say("     " + _text(outputs, _node(train, "FLENDatasetWriter")).splitlines()[0])
     say("     " + _text(outputs, _node(train, "FLENTrainCharacterLoRA")))
