@@ -547,3 +547,25 @@ def test_compiled_nf4_blocks_run_the_opaque_op_with_the_eager_gradients(monkeypa
         torch.testing.assert_close(compiled[k], eager[k], rtol=1e-4, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in compiled.values())
     torch._dynamo.reset()
+
+
+def test_compile_blocks_without_a_compiler_is_refused_before_any_work(monkeypatch, tiny_models, dataset, tmp_path):
+    """compile_blocks with inductor and no C++ compiler (the CPU's; Triton on a GPU): a clear error at the start,
+    before the dataset is cached, not torch.compile's at the first step."""
+    import importlib.util
+    import shutil as _shutil
+
+    from training import lora_training as lt
+
+    real_find_spec = importlib.util.find_spec
+    with monkeypatch.context() as m:
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+        with pytest.raises(ConfigError, match="needs Triton"):
+            lt.check_compile_support(torch.device("cuda"), "inductor")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(_shutil, "which", lambda name: None)
+    common = settings(tiny_models, dataset, tmp_path / "loras", steps=2, sample_every=0, tensorboard=False)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler"):
+        train(CharLoraConfig, CharLoraTask, run_dir=str(tmp_path / "nocc"), compile_blocks=True, **common)
+    assert not (tmp_path / "nocc" / lt.CACHE_DIR).exists()
+    lt.check_compile_support(torch.device("cpu"), "aot_eager")  # needs no compiler: no error

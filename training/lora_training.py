@@ -355,7 +355,27 @@ def compute_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
 
 
+def check_compile_support(device: torch.device, backend: str | None = None) -> None:
+    """compile_blocks with inductor needs Triton on a GPU and a C++ compiler on the CPU; without them torch.compile
+    fails only at the first step, after the caching, with an error that names neither. Said before any work."""
+    import importlib.util
+    import shutil
+
+    if (backend or COMPILE_BACKEND) != "inductor":
+        return
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ConfigError("compile_blocks: true needs Triton, which this Python does not have (on Windows: pip "
+                          "install triton-windows; on Linux it comes with torch's CUDA builds). Install it or set "
+                          "compile_blocks: false.")
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "cl")
+                                        if c):
+        raise ConfigError("compile_blocks: true on the CPU needs a C++ compiler (g++, clang++ or MSVC's cl) on the "
+                          "PATH; install one or set compile_blocks: false.")
+
+
 def setup_device(cfg: TrainConfig, device: torch.device) -> None:
+    if cfg.compile_blocks:
+        check_compile_support(device)
     if device.type == "cuda":
         # cuDNN SDPA backward failed on FLUX shapes (torch 2.11, field notes); flash/mem-efficient are fine.
         torch.backends.cuda.enable_cudnn_sdp(False)
