@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -363,7 +364,8 @@ def test_best_sample_step_is_kept_recorded_and_survives_a_resume(tiny_models, da
 
 # ---- checkpointing only some blocks ---------------------------------------------------------------------
 
-def _tiny_flux_with_lora():
+def _tiny_flux_with_lora(base: Callable[[torch.nn.Module], None] | None = None):
+    """The tiny FLUX with a LoRA on q/k/v; ``base`` first changes the frozen model (e.g. quantises it)."""
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
@@ -371,6 +373,8 @@ def _tiny_flux_with_lora():
     model = FluxTransformer2DModel(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
                                    joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
                                    in_channels=16)
+    if base is not None:
+        base(model)
     model.requires_grad_(False)
     model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
                                  target_modules=["to_q", "to_k", "to_v"]))
@@ -393,13 +397,18 @@ def _step_grads(n_blocks: int, compiled: bool = False) -> tuple[list[int], dict[
     else:
         model.enable_gradient_checkpointing(gradient_checkpointing_func=block_checkpointing(model, n_blocks,
                                                                                             compiled=compiled))
+    return calls, _lora_grads(model)
+
+
+def _lora_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """One seeded forward + backward of the tiny FLUX: its LoRA gradients."""
     g = torch.Generator().manual_seed(1)
     out = model(hidden_states=torch.randn(1, 16, 16, generator=g),
                 encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
                 pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
                 img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
     out.square().mean().backward()
-    return calls, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_checkpoint_blocks_recomputes_only_that_many_blocks_with_the_same_gradients():
@@ -474,16 +483,9 @@ def _nf4_tiny_flux_grads(opaque: bool) -> dict[str, torch.Tensor]:
     """The tiny FLUX with every block Linear an NF4 bitsandbytes layer (as the trainer's nf4 base), one step's
     LoRA gradients; ``opaque``: through training.opaque_nf4 with compiled, checkpointed blocks (aot_eager)."""
     import bitsandbytes as bnb
-    from diffusers import FluxTransformer2DModel
-    from peft import LoraConfig
 
     from training import opaque_nf4
     from training.lora_training import block_checkpointing
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
-                                   joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6),
-                                   in_channels=16)
 
     def quantise(mod: torch.nn.Module) -> None:
         for name, child in list(mod.named_children()):
@@ -497,23 +499,12 @@ def _nf4_tiny_flux_grads(opaque: bool) -> dict[str, torch.Tensor]:
             else:
                 quantise(child)
 
-    quantise(model.transformer_blocks)
-    quantise(model.single_transformer_blocks)
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                 target_modules=["to_q", "to_k", "to_v"]))
-    model.train()
+    model = _tiny_flux_with_lora(lambda m: (quantise(m.transformer_blocks), quantise(m.single_transformer_blocks)))
     if opaque:
         # every NF4 layer of the 4 blocks: 14 in a double block, 6 in a single one
         assert opaque_nf4.make_nf4_opaque(model) == 2 * 14 + 2 * 6
     model.enable_gradient_checkpointing(gradient_checkpointing_func=block_checkpointing(model, -1, compiled=opaque))
-    g = torch.Generator().manual_seed(1)
-    out = model(hidden_states=torch.randn(1, 16, 16, generator=g),
-                encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
-                pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
-                img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3), return_dict=False)[0]
-    out.square().mean().backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return _lora_grads(model)
 
 
 def test_compiled_nf4_blocks_run_the_opaque_op_with_the_eager_gradients(monkeypatch):
