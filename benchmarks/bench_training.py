@@ -143,6 +143,21 @@ class BenchTask(TrainTask):
         return qwen_edit_predict(transformer, noisy, t, cond)
 
 
+def bench_config(a: argparse.Namespace, run_dir: str, steps: int, checkpoint_every: int) -> TrainConfig:
+    """The trainer's settings for the baseline's workload: NF4 on CUDA (else bf16), no samples."""
+    cuda = torch.cuda.is_available()
+    return TrainConfig(model="random-weights", dataset="random", output_dir=run_dir, run_dir=run_dir,
+                       precision="nf4" if cuda and a.base == "nf4" else "bf16", rank=a.rank,
+                       checkpoint_blocks=a.ckpt_blocks, compile_blocks=a.compile, steps=steps, resolution=a.res,
+                       checkpoint_every=checkpoint_every, sample_every=0, memory_cap_gb=a.cap if cuda else 0.0)
+
+
+def header(a: argparse.Namespace) -> dict:
+    """The fields every result line of this benchmark starts with."""
+    return {"model": a.model + ("-edit" if a.model == "qwen" else ""), "res": a.res, "rank": a.rank,
+            "cap_gb": a.cap, "base": a.base, "ckpt_blocks": a.ckpt_blocks, "compile": a.compile}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", choices=["flux", "qwen"], required=True)
@@ -163,14 +178,8 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     events: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(model="random-weights", dataset="random", output_dir=tmp, run_dir=tmp,
-                          precision="nf4" if cuda and a.base == "nf4" else "bf16", rank=a.rank,
-                          checkpoint_blocks=a.ckpt_blocks, compile_blocks=a.compile, steps=a.steps + 2,
-                          resolution=a.res,
-                          checkpoint_every=0, sample_every=0, memory_cap_gb=a.cap if cuda else 0.0)
-        res = {"bench": "real_trainer", "model": a.model + ("-edit" if a.model == "qwen" else ""), "res": a.res,
-               "rank": a.rank, "cap_gb": a.cap, "tiny": a.tiny, "base": a.base,
-               "ckpt_blocks": a.ckpt_blocks, "compile": a.compile}
+        cfg = bench_config(a, tmp, steps=a.steps + 2, checkpoint_every=0)
+        res = {"bench": "real_trainer", **header(a), "tiny": a.tiny}
         t0 = time.time()
         try:
             trainer = Trainer(BenchTask(cfg, a.model, a.res, a.tiny, a.base), Path(tmp),
@@ -216,14 +225,8 @@ def whole_run(a: argparse.Namespace) -> int:
             progress.write(json.dumps({"event": ev, "t": round(now, 1)}) + "\n")
             progress.flush()
 
-    cfg = TrainConfig(model="random-weights", dataset="random", output_dir=str(run_dir), run_dir=str(run_dir),
-                      precision="nf4" if cuda and a.base == "nf4" else "bf16", rank=a.rank,
-                      checkpoint_blocks=a.ckpt_blocks, compile_blocks=a.compile, steps=a.steps,
-                      resolution=a.res, checkpoint_every=a.checkpoint_every, sample_every=0,
-                      memory_cap_gb=a.cap if cuda else 0.0)
-    res: dict = {"bench": "whole_run", "model": a.model + ("-edit" if a.model == "qwen" else ""), "res": a.res,
-                 "rank": a.rank, "cap_gb": a.cap, "base": a.base, "ckpt_blocks": a.ckpt_blocks,
-                 "compile": a.compile, "steps": a.steps, "examples": a.examples,
+    cfg = bench_config(a, str(run_dir), steps=a.steps, checkpoint_every=a.checkpoint_every)
+    res: dict = {"bench": "whole_run", **header(a), "steps": a.steps, "examples": a.examples,
                  "checkpoint_every": a.checkpoint_every}
     if cuda:
         torch.cuda.reset_peak_memory_stats()
