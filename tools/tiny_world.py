@@ -352,6 +352,24 @@ def _to_tensor(images: list[Image.Image]):
                         for im in images])
 
 
+def _flow_step(model, opt, x0, g, predict, step: int, steps: int, lr: float) -> float:
+    """One step of the trainers' rectified-flow objective (x_t = (1 - t) x0 + t noise, target noise - x0, t a
+    sigmoid of a normal) at a cosine-decayed learning rate; ``predict(noisy, t)`` runs the model. Returns the loss."""
+    import torch
+
+    for group in opt.param_groups:
+        group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=g))
+    noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+    loss = torch.nn.functional.mse_loss(predict(noisy, t), noise - x0)
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return float(loss)
+
+
 def build_world_flux(vae_steps: int = 150, steps: int = 300, per_identity: int = 16, seed: int = WORLD_SEED,
                      log=print):
     """The kit's tiny FluxPipeline (its tokenizers and random text encoders, T5 at :data:`TEXT_TOKENS`) with a
@@ -416,25 +434,19 @@ def build_world_flux(vae_steps: int = 150, steps: int = 300, per_identity: int =
         t0 = time.time()
         batch = 32
         for step in range(steps):
-            for group in opt.param_groups:
-                group["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * step / steps))
             idx = torch.randint(0, len(x), (batch,), generator=g)
-            x0 = lat[idx]
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.sigmoid(torch.randn(batch, generator=g))
-            noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-            # one caption in ten dropped: unseen prompts (the card's, a token's) still land among faces
-            drop = torch.rand(batch, generator=g) < 0.1
-            keys = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
-            cond = {"prompt_embeds": torch.stack([conds[k][0] for k in keys]),
-                    "pooled": torch.stack([conds[k][1] for k in keys])}
-            loss = torch.nn.functional.mse_loss(flux_predict(tr, noisy, t, cond, 1.0), noise - x0)
-            opt.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-            opt.step()
+
+            def predict(noisy, t, idx=idx):
+                # one caption in ten dropped: unseen prompts (the card's, a token's) still land among faces
+                drop = torch.rand(batch, generator=g) < 0.1
+                keys = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+                cond = {"prompt_embeds": torch.stack([conds[k][0] for k in keys]),
+                        "pooled": torch.stack([conds[k][1] for k in keys])}
+                return flux_predict(tr, noisy, t, cond, 1.0)
+
+            loss = _flow_step(tr, opt, lat[idx], g, predict, step, steps, 1e-3)
             if step % 100 == 0 or step == steps - 1:
-                log(f"transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+                log(f"transformer step {step}: loss {loss:.4f} ({time.time() - t0:.0f} s)")
         pipe.transformer = tr.eval().requires_grad_(False)
     finally:
         torch.use_deterministic_algorithms(False)
@@ -624,22 +636,13 @@ def train_world_qwen_editor(pipe, enc: dict[str, Any], steps: int, seed: int, lo
     t0 = time.time()
     shapes = torch.tensor([[[1, src.shape[2] // 2, src.shape[3] // 2]]] * batch)
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
         idx = torch.randint(0, len(src), (batch,), generator=g)
-        x0 = tgt[idx]
-        noise = torch.randn(x0.shape, generator=g)
-        t = torch.sigmoid(torch.randn(batch, generator=g))
-        noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
         cond = {"prompt_embeds": prompt[idx], "prompt_mask": mask[idx], "control": control[idx],
                 "control_shapes": shapes}
-        loss = torch.nn.functional.mse_loss(qwen_edit_predict(tr, noisy, t, cond), noise - x0)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(tr.parameters(), 1.0)
-        opt.step()
+        loss = _flow_step(tr, opt, tgt[idx], g, lambda noisy, t, cond=cond: qwen_edit_predict(tr, noisy, t, cond),
+                          step, steps, lr)
         if step % 50 == 0 or step == steps - 1:
-            log(f"qwen transformer step {step}: loss {float(loss):.4f} ({time.time() - t0:.0f} s)")
+            log(f"qwen transformer step {step}: loss {loss:.4f} ({time.time() - t0:.0f} s)")
     return tr.eval().requires_grad_(False)
 
 
