@@ -510,8 +510,8 @@ def _nf4_tiny_flux_grads(opaque: bool) -> dict[str, torch.Tensor]:
 def test_compiled_nf4_blocks_run_the_opaque_op_with_the_eager_gradients(monkeypatch):
     """The NF4 base through one opaque op (training.opaque_nf4) in compiled, checkpointed blocks gives
     bitsandbytes' eager gradients, and its weight is dequantised inside the op in the forward, again in the
-    recomputation and again in the backward (on an H200 the traced bitsandbytes layers instead kept 10.6 GiB of
-    dequantised weights for FLUX at 1024², benchmarks/RESULTS.md; a CPU cannot show that memory)."""
+    recomputation and again in the backward (on an H200, compiled blocks over the traced bitsandbytes layers held
+    10.6 GiB more than eager ones for FLUX at 1024², benchmarks/RESULTS.md; a CPU cannot show that memory)."""
     import torch._dynamo
 
     from training import lora_training as lt

@@ -68,9 +68,8 @@ def with_character(prompt: dict, character: str) -> dict:
 def enrich_for_review(character: str, version: str = "v1", editor_lora: str | None = None,
                       prompt: dict | None = None) -> dict:
     """flywheel1_enrich (on the tiny models, or ``prompt``), its review queue fed from the identity filter's
-    *rejected* side: the tiny editor draws no faces and the world's keeps little identity, so the filter rejects
-    (nearly) every edit, and the demo queues those for review and correction. With editor_lora, the workflow's
-    editor-LoRA slot (off as shipped) is switched on with it."""
+    *rejected* side, so that the reviewer has edits to correct (the tiny editor draws no faces: the filter rejects
+    them all). With editor_lora, the workflow's editor-LoRA slot (off as shipped) is switched on with it."""
     prompt = prompt or with_character(load_api_workflow("flywheel1_enrich"), character)
     queue = next(k for k, v in prompt.items() if v["class_type"] == "FLENReviewQueue")
     flt = next(k for k, v in prompt.items() if v["class_type"] == "FLENIdentityFilter")

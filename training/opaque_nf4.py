@@ -1,12 +1,12 @@
-"""NF4 base layers as one opaque operator, so that compiled blocks (TrainConfig.compile_blocks) save no 16-bit
-weights.
+"""NF4 base layers as one opaque operator, so that compiled blocks (TrainConfig.compile_blocks) hold no more
+memory than eager ones.
 
-bitsandbytes' ``Linear4bit`` dequantises its weight to 16 bits and multiplies by it. Traced by torch.compile,
-that dequantised weight becomes an ordinary tensor of the block's graph which the backward needs too (dx = dy·W),
-and the partitioner keeps it from the forward instead of dequantising again: measured on an H200, compiled NF4
-blocks held 10.6 GiB more than eager ones for FLUX at 1024² (18.9 against 8.3 GiB) and ran Qwen-Image-Edit out of
-24 GiB. Here the forward is one custom operator (``flenwheel::nf4_linear``) whose inside the compiler cannot see,
-and its backward dequantises again, so nothing weight-sized outlives a layer's own matmul, as in eager mode.
+Traced by torch.compile inside checkpointed blocks, bitsandbytes' ``Linear4bit`` layers made the blocks hold far
+more than in eager mode (measured on an H200: FLUX at 1024² 18.9 against 8.3 GiB; Qwen-Image-Edit ran out of
+24 GiB). Here a layer's forward is one custom operator (``flenwheel::nf4_linear``: bitsandbytes' own
+dequantisation and matmul) whose inside the compiler cannot see, and its backward dequantises again
+(``flenwheel::nf4_linear_grad_input``), so the graphs keep only the layer's input and its 4-bit weight: FLUX
+compiled then peaked at 8.16 GiB, Qwen-Image-Edit at 14.25 GiB (benchmarks/RESULTS.md).
 
 Only the frozen base goes through it: the LoRA's own layers are plain and stay visible to the compiler.
 """
